@@ -1,0 +1,18 @@
+//! Skylane's shared core: node identities, the wire protocol, the mesh socket, routing and
+//! gossip state, and config types. Logic here is sans-IO where it can be: it takes `now` as
+//! an argument so the real node and the simulator run the same code.
+//!
+//! It does not terminate TLS for users, speak HTTP to origins, or parse whole node config
+//! files; those live in `mesh-node` and `origin-connector`.
+
+pub mod config;
+pub mod identity;
+pub mod lifecycle;
+pub mod membership;
+pub mod mesh;
+pub mod quic;
+pub mod resolve;
+pub mod routing;
+pub mod telemetry;
+pub mod trust;
+pub mod wire;

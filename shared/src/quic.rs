@@ -1,0 +1,180 @@
+//! QUIC endpoints over the mesh socket, with the transport settings tunnels need.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::identity::{NodeId, NodeKey};
+use crate::membership::Members;
+use crate::mesh::MeshSocket;
+use crate::trust::{self, TrustError};
+
+/// How often an idle tunnel sends a keep-alive. Short, so a restarted peer (which answers
+/// with a stateless reset) or a dead path is noticed quickly even when no user is active.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// How long a tunnel may hear nothing before it is closed. Longer than a path failover
+/// takes, so a path change never kills the connection above it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent streams a peer may open: one per user request, websocket or TCP connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
+
+/// Transport settings shared by both ends of a tunnel.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(quinn::VarInt::from_u32(10_000).into()),
+    ));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    // Windows sized for a long fat path (250 ms × ~400 Mbit/s), so one far-away tunnel
+    // is not capped by flow control.
+    t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
+    t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
+    t.send_window(64 * 1024 * 1024);
+    // The mesh frame header rides in front of each QUIC packet; keep the total within a
+    // 1280-byte IPv6 minimum MTU path.
+    t.initial_mtu(1200);
+    t.min_mtu(1200);
+    t.mtu_discovery_config(None);
+    t
+}
+
+/// Errors creating an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// TLS material could not be built.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// quinn refused the socket or config.
+    #[error("could not start the QUIC endpoint: {0}")]
+    Quic(String),
+}
+
+/// A QUIC endpoint over `socket`. With `accept_from`, it also accepts tunnels from those
+/// members. The stateless-reset key is derived from the node key, so after a restart this
+/// node tells peers at once that their old connection is gone.
+pub fn endpoint(
+    socket: Arc<MeshSocket>,
+    key: &NodeKey,
+    accept_from: Option<Members>,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let reset_key = key.derive_secret("skylane quic stateless reset");
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    let server_config = match accept_from {
+        Some(members) => {
+            let tls = trust::tunnel_server_tls(key, members)?;
+            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+                .map_err(|e| EndpointError::Quic(e.to_string()))?;
+            let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            sc.transport_config(Arc::new(transport_config()));
+            Some(sc)
+        }
+        None => None,
+    };
+    quinn::Endpoint::new_with_abstract_socket(
+        endpoint_config,
+        server_config,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| EndpointError::Quic(e.to_string()))
+}
+
+/// Client settings for dialling `peer`, which must present exactly that key.
+pub fn client_config(key: &NodeKey, peer: NodeId) -> Result<quinn::ClientConfig, EndpointError> {
+    let tls = trust::tunnel_client_tls(key, peer)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+    cc.transport_config(Arc::new(transport_config()));
+    Ok(cc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{Member, Role};
+    use crate::mesh::virtual_addr;
+
+    fn member(key: &NodeKey, name: &str, role: Role) -> Member {
+        Member {
+            id: key.id(),
+            name: name.into(),
+            role,
+            address: None,
+            region: None,
+        }
+    }
+
+    /// Two real quinn endpoints over mesh sockets on loopback: a member connects and
+    /// exchanges data; a stranger is refused.
+    #[tokio::test]
+    async fn members_connect_and_strangers_are_refused() {
+        let server_key = NodeKey::generate().expect("key");
+        let client_key = NodeKey::generate().expect("key");
+        let stranger_key = NodeKey::generate().expect("key");
+        let members = Members::new(vec![
+            member(&server_key, "conn", Role::Connector),
+            member(&client_key, "edge", Role::Edge),
+        ])
+        .expect("members");
+        let local = "127.0.0.1:0".parse().expect("addr");
+        let server_sock = MeshSocket::bind(local, server_key.id(), members.clone())
+            .await
+            .expect("bind");
+        let server = endpoint(server_sock.clone(), &server_key, Some(members.clone()))
+            .expect("server");
+        let server_udp = server_sock.udp_addr().expect("addr");
+
+        let client_sock = MeshSocket::bind(local, client_key.id(), members.clone())
+            .await
+            .expect("bind");
+        client_sock.set_peer_addr(&server_key.id(), server_udp);
+        let client = endpoint(client_sock, &client_key, None).expect("client");
+
+        let accept = tokio::spawn(async move {
+            let conn = server.accept().await.expect("incoming").await.expect("conn");
+            let peer = trust::peer_node_id(&conn);
+            let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
+            let data = recv.read_to_end(1 << 20).await.expect("read");
+            send.write_all(&data).await.expect("write");
+            send.finish().expect("finish");
+            let _ = conn.closed().await;
+            peer
+        });
+        let conn = client
+            .connect_with(
+                client_config(&client_key, server_key.id()).expect("cfg"),
+                virtual_addr(&server_key.id()),
+                trust::MESH_SERVER_NAME,
+            )
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        send.write_all(&vec![9u8; 100_000]).await.expect("write");
+        send.finish().expect("finish");
+        let back = recv.read_to_end(1 << 20).await.expect("read");
+        assert_eq!(back.len(), 100_000);
+        conn.close(0u32.into(), b"done");
+        assert_eq!(accept.await.expect("join"), Some(client_key.id()));
+
+        // A stranger: its frames are dropped before QUIC even sees them.
+        let stranger_sock = MeshSocket::bind(local, stranger_key.id(), members)
+            .await
+            .expect("bind");
+        stranger_sock.set_peer_addr(&server_key.id(), server_udp);
+        let stranger = endpoint(stranger_sock, &stranger_key, None).expect("stranger");
+        let attempt = stranger
+            .connect_with(
+                client_config(&stranger_key, server_key.id()).expect("cfg"),
+                virtual_addr(&server_key.id()),
+                trust::MESH_SERVER_NAME,
+            )
+            .expect("connect");
+        let result = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+        assert!(!matches!(result, Ok(Ok(_))), "a stranger must not connect");
+        assert!(server_sock.counters().non_member.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
+}

@@ -1,0 +1,1 @@
+//! Route selection, path statistics and link-state gossip (sans-IO).

@@ -1,0 +1,276 @@
+//! The tunnel stream protocol: what the edge and the connector say at the start of each
+//! QUIC stream.
+//!
+//! One stream carries one client flow. The edge writes a [`StreamHeader`]; the connector
+//! answers with a [`Reply`]. After that the stream carries raw bytes both ways:
+//!
+//! - HTTP request: the request body follows the header until the edge finishes its side;
+//!   the response body follows the [`Reply::Response`] until the connector finishes.
+//! - HTTP upgrade (websocket): no request body; once the reply says `101`, the stream
+//!   carries the upgraded connection's bytes in both directions, untouched.
+//! - TCP: after [`Reply::Connected`], the connection's bytes in both directions.
+//!
+//! Headers are postcard-encoded and length-prefixed (u32, big-endian) with a hard size
+//! cap, so a hostile peer cannot make us allocate without bound.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Version of the stream protocol; bumped on any incompatible change.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Largest encoded header accepted (request heads with large cookies fit easily).
+pub const MAX_HEADER_LEN: usize = 256 * 1024;
+
+/// Opens every stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StreamHeader {
+    /// Must equal [`WIRE_VERSION`].
+    pub version: u16,
+    /// The connector service the flow is for; the connector refuses names it doesn't know.
+    pub service: String,
+    /// The user's address as the edge saw it, for `X-Forwarded-For` and logs.
+    pub client_addr: Option<SocketAddr>,
+    /// Correlates logs across edge, connector and origin (`X-Request-Id`).
+    pub request_id: String,
+    /// What the flow is.
+    pub kind: StreamKind,
+}
+
+/// The kind of flow on a stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// An HTTP request (possibly an upgrade) with its head.
+    Http(RequestHead),
+    /// A raw TCP connection.
+    Tcp,
+}
+
+/// An HTTP request head, already rewritten by the edge (hop-by-hop headers removed,
+/// forwarding headers added).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestHead {
+    /// The method, e.g. `GET`.
+    pub method: String,
+    /// Path and query, e.g. `/ws?room=1`.
+    pub path: String,
+    /// Header fields in order; values are bytes because HTTP allows non-UTF-8 values.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The request asks to switch protocols (websocket); no body follows the header.
+    pub upgrade: bool,
+    /// The request has a body (it follows the header until the edge finishes).
+    pub has_body: bool,
+}
+
+/// The connector's answer to a [`StreamHeader`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The origin's response head; the body (or upgraded bytes) follows.
+    Response(ResponseHead),
+    /// The TCP connection to the origin is open.
+    Connected,
+    /// The connector did not forward the flow.
+    Refused(Refusal),
+}
+
+/// An HTTP response head from the origin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResponseHead {
+    /// Status code.
+    pub status: u16,
+    /// Header fields in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Why the connector did not forward a flow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The kind, which decides the status the edge shows the user.
+    pub kind: RefusalKind,
+    /// Human-readable detail for logs (never shown to users verbatim).
+    pub message: String,
+}
+
+/// Kinds of refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalKind {
+    /// The service name is not in the connector's config.
+    UnknownService,
+    /// The service has no healthy origin server.
+    NoHealthyOrigin,
+    /// No origin server could be reached.
+    OriginUnreachable,
+    /// The origin did not answer in time.
+    OriginTimeout,
+    /// The header could not be decoded or is not supported.
+    BadHeader,
+    /// The connector is shutting down.
+    Draining,
+}
+
+impl RefusalKind {
+    /// A short label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalKind::UnknownService => "unknown_service",
+            RefusalKind::NoHealthyOrigin => "no_healthy_origin",
+            RefusalKind::OriginUnreachable => "origin_unreachable",
+            RefusalKind::OriginTimeout => "origin_timeout",
+            RefusalKind::BadHeader => "bad_header",
+            RefusalKind::Draining => "draining",
+        }
+    }
+}
+
+/// Errors reading or writing a header frame.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The stream failed or ended early.
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The length prefix is over [`MAX_HEADER_LEN`].
+    #[error("header of {0} bytes is over the {MAX_HEADER_LEN}-byte limit")]
+    TooLarge(usize),
+    /// The bytes are not a valid encoding.
+    #[error("malformed header: {0}")]
+    Decode(#[from] postcard::Error),
+    /// The peer speaks another protocol version.
+    #[error("unsupported stream protocol version {0}")]
+    Version(u16),
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame<W, T>(w: &mut W, value: &T) -> Result<(), WireError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = postcard::to_stdvec(value)?;
+    if body.len() > MAX_HEADER_LEN {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Reads one length-prefixed frame.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<T, WireError>
+where
+    R: AsyncRead + Unpin,
+    T: for<'de> Deserialize<'de>,
+{
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER_LEN {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(postcard::from_bytes(&body)?)
+}
+
+/// Reads a [`StreamHeader`] and checks its version.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader, WireError> {
+    let header: StreamHeader = read_frame(r).await?;
+    if header.version != WIRE_VERSION {
+        return Err(WireError::Version(header.version));
+    }
+    Ok(header)
+}
+
+/// Converts a header map to the wire form.
+pub fn headers_to_wire(map: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    map.iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Converts wire headers back to a map, skipping (and reporting) invalid fields.
+pub fn headers_from_wire(fields: &[(String, Vec<u8>)]) -> (http::HeaderMap, usize) {
+    let mut map = http::HeaderMap::with_capacity(fields.len());
+    let mut invalid = 0;
+    for (k, v) in fields {
+        match (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_bytes(v),
+        ) {
+            (Ok(k), Ok(v)) => {
+                map.append(k, v);
+            }
+            _ => invalid += 1,
+        }
+    }
+    (map, invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> StreamHeader {
+        StreamHeader {
+            version: WIRE_VERSION,
+            service: "web".into(),
+            client_addr: Some("203.0.113.9:5000".parse().expect("addr")),
+            request_id: "abc".into(),
+            kind: StreamKind::Http(RequestHead {
+                method: "GET".into(),
+                path: "/ws".into(),
+                headers: vec![("host".into(), b"example.com".to_vec())],
+                upgrade: true,
+                has_body: false,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn header_round_trips() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &sample()).await.expect("write");
+        let back = read_header(&mut &buf[..]).await.expect("read");
+        assert_eq!(back, sample());
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let huge = (MAX_HEADER_LEN as u32 + 1).to_be_bytes();
+        assert!(matches!(
+            read_header(&mut &huge[..]).await,
+            Err(WireError::TooLarge(_))
+        ));
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &sample()).await.expect("write");
+        buf.truncate(buf.len() - 3);
+        assert!(matches!(read_header(&mut &buf[..]).await, Err(WireError::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn wrong_version_is_refused() {
+        let mut h = sample();
+        h.version = 99;
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &h).await.expect("write");
+        assert!(matches!(
+            read_header(&mut &buf[..]).await,
+            Err(WireError::Version(99))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+            let mut framed = (data.len() as u32).to_be_bytes().to_vec();
+            framed.extend_from_slice(&data);
+            let _ = rt.block_on(read_header(&mut &framed[..]));
+            let _ = rt.block_on(read_frame::<_, Reply>(&mut &framed[..]));
+        }
+    }
+}
