@@ -1,1 +1,16 @@
+//! The Skylane edge node: terminates users' TLS, HTTP/1.1, HTTP/2, websockets and raw TCP
+//! near them and carries each flow as one QUIC stream over a persistent tunnel to an
+//! origin connector.
+//!
+//! It does not talk to origin servers itself (the connector does), and it never forwards
+//! a flow anywhere but a mesh member.
 
+pub mod config;
+pub mod errors;
+pub mod proxy;
+pub mod redirect;
+pub mod routes;
+pub mod server;
+pub mod tcp;
+pub mod tls;
+pub mod tunnel;

@@ -200,6 +200,9 @@ impl NodeKey {
             path: path.display().to_string(),
             source,
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
         write_private(path, self.to_pem().as_bytes()).map_err(io)?;
         let pub_path = public_key_path(path);
         std::fs::write(&pub_path, format!("{}\n", self.id)).map_err(|source| IdentityError::Io {

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod membership;
 pub mod mesh;
+pub mod pipe;
 pub mod quic;
 pub mod resolve;
 pub mod routing;

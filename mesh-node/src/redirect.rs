@@ -1,0 +1,72 @@
+//! The plain-HTTP listener: every request is redirected to HTTPS (308 keeps the method).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+/// The redirect for one request.
+pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes>> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .map(|a| a.host().to_owned());
+    let Some(host) = host else {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"a Host header is required\n")));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = format!("https://{host}{port}{path}");
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// Serves redirects until `stop`.
+pub async fn serve(listener: tokio::net::TcpListener, https_port: u16, stop: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                Ok::<_, Infallible>(redirect_for(&req, https_port))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_keeps_host_path_and_port() {
+        let req = Request::get("/a?b=1").header("host", "example.com:8080").body(()).expect("req");
+        let r = redirect_for(&req, 8443);
+        assert_eq!(r.status(), 308);
+        assert_eq!(r.headers()[header::LOCATION], "https://example.com:8443/a?b=1");
+        let r = redirect_for(&req, 443);
+        assert_eq!(r.headers()[header::LOCATION], "https://example.com/a?b=1");
+    }
+}

@@ -1,0 +1,228 @@
+//! The connector's config file: parsed with unknown keys rejected, then validated into
+//! [`Config`] before anything binds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use skylane_shared::config::{
+    AdminSection, ConfigError, Identity, LogSection, MeshSection, NodeSection, Validator,
+    load_identity, load_toml,
+};
+use skylane_shared::membership::Role;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: NodeSection,
+    #[serde(default)]
+    mesh: MeshSection,
+    admin: Option<AdminSection>,
+    #[serde(default)]
+    log: LogSection,
+    /// How long SIGTERM waits for in-flight streams before closing tunnels.
+    #[serde(default = "default_grace_ms")]
+    shutdown_grace_ms: u64,
+    #[serde(default)]
+    services: BTreeMap<String, ServiceSection>,
+}
+
+fn default_grace_ms() -> u64 {
+    10_000
+}
+
+/// `[services.NAME]`: one origin service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    /// `http` (default) or `tcp`.
+    #[serde(default)]
+    kind: ServiceKind,
+    /// Origin servers, `host:port`.
+    servers: Vec<String>,
+    /// TCP connect timeout to an origin server.
+    #[serde(default = "default_connect_ms")]
+    connect_timeout_ms: u64,
+    /// How long to wait for the origin's response head before answering 504.
+    #[serde(default = "default_response_ms")]
+    response_timeout_ms: u64,
+    /// Idle keep-alive connections kept per origin server.
+    #[serde(default = "default_pool")]
+    max_idle_per_server: usize,
+    health_check: Option<HealthSection>,
+}
+
+fn default_connect_ms() -> u64 {
+    2_000
+}
+fn default_response_ms() -> u64 {
+    30_000
+}
+fn default_pool() -> usize {
+    64
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    /// HTTP path to GET (HTTP services); TCP services check that a connection opens.
+    #[serde(default = "default_health_path")]
+    path: String,
+    #[serde(default = "default_interval_ms")]
+    interval_ms: u64,
+    #[serde(default = "default_check_timeout_ms")]
+    timeout_ms: u64,
+    /// Consecutive successes that make a down server up again.
+    #[serde(default = "default_up")]
+    healthy_threshold: u32,
+    /// Consecutive failures that take a server down.
+    #[serde(default = "default_down")]
+    unhealthy_threshold: u32,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_interval_ms() -> u64 {
+    1_000
+}
+fn default_check_timeout_ms() -> u64 {
+    500
+}
+fn default_up() -> u32 {
+    2
+}
+fn default_down() -> u32 {
+    2
+}
+
+/// Whether a service speaks HTTP or raw TCP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// HTTP/1.1 to the origin, pooled keep-alive connections.
+    #[default]
+    Http,
+    /// Raw TCP, one origin connection per stream.
+    Tcp,
+}
+
+/// A validated connector config.
+#[derive(Debug)]
+pub struct Config {
+    /// Node key, own entry and member list.
+    pub identity: Identity,
+    /// UDP address of the mesh socket.
+    pub listen: SocketAddr,
+    /// Admin listener, if any.
+    pub admin: Option<SocketAddr>,
+    /// Logging.
+    pub log: LogSection,
+    /// Drain time on SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Origin services by name.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// A validated origin service.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// Its name, as edges route to it.
+    pub name: String,
+    /// HTTP or TCP.
+    pub kind: ServiceKind,
+    /// Origin servers, `host:port` (resolved at run time, re-resolved on TTL expiry).
+    pub servers: Vec<String>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Response-head timeout (504 after it).
+    pub response_timeout: Duration,
+    /// Idle pooled connections per server.
+    pub max_idle_per_server: usize,
+    /// Active health checks, if configured.
+    pub health: Option<HealthCheck>,
+}
+
+/// Validated health-check settings.
+#[derive(Clone, Debug)]
+pub struct HealthCheck {
+    /// Path to GET.
+    pub path: String,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time a check may take.
+    pub timeout: Duration,
+    /// Successes to come back up.
+    pub healthy_threshold: u32,
+    /// Failures to go down.
+    pub unhealthy_threshold: u32,
+}
+
+/// Loads and validates a connector config.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file: File = load_toml(path)?;
+    let v = Validator::new(path);
+    let identity = load_identity(&v, &file.node, &file.mesh, Role::Connector)?;
+    if file.services.is_empty() {
+        return Err(v.invalid(
+            "services",
+            "no services: add at least one [services.NAME] with `servers`",
+        ));
+    }
+    let mut services = BTreeMap::new();
+    for (name, s) in file.services {
+        let key = |k: &str| format!("services.{name}.{k}");
+        if s.servers.is_empty() {
+            return Err(v.invalid(key("servers"), "needs at least one origin server"));
+        }
+        for (i, server) in s.servers.iter().enumerate() {
+            skylane_shared::resolve::split_host_port(server)
+                .map_err(|e| v.invalid(format!("services.{name}.servers[{i}]"), e.to_string()))?;
+        }
+        v.in_range(&key("connect_timeout_ms"), s.connect_timeout_ms, 1..=600_000)?;
+        v.in_range(&key("response_timeout_ms"), s.response_timeout_ms, 1..=3_600_000)?;
+        let health = match s.health_check {
+            None => None,
+            Some(h) => {
+                let hk = |k: &str| format!("services.{name}.health_check.{k}");
+                v.in_range(&hk("interval_ms"), h.interval_ms, 10..=3_600_000)?;
+                v.in_range(&hk("timeout_ms"), h.timeout_ms, 1..=600_000)?;
+                v.in_range(&hk("healthy_threshold"), h.healthy_threshold.into(), 1..=100)?;
+                v.in_range(&hk("unhealthy_threshold"), h.unhealthy_threshold.into(), 1..=100)?;
+                if !h.path.starts_with('/') {
+                    return Err(v.invalid(hk("path"), "must start with '/'"));
+                }
+                Some(HealthCheck {
+                    path: h.path,
+                    interval: Duration::from_millis(h.interval_ms),
+                    timeout: Duration::from_millis(h.timeout_ms),
+                    healthy_threshold: h.healthy_threshold,
+                    unhealthy_threshold: h.unhealthy_threshold,
+                })
+            }
+        };
+        services.insert(
+            name.clone(),
+            Service {
+                name,
+                kind: s.kind,
+                servers: s.servers,
+                connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+                response_timeout: Duration::from_millis(s.response_timeout_ms),
+                max_idle_per_server: s.max_idle_per_server,
+                health,
+            },
+        );
+    }
+    v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
+    Ok(Config {
+        identity,
+        listen: file.node.listen,
+        admin: file.admin.map(|a| a.listen),
+        log: file.log,
+        shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
+        services,
+    })
+}

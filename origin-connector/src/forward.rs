@@ -1,0 +1,290 @@
+//! Forwarding one tunnel stream to an origin service.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::BodyExt as _;
+use skylane_shared::pipe::{TunnelBody, body_to_stream, splice};
+use skylane_shared::resolve::Resolver;
+use skylane_shared::wire::{
+    self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamHeader, StreamKind,
+};
+
+use crate::config::ServiceKind;
+use crate::origin::{OriginServer, ServicePool, empty_body};
+
+/// What a stream handler needs.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// Services by name.
+    pub services: Arc<std::collections::BTreeMap<String, Arc<ServicePool>>>,
+    /// Resolves origin names.
+    pub resolver: Resolver,
+    /// Set while draining: new streams are refused so edges use another connector.
+    pub draining: tokio_util::sync::CancellationToken,
+}
+
+/// How long an edge may take to send the stream header.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Handles one stream from an edge, start to finish.
+pub async fn handle_stream(
+    ctx: Context,
+    peer: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let started = Instant::now();
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, wire::read_header(&mut recv)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            metrics::counter!("skylane_connector_bad_streams_total").increment(1);
+            tracing::warn!(%peer, error = %e, "malformed stream header");
+            refuse(&mut send, RefusalKind::BadHeader, e.to_string()).await;
+            let _ = recv.stop(0u32.into());
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("skylane_connector_bad_streams_total").increment(1);
+            tracing::debug!(%peer, "no stream header in time");
+            let _ = recv.stop(0u32.into());
+            let _ = send.reset(0u32.into());
+            return;
+        }
+    };
+    let span = tracing::debug_span!("stream", %peer, service = %header.service, request_id = %header.request_id);
+    let _enter = span.enter();
+    if ctx.draining.is_cancelled() {
+        refuse(&mut send, RefusalKind::Draining, "connector is draining".into()).await;
+        return;
+    }
+    let Some(pool) = ctx.services.get(&header.service).cloned() else {
+        tracing::warn!(%peer, service = %header.service, "stream names an unknown service");
+        refuse(
+            &mut send,
+            RefusalKind::UnknownService,
+            format!("no service named {:?}", header.service),
+        )
+        .await;
+        let _ = recv.stop(0u32.into());
+        return;
+    };
+    let kind = match (&header.kind, pool.service.kind) {
+        (StreamKind::Http(_), ServiceKind::Http) => "http",
+        (StreamKind::Tcp, ServiceKind::Tcp) => "tcp",
+        _ => {
+            refuse(
+                &mut send,
+                RefusalKind::BadHeader,
+                format!("service {:?} does not take this kind of stream", header.service),
+            )
+            .await;
+            return;
+        }
+    };
+    metrics::counter!("skylane_connector_streams_total", "service" => header.service.clone(), "kind" => kind)
+        .increment(1);
+    let result = match header.kind.clone() {
+        StreamKind::Http(head) => forward_http(&ctx, &pool, &header, head, send, recv).await,
+        StreamKind::Tcp => forward_tcp(&ctx, &pool, send, recv).await,
+    };
+    if let Err(kind) = result {
+        metrics::counter!("skylane_connector_refused_total", "reason" => kind.label()).increment(1);
+    }
+    metrics::histogram!("skylane_connector_stream_duration_seconds", "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
+}
+
+async fn refuse(send: &mut quinn::SendStream, kind: RefusalKind, message: String) {
+    metrics::counter!("skylane_connector_refused_total", "reason" => kind.label()).increment(1);
+    let _ = wire::write_frame(send, &Reply::Refused(Refusal { kind, message })).await;
+    let _ = send.finish();
+}
+
+/// Headers the connector sets itself on the origin request.
+fn origin_request(
+    head: &RequestHead,
+    addr: std::net::SocketAddr,
+    body: crate::origin::OriginBody,
+) -> Result<http::Request<crate::origin::OriginBody>, String> {
+    let uri: http::Uri = format!("http://{addr}{}", head.path)
+        .parse()
+        .map_err(|e| format!("bad path {:?}: {e}", head.path))?;
+    let method = http::Method::from_bytes(head.method.as_bytes())
+        .map_err(|e| format!("bad method: {e}"))?;
+    let mut req = http::Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    let (headers, _invalid) = wire::headers_from_wire(&head.headers);
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+async fn forward_http(
+    ctx: &Context,
+    pool: &ServicePool,
+    header: &StreamHeader,
+    head: RequestHead,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), RefusalKind> {
+    let candidates = pool.candidates();
+    if candidates.is_empty() {
+        refuse(
+            &mut send,
+            RefusalKind::NoHealthyOrigin,
+            format!("service {:?} has no healthy origin server", header.service),
+        )
+        .await;
+        return Err(RefusalKind::NoHealthyOrigin);
+    }
+    // A request whose body has started streaming can't be replayed on another server; one
+    // without a body can, when the first server refuses the connection.
+    let mut recv = Some(recv);
+    let mut last_error = String::new();
+    for server in candidates {
+        let addr = match server.addr(&ctx.resolver).await {
+            Ok(a) => a,
+            Err(e) => {
+                last_error = e.to_string();
+                pool.record_failure(&server);
+                continue;
+            }
+        };
+        let body = if head.has_body {
+            match recv.take() {
+                Some(r) => TunnelBody::new(r, None).boxed_unsync(),
+                None => break,
+            }
+        } else {
+            empty_body()
+        };
+        let req = match origin_request(&head, addr, body) {
+            Ok(r) => r,
+            Err(message) => {
+                refuse(&mut send, RefusalKind::BadHeader, message).await;
+                return Err(RefusalKind::BadHeader);
+            }
+        };
+        let sent = tokio::time::timeout(pool.service.response_timeout, pool.client.request(req));
+        let response = match sent.await {
+            Err(_) => {
+                tracing::warn!(server = %server.spec, "origin did not answer in time");
+                refuse(
+                    &mut send,
+                    RefusalKind::OriginTimeout,
+                    format!(
+                        "origin did not answer within {} ms",
+                        pool.service.response_timeout.as_millis()
+                    ),
+                )
+                .await;
+                return Err(RefusalKind::OriginTimeout);
+            }
+            Ok(Err(e)) => {
+                last_error = e.to_string();
+                if e.is_connect() {
+                    pool.record_failure(&server);
+                    tracing::warn!(server = %server.spec, error = %e, "could not connect to origin");
+                    continue;
+                }
+                tracing::warn!(server = %server.spec, error = %e, "origin request failed");
+                break;
+            }
+            Ok(Ok(r)) => r,
+        };
+        return relay_response(&server, &head, response, send, recv).await;
+    }
+    refuse(
+        &mut send,
+        RefusalKind::OriginUnreachable,
+        format!("no origin server answered: {last_error}"),
+    )
+    .await;
+    Err(RefusalKind::OriginUnreachable)
+}
+
+async fn relay_response(
+    server: &OriginServer,
+    head: &RequestHead,
+    mut response: http::Response<hyper::body::Incoming>,
+    mut send: quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+) -> Result<(), RefusalKind> {
+    let status = response.status();
+    let reply = Reply::Response(ResponseHead {
+        status: status.as_u16(),
+        headers: wire::headers_to_wire(response.headers()),
+    });
+    if wire::write_frame(&mut send, &reply).await.is_err() {
+        return Ok(()); // the edge went away
+    }
+    if head.upgrade && status == http::StatusCode::SWITCHING_PROTOCOLS {
+        let Some(recv) = recv else {
+            return Ok(());
+        };
+        match hyper::upgrade::on(&mut response).await {
+            Ok(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                match splice(recv, send, io).await {
+                    Ok((up, down)) => {
+                        metrics::counter!("skylane_connector_bytes_total", "direction" => "to_origin").increment(up);
+                        metrics::counter!("skylane_connector_bytes_total", "direction" => "from_origin").increment(down);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(server = %server.spec, error = %e, "origin upgrade failed");
+                let _ = send.reset(1u32.into());
+            }
+        }
+        return Ok(());
+    }
+    match body_to_stream(response.into_body(), &mut send).await {
+        Ok(n) => {
+            metrics::counter!("skylane_connector_bytes_total", "direction" => "from_origin")
+                .increment(n);
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "response body ended early");
+            let _ = send.reset(1u32.into());
+        }
+    }
+    Ok(())
+}
+
+async fn forward_tcp(
+    ctx: &Context,
+    pool: &ServicePool,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), RefusalKind> {
+    let candidates = pool.candidates();
+    if candidates.is_empty() {
+        refuse(&mut send, RefusalKind::NoHealthyOrigin, "no healthy origin server".into()).await;
+        return Err(RefusalKind::NoHealthyOrigin);
+    }
+    for server in candidates {
+        let Ok(addr) = server.addr(&ctx.resolver).await else {
+            pool.record_failure(&server);
+            continue;
+        };
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(pool.service.connect_timeout, connect).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                if wire::write_frame(&mut send, &Reply::Connected).await.is_err() {
+                    return Ok(());
+                }
+                if let Err(e) = splice(recv, send, tcp).await {
+                    tracing::debug!(error = %e, "tcp flow ended with an error");
+                }
+                return Ok(());
+            }
+            _ => pool.record_failure(&server),
+        }
+    }
+    refuse(&mut send, RefusalKind::OriginUnreachable, "no origin server accepted the connection".into()).await;
+    Err(RefusalKind::OriginUnreachable)
+}

@@ -1,0 +1,232 @@
+//! Origin services: their servers, pooled keep-alive connections, health state and
+//! server choice.
+//!
+//! Each server is `up` or `down`. Active health checks move it after a run of successes or
+//! failures; a failed connection while forwarding counts as a failure too, so a dead
+//! server stops getting traffic before the next check comes round. Servers start `up`, so
+//! a fresh connector serves at once.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use skylane_shared::resolve::{ResolveError, Resolver};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HealthCheck, Service, ServiceKind};
+
+/// The body type sent to origins.
+pub type OriginBody = UnsyncBoxBody<Bytes, std::io::Error>;
+/// A pooled HTTP/1.1 client to origin servers.
+pub type OriginClient = Client<HttpConnector, OriginBody>;
+
+/// One origin server of a service.
+#[derive(Debug)]
+pub struct OriginServer {
+    /// `host:port` as configured.
+    pub spec: String,
+    up: AtomicBool,
+    successes: AtomicU32,
+    failures: AtomicU32,
+    resolved: Mutex<Option<(SocketAddr, Option<Instant>)>>,
+}
+
+impl OriginServer {
+    fn new(spec: String) -> Self {
+        Self {
+            spec,
+            up: AtomicBool::new(true),
+            successes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            resolved: Mutex::new(None),
+        }
+    }
+
+    /// Whether the server takes traffic.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Its current address, resolving the name when the cached answer expired.
+    pub async fn addr(&self, resolver: &Resolver) -> Result<SocketAddr, ResolveError> {
+        if let Ok(cached) = self.resolved.lock()
+            && let Some((addr, until)) = *cached
+            && until.is_none_or(|t| Instant::now() < t)
+        {
+            return Ok(addr);
+        }
+        let r = resolver.resolve(&self.spec).await?;
+        let addr = r.addrs[0];
+        if let Ok(mut cached) = self.resolved.lock() {
+            *cached = Some((addr, r.valid_until));
+        }
+        Ok(addr)
+    }
+
+    /// Forgets the resolved address, so the next use asks DNS again (after a failed
+    /// connection the address may have moved).
+    pub fn forget_address(&self) {
+        if let Ok(mut cached) = self.resolved.lock() {
+            *cached = None;
+        }
+    }
+
+    fn record(&self, ok: bool, service: &str, thresholds: (u32, u32)) {
+        let (up_after, down_after) = thresholds;
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
+            if !self.is_up() && n >= up_after {
+                self.up.store(true, Ordering::Relaxed);
+                tracing::info!(service, server = %self.spec, "origin server is up");
+            }
+        } else {
+            self.successes.store(0, Ordering::Relaxed);
+            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.is_up() && n >= down_after {
+                self.up.store(false, Ordering::Relaxed);
+                tracing::warn!(service, server = %self.spec, "origin server is down");
+            }
+        }
+        metrics::gauge!("skylane_origin_server_up", "service" => service.to_owned(), "server" => self.spec.clone())
+            .set(if self.is_up() { 1.0 } else { 0.0 });
+    }
+}
+
+/// A service with its servers and its connection pool.
+#[derive(Debug)]
+pub struct ServicePool {
+    /// The validated config.
+    pub service: Service,
+    /// Its servers.
+    pub servers: Vec<Arc<OriginServer>>,
+    /// Pooled keep-alive connections (HTTP services).
+    pub client: OriginClient,
+    next: AtomicUsize,
+}
+
+impl ServicePool {
+    /// Builds the pool for one service.
+    pub fn new(service: Service) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(service.connect_timeout));
+        http.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(service.max_idle_per_server)
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(http);
+        let servers = service
+            .servers
+            .iter()
+            .map(|s| Arc::new(OriginServer::new(s.clone())))
+            .collect();
+        Self {
+            service,
+            servers,
+            client,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn thresholds(&self) -> (u32, u32) {
+        self.service
+            .health
+            .as_ref()
+            .map(|h| (h.healthy_threshold, h.unhealthy_threshold))
+            .unwrap_or((1, 1))
+    }
+
+    /// Servers that are up, starting from the next in round-robin order.
+    pub fn candidates(&self) -> Vec<Arc<OriginServer>> {
+        let n = self.servers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.servers[(start + i) % n])
+            .filter(|s| s.is_up())
+            .cloned()
+            .collect()
+    }
+
+    /// Records that forwarding to `server` failed to connect.
+    pub fn record_failure(&self, server: &OriginServer) {
+        server.forget_address();
+        server.record(false, &self.service.name, self.thresholds());
+    }
+
+    /// Runs active health checks for every server until `stop`.
+    pub fn spawn_health_checks(
+        self: &Arc<Self>,
+        resolver: Resolver,
+        stop: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) {
+        let Some(check) = self.service.health.clone() else {
+            return;
+        };
+        for server in &self.servers {
+            let pool = self.clone();
+            let server = server.clone();
+            let check = check.clone();
+            let resolver = resolver.clone();
+            let stop = stop.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(check.interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let ok = pool.check_once(&server, &check, &resolver).await;
+                    server.record(ok, &pool.service.name, pool.thresholds());
+                }
+            });
+        }
+    }
+
+    async fn check_once(
+        &self,
+        server: &OriginServer,
+        check: &HealthCheck,
+        resolver: &Resolver,
+    ) -> bool {
+        let attempt = async {
+            let addr = server.addr(resolver).await.ok()?;
+            match self.service.kind {
+                ServiceKind::Tcp => tokio::net::TcpStream::connect(addr).await.ok().map(|_| true),
+                ServiceKind::Http => {
+                    let uri: http::Uri = format!("http://{addr}{}", check.path).parse().ok()?;
+                    let req = http::Request::get(uri)
+                        .header(http::header::USER_AGENT, "skylane-health-check")
+                        .body(empty_body())
+                        .ok()?;
+                    let resp = self.client.request(req).await.ok()?;
+                    let status = resp.status();
+                    // Read the body so the connection goes back to the pool.
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                    Some(status.is_success() || status.is_redirection())
+                }
+            }
+        };
+        let ok = matches!(tokio::time::timeout(check.timeout, attempt).await, Ok(Some(true)));
+        if !ok {
+            server.forget_address();
+        }
+        ok
+    }
+}
+
+/// An empty origin request body.
+pub fn empty_body() -> OriginBody {
+    use http_body_util::BodyExt as _;
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}

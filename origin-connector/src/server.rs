@@ -1,0 +1,206 @@
+//! The connector's main loop: accept tunnels from members, serve their streams, drain on
+//! shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::json;
+use skylane_shared::lifecycle::Shutdown;
+use skylane_shared::mesh::MeshSocket;
+use skylane_shared::resolve::Resolver;
+use skylane_shared::telemetry::{self, AdminRoutes};
+use skylane_shared::{quic, trust};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::forward::{self, Context};
+use crate::origin::ServicePool;
+
+/// Open tunnels, for the status page.
+#[derive(Default)]
+struct Tunnels {
+    by_id: Mutex<HashMap<usize, (String, quinn::Connection, Instant)>>,
+}
+
+struct Status {
+    config_name: String,
+    node_id: String,
+    socket: Arc<MeshSocket>,
+    tunnels: Arc<Tunnels>,
+    services: Arc<BTreeMap<String, Arc<ServicePool>>>,
+    draining: CancellationToken,
+}
+
+impl AdminRoutes for Status {
+    fn status(&self) -> serde_json::Value {
+        let tunnels: Vec<_> = self
+            .tunnels
+            .by_id
+            .lock()
+            .map(|t| {
+                t.values()
+                    .map(|(peer, conn, since)| {
+                        json!({
+                            "peer": peer,
+                            "rtt_ms": conn.rtt().as_secs_f64() * 1000.0,
+                            "up_for_s": since.elapsed().as_secs(),
+                            "lost_packets": conn.stats().path.lost_packets,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let services: Vec<_> = self
+            .services
+            .values()
+            .map(|p| {
+                json!({
+                    "name": p.service.name,
+                    "kind": p.service.kind,
+                    "servers": p.servers.iter().map(|s| json!({"server": s.spec, "up": s.is_up()})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let c = self.socket.counters();
+        use std::sync::atomic::Ordering::Relaxed;
+        json!({
+            "node": self.config_name,
+            "id": self.node_id,
+            "role": "connector",
+            "mesh_socket": self.socket.udp_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "draining": self.draining.is_cancelled(),
+            "tunnels": tunnels,
+            "services": services,
+            "frames": {
+                "quic_received": c.quic_received.load(Relaxed),
+                "quic_sent": c.quic_sent.load(Relaxed),
+                "malformed": c.malformed.load(Relaxed),
+                "non_member": c.non_member.load(Relaxed),
+            },
+        })
+    }
+
+    fn ready(&self) -> bool {
+        !self.draining.is_cancelled()
+    }
+}
+
+/// Runs the connector on an already-bound mesh socket (and admin listener) until shutdown.
+pub async fn serve(
+    config: Config,
+    socket: Arc<MeshSocket>,
+    admin: Option<tokio::net::TcpListener>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let identity = config.identity.clone();
+    let endpoint = quic::endpoint(socket.clone(), &identity.key, Some(identity.members.clone()))?;
+    let resolver = Resolver::from_system();
+    let tracker = TaskTracker::new();
+    let stop_checks = CancellationToken::new();
+    let services: BTreeMap<String, Arc<ServicePool>> = config
+        .services
+        .values()
+        .map(|s| (s.name.clone(), Arc::new(ServicePool::new(s.clone()))))
+        .collect();
+    let services = Arc::new(services);
+    for pool in services.values() {
+        pool.spawn_health_checks(resolver.clone(), stop_checks.clone(), &tracker);
+    }
+    let draining = CancellationToken::new();
+    let ctx = Context {
+        services: services.clone(),
+        resolver,
+        draining: draining.clone(),
+    };
+    let tunnels = Arc::new(Tunnels::default());
+    if let Some(listener) = admin {
+        let status = Arc::new(Status {
+            config_name: identity.me.name.clone(),
+            node_id: identity.key.id().to_string(),
+            socket: socket.clone(),
+            tunnels: tunnels.clone(),
+            services: services.clone(),
+            draining: draining.clone(),
+        });
+        tokio::spawn(telemetry::serve_admin(
+            listener,
+            metrics,
+            status,
+            shutdown.now.clone(),
+        ));
+    }
+    tracing::info!(
+        node = %identity.me.name,
+        id = %identity.key.id(),
+        mesh = %socket.udp_addr()?,
+        services = services.len(),
+        "origin connector ready"
+    );
+    let streams = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.drain.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let ctx = ctx.clone();
+        let tunnels = tunnels.clone();
+        let streams = streams.clone();
+        let members = identity.members.clone();
+        let stop = shutdown.now.clone();
+        tracker.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(error = %e, "tunnel handshake failed");
+                    return;
+                }
+            };
+            let peer = trust::peer_node_id(&conn)
+                .and_then(|id| members.get(&id).map(|m| m.name.clone()))
+                .unwrap_or_else(|| "unknown".into());
+            tracing::info!(%peer, "tunnel up");
+            metrics::gauge!("skylane_tunnels", "role" => "connector").increment(1.0);
+            let id = conn.stable_id();
+            if let Ok(mut t) = tunnels.by_id.lock() {
+                t.insert(id, (peer.clone(), conn.clone(), Instant::now()));
+            }
+            loop {
+                let (send, recv) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    s = conn.accept_bi() => match s {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::info!(%peer, reason = %e, "tunnel closed");
+                            break;
+                        }
+                    },
+                };
+                streams.spawn(forward::handle_stream(ctx.clone(), peer.clone(), send, recv));
+            }
+            if let Ok(mut t) = tunnels.by_id.lock() {
+                t.remove(&id);
+            }
+            metrics::gauge!("skylane_tunnels", "role" => "connector").decrement(1.0);
+        });
+    }
+    // Drain: refuse new streams (edges fail over to another connector), let in-flight
+    // streams finish within the grace period, then close the tunnels.
+    draining.cancel();
+    streams.close();
+    tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
+    tokio::select! {
+        _ = streams.wait() => tracing::info!("all streams finished"),
+        _ = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("grace period over; closing open streams"),
+        _ = shutdown.now.cancelled() => {}
+    }
+    stop_checks.cancel();
+    endpoint.close(0u32.into(), b"connector shutting down");
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), endpoint.wait_idle()).await;
+    Ok(())
+}

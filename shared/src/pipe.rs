@@ -1,0 +1,138 @@
+//! Moving bytes between a tunnel stream and the other side of a proxy, with back-pressure
+//! and without buffering whole bodies.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Largest chunk read from a tunnel stream at once. quinn hands out what it has received,
+/// so this only bounds one frame of the body, not latency.
+const CHUNK: usize = 64 * 1024;
+
+/// An HTTP body that streams a tunnel stream's bytes until the peer finishes it.
+pub struct TunnelBody {
+    recv: quinn::RecvStream,
+    done: bool,
+    /// Known total length, when the head carried `Content-Length`, for the size hint.
+    expected: Option<u64>,
+}
+
+impl TunnelBody {
+    /// Wraps a receive stream positioned at the first body byte.
+    pub fn new(recv: quinn::RecvStream, expected: Option<u64>) -> Self {
+        Self {
+            recv,
+            done: false,
+            expected,
+        }
+    }
+}
+
+impl Body for TunnelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        // Polling a fresh `read_chunk` future each time is sound: it takes data only when
+        // it completes, and registers the waker otherwise.
+        let polled = {
+            let fut = self.recv.read_chunk(CHUNK, true);
+            tokio::pin!(fut);
+            fut.poll(cx)
+        };
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(chunk))) => Poll::Ready(Some(Ok(Frame::data(chunk.bytes)))),
+            Poll::Ready(Ok(None)) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => {
+                self.done = true;
+                Poll::Ready(Some(Err(io::Error::other(e))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.expected == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.expected {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// Writes every data frame of `body` to `send`, then finishes the stream. Returns the
+/// bytes written. Each write waits for flow-control credit: back-pressure reaches the
+/// body's producer.
+pub async fn body_to_stream<B>(mut body: B, send: &mut quinn::SendStream) -> io::Result<u64>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| io::Error::other(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            send.write_chunk(data).await.map_err(io::Error::other)?;
+        }
+    }
+    send.finish().map_err(io::Error::other)?;
+    Ok(total)
+}
+
+/// Copies bytes both ways between a tunnel stream pair and `io` (an upgraded HTTP
+/// connection or a TCP socket) until both directions end. A direction ends when its reader
+/// reaches EOF; the writer on the other side is then shut down (half-close carries over).
+/// Returns (bytes from the tunnel to `io`, bytes from `io` to the tunnel).
+pub async fn splice<IO>(
+    mut recv: quinn::RecvStream,
+    mut send: quinn::SendStream,
+    io: IO,
+) -> io::Result<(u64, u64)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut io_read, mut io_write) = tokio::io::split(io);
+    let inbound = async {
+        let mut n = 0u64;
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    n += chunk.bytes.len() as u64;
+                    io_write.write_all(&chunk.bytes).await?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+        let _ = io_write.shutdown().await;
+        Ok::<u64, io::Error>(n)
+    };
+    let outbound = async {
+        let n = tokio::io::copy(&mut io_read, &mut send).await;
+        let _ = send.finish();
+        n
+    };
+    let (a, b) = tokio::join!(inbound, outbound);
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
