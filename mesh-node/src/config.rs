@@ -212,7 +212,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let Some(addr) = &c.address else {
             return Err(v.invalid(
                 "mesh.members",
-                format!("connector {:?} needs an `address` (host:port) for edges to dial", c.name),
+                format!(
+                    "connector {:?} needs an `address` (host:port) for edges to dial",
+                    c.name
+                ),
             ));
         };
         skylane_shared::resolve::split_host_port(addr)
@@ -230,7 +233,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 .map(|c| Certificate {
                     cert_file: v.relative(&c.cert_file),
                     key_file: v.relative(&c.key_file),
-                    server_names: c.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                    server_names: c
+                        .server_names
+                        .iter()
+                        .map(|n| n.to_ascii_lowercase())
+                        .collect(),
                 })
                 .collect();
             Some(Https {
@@ -243,7 +250,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         return Err(v.invalid("https", "nothing to serve: configure [https] or [[tcp]]"));
     }
     if file.http.is_some() && https.is_none() {
-        return Err(v.invalid("http", "the plain-HTTP listener redirects to HTTPS, so [https] is needed"));
+        return Err(v.invalid(
+            "http",
+            "the plain-HTTP listener redirects to HTTPS, so [https] is needed",
+        ));
     }
     let mut routes = Vec::new();
     for (i, r) in file.routes.into_iter().enumerate() {
@@ -260,10 +270,21 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         });
     }
     if https.is_some() && routes.is_empty() {
-        return Err(v.invalid("routes", "HTTPS is on but no [[routes]] send requests anywhere"));
+        return Err(v.invalid(
+            "routes",
+            "HTTPS is on but no [[routes]] send requests anywhere",
+        ));
     }
-    v.in_range("tunnel.connect_timeout_ms", file.tunnel.connect_timeout_ms, 1..=600_000)?;
-    v.in_range("tunnel.reconnect_min_ms", file.tunnel.reconnect_min_ms, 1..=600_000)?;
+    v.in_range(
+        "tunnel.connect_timeout_ms",
+        file.tunnel.connect_timeout_ms,
+        1..=600_000,
+    )?;
+    v.in_range(
+        "tunnel.reconnect_min_ms",
+        file.tunnel.reconnect_min_ms,
+        1..=600_000,
+    )?;
     v.in_range(
         "tunnel.reconnect_max_ms",
         file.tunnel.reconnect_max_ms,

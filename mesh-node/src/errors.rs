@@ -31,14 +31,54 @@ impl ErrorKind {
     /// Status code, metric label, title and explanation.
     fn parts(self) -> (StatusCode, &'static str, &'static str, &'static str) {
         match self {
-            ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "bad_request", "Bad request", "The request has no valid host name."),
-            ErrorKind::NoRoute => (StatusCode::NOT_FOUND, "no_route", "Not found", "This edge has no route for that host and path."),
-            ErrorKind::NoConnector => (StatusCode::BAD_GATEWAY, "no_connector", "Bad gateway", "No origin connector is reachable from this edge right now."),
-            ErrorKind::TunnelFailed => (StatusCode::BAD_GATEWAY, "tunnel_failed", "Bad gateway", "The tunnel to the origin failed while handling the request."),
-            ErrorKind::UnknownService => (StatusCode::BAD_GATEWAY, "unknown_service", "Bad gateway", "The origin connector does not know this service."),
-            ErrorKind::NoHealthyOrigin => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_origin", "Service unavailable", "No origin server for this site is healthy right now."),
-            ErrorKind::OriginUnreachable => (StatusCode::BAD_GATEWAY, "origin_unreachable", "Bad gateway", "The origin server could not be reached."),
-            ErrorKind::OriginTimeout => (StatusCode::GATEWAY_TIMEOUT, "origin_timeout", "Gateway timeout", "The origin server did not answer in time."),
+            ErrorKind::BadRequest => (
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "Bad request",
+                "The request has no valid host name.",
+            ),
+            ErrorKind::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "Not found",
+                "This edge has no route for that host and path.",
+            ),
+            ErrorKind::NoConnector => (
+                StatusCode::BAD_GATEWAY,
+                "no_connector",
+                "Bad gateway",
+                "No origin connector is reachable from this edge right now.",
+            ),
+            ErrorKind::TunnelFailed => (
+                StatusCode::BAD_GATEWAY,
+                "tunnel_failed",
+                "Bad gateway",
+                "The tunnel to the origin failed while handling the request.",
+            ),
+            ErrorKind::UnknownService => (
+                StatusCode::BAD_GATEWAY,
+                "unknown_service",
+                "Bad gateway",
+                "The origin connector does not know this service.",
+            ),
+            ErrorKind::NoHealthyOrigin => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_origin",
+                "Service unavailable",
+                "No origin server for this site is healthy right now.",
+            ),
+            ErrorKind::OriginUnreachable => (
+                StatusCode::BAD_GATEWAY,
+                "origin_unreachable",
+                "Bad gateway",
+                "The origin server could not be reached.",
+            ),
+            ErrorKind::OriginTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "origin_timeout",
+                "Gateway timeout",
+                "The origin server did not answer in time.",
+            ),
         }
     }
 
@@ -66,8 +106,12 @@ pub fn error_response(kind: ErrorKind, request_id: &str) -> Response<ProxyBody> 
             .boxed_unsync(),
     );
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -90,7 +134,10 @@ mod tests {
     #[test]
     fn statuses_match_the_contract() {
         assert_eq!(error_response(ErrorKind::NoConnector, "x").status(), 502);
-        assert_eq!(error_response(ErrorKind::NoHealthyOrigin, "x").status(), 503);
+        assert_eq!(
+            error_response(ErrorKind::NoHealthyOrigin, "x").status(),
+            503
+        );
         assert_eq!(error_response(ErrorKind::OriginTimeout, "x").status(), 504);
     }
 

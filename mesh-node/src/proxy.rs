@@ -146,7 +146,12 @@ fn origin_head(
         .uri()
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| host.to_owned());
     if !headers.contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(&authority)
@@ -155,11 +160,18 @@ fn origin_head(
     }
     let ip = client.ip().to_string();
     append_header(&mut headers, &X_FORWARDED_FOR, &ip);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }));
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+    );
     if let Ok(v) = HeaderValue::from_str(&authority) {
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
-    let for_value = if client.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
+    let for_value = if client.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip
+    };
     append_header(
         &mut headers,
         &header::FORWARDED,
@@ -236,10 +248,20 @@ pub async fn handle(
     let started = Instant::now();
     let id = request_id(&req);
     let Some(host) = request_host(&req) else {
-        return Ok(finish(error_response(ErrorKind::BadRequest, &id), &id, started, "none"));
+        return Ok(finish(
+            error_response(ErrorKind::BadRequest, &id),
+            &id,
+            started,
+            "none",
+        ));
     };
     let Some(route) = edge.routes.lookup(&host, req.uri().path()) else {
-        return Ok(finish(error_response(ErrorKind::NoRoute, &id), &id, started, "none"));
+        return Ok(finish(
+            error_response(ErrorKind::NoRoute, &id),
+            &id,
+            started,
+            "none",
+        ));
     };
     let service = route.service.clone();
     let upgrade = wants_upgrade(&req);
@@ -255,12 +277,22 @@ pub async fn handle(
     };
     let Some((connector, mut send, recv)) = open_stream(&edge.tunnels).await else {
         tracing::warn!(request_id = %id, "no connector reachable");
-        return Ok(finish(error_response(ErrorKind::NoConnector, &id), &id, started, &service));
+        return Ok(finish(
+            error_response(ErrorKind::NoConnector, &id),
+            &id,
+            started,
+            &service,
+        ));
     };
     let span = tracing::debug_span!("request", request_id = %id, %connector, %service);
     let _enter = span.enter();
     if wire::write_frame(&mut send, &header).await.is_err() {
-        return Ok(finish(error_response(ErrorKind::TunnelFailed, &id), &id, started, &service));
+        return Ok(finish(
+            error_response(ErrorKind::TunnelFailed, &id),
+            &id,
+            started,
+            &service,
+        ));
     }
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     if has_body {
@@ -268,7 +300,8 @@ pub async fn handle(
         let mut body_send = send;
         tokio::spawn(async move {
             match body_to_stream(body, &mut body_send).await {
-                Ok(n) => metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin").increment(n),
+                Ok(n) => metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin")
+                    .increment(n),
                 Err(e) => {
                     tracing::debug!(error = %e, "request body ended early");
                     let _ = body_send.reset(1u32.into());
@@ -298,7 +331,12 @@ async fn respond(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(request_id = %id, error = %e, "tunnel stream failed before the response");
-            return finish(error_response(ErrorKind::TunnelFailed, id), id, started, service);
+            return finish(
+                error_response(ErrorKind::TunnelFailed, id),
+                id,
+                started,
+                service,
+            );
         }
     };
     let head = match reply {
@@ -315,7 +353,12 @@ async fn respond(
             return finish(error_response(kind, id), id, started, service);
         }
         Reply::Connected => {
-            return finish(error_response(ErrorKind::TunnelFailed, id), id, started, service);
+            return finish(
+                error_response(ErrorKind::TunnelFailed, id),
+                id,
+                started,
+                service,
+            );
         }
     };
     let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -349,7 +392,9 @@ async fn respond(
                             metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin").increment(up);
                             metrics::counter!("skylane_edge_bytes_total", "direction" => "to_client").increment(down);
                         }
-                        Err(e) => tracing::debug!(request_id = %id, error = %e, "upgraded flow ended with an error"),
+                        Err(e) => {
+                            tracing::debug!(request_id = %id, error = %e, "upgraded flow ended with an error")
+                        }
                     }
                     metrics::gauge!("skylane_edge_open_upgrades").decrement(1.0);
                     metrics::histogram!("skylane_edge_stream_duration_seconds", "kind" => "upgrade")
@@ -409,15 +454,24 @@ mod tests {
     #[test]
     fn hop_by_hop_fields_and_connection_tokens_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
         strip_hop_by_hop(&mut h);
         assert!(h.get("x-secret").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
-        assert_eq!(h.get(header::HOST).map(|v| v.as_bytes()), Some(&b"example.com"[..]));
+        assert_eq!(
+            h.get(header::HOST).map(|v| v.as_bytes()),
+            Some(&b"example.com"[..])
+        );
     }
 
     #[test]
@@ -425,6 +479,9 @@ mod tests {
         let mut h = HeaderMap::new();
         append_header(&mut h, &X_FORWARDED_FOR, "1.1.1.1");
         append_header(&mut h, &X_FORWARDED_FOR, "2.2.2.2");
-        assert_eq!(h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()), Some(&b"1.1.1.1, 2.2.2.2"[..]));
+        assert_eq!(
+            h.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()),
+            Some(&b"1.1.1.1, 2.2.2.2"[..])
+        );
     }
 }

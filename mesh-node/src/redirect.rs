@@ -17,12 +17,22 @@ pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes
         .and_then(|h| h.parse::<http::uri::Authority>().ok())
         .map(|a| a.host().to_owned());
     let Some(host) = host else {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"a Host header is required\n")));
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            b"a Host header is required\n",
+        )));
         *r.status_mut() = StatusCode::BAD_REQUEST;
         return r;
     };
-    let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let location = format!("https://{host}{port}{path}");
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
@@ -46,9 +56,10 @@ pub async fn serve(listener: tokio::net::TcpListener, https_port: u16, stop: Can
             },
         };
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                Ok::<_, Infallible>(redirect_for(&req, https_port))
-            });
+            let svc =
+                hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(redirect_for(&req, https_port))
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
@@ -62,10 +73,16 @@ mod tests {
 
     #[test]
     fn redirect_keeps_host_path_and_port() {
-        let req = Request::get("/a?b=1").header("host", "example.com:8080").body(()).expect("req");
+        let req = Request::get("/a?b=1")
+            .header("host", "example.com:8080")
+            .body(())
+            .expect("req");
         let r = redirect_for(&req, 8443);
         assert_eq!(r.status(), 308);
-        assert_eq!(r.headers()[header::LOCATION], "https://example.com:8443/a?b=1");
+        assert_eq!(
+            r.headers()[header::LOCATION],
+            "https://example.com:8443/a?b=1"
+        );
         let r = redirect_for(&req, 443);
         assert_eq!(r.headers()[header::LOCATION], "https://example.com/a?b=1");
     }

@@ -26,7 +26,9 @@ fn host_rank(pattern: &str, host: &str) -> Option<u8> {
 
 fn path_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
-        && (prefix.ends_with('/') || path.len() == prefix.len() || path[prefix.len()..].starts_with('/'))
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path[prefix.len()..].starts_with('/'))
 }
 
 impl Routes {

@@ -127,7 +127,12 @@ pub async fn serve(
             tunnels: tunnels.clone(),
             draining: draining.clone(),
         });
-        tokio::spawn(telemetry::serve_admin(admin, metrics, status, shutdown.now.clone()));
+        tokio::spawn(telemetry::serve_admin(
+            admin,
+            metrics,
+            status,
+            shutdown.now.clone(),
+        ));
     }
     let tracker = TaskTracker::new();
     let connections = TaskTracker::new();
@@ -136,22 +141,41 @@ pub async fn serve(
         https_port = listener.local_addr()?.port();
         let tls = Arc::new(crate::tls::server_config(https)?);
         tracing::info!(listen = %listener.local_addr()?, "https listening");
-        tracker.spawn(accept_https(listener, tls, edge.clone(), connections.clone(), draining.clone()));
+        tracker.spawn(accept_https(
+            listener,
+            tls,
+            edge.clone(),
+            connections.clone(),
+            draining.clone(),
+        ));
     }
     if let Some(listener) = listeners.http {
         tracing::info!(listen = %listener.local_addr()?, "http redirect listening");
-        tracker.spawn(crate::redirect::serve(listener, https_port, draining.clone()));
+        tracker.spawn(crate::redirect::serve(
+            listener,
+            https_port,
+            draining.clone(),
+        ));
     }
     for (listener, service) in listeners.tcp {
         tracing::info!(listen = %listener.local_addr()?, %service, "tcp listening");
-        tracker.spawn(crate::tcp::serve(listener, service, tunnels.clone(), draining.clone(), TaskTracker::new()));
+        tracker.spawn(crate::tcp::serve(
+            listener,
+            service,
+            tunnels.clone(),
+            draining.clone(),
+            TaskTracker::new(),
+        ));
     }
     tracing::info!(node = %identity.me.name, id = %identity.key.id(), mesh = %socket.udp_addr()?, "edge ready");
     tokio::select! {
         _ = draining.cancelled() => {}
         _ = shutdown.now.cancelled() => {}
     }
-    tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining connections");
+    tracing::info!(
+        grace_ms = config.shutdown_grace.as_millis() as u64,
+        "draining connections"
+    );
     tracker.close();
     tracker.wait().await;
     connections.close();
@@ -191,7 +215,8 @@ async fn accept_https(
         let edge = edge.clone();
         let stop = stop.clone();
         connections.spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     metrics::counter!("skylane_edge_tls_handshake_failures_total").increment(1);
@@ -207,7 +232,10 @@ async fn accept_https(
                 proxy::handle(edge.clone(), req, client, "https")
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http2().enable_connect_protocol().max_concurrent_streams(1000);
+            builder
+                .http2()
+                .enable_connect_protocol()
+                .max_concurrent_streams(1000);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             tokio::pin!(conn);
             // On drain, finish in-flight requests, refuse new ones, then close.

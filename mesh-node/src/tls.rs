@@ -69,8 +69,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     if chain.is_empty() {
         return Err(pem_error(cert, "no CERTIFICATE block"));
     }
-    let private =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e.to_string()))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e.to_string()))?;
     let provider = rustls::crypto::ring::default_provider();
     let signing = provider
         .key_provider
@@ -140,9 +139,10 @@ pub fn write_dev_pki(dir: &Path, names: &[String]) -> anyhow::Result<DevPki> {
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate()?;
     let mut leaf_params = rcgen::CertificateParams::new(names.to_vec())?;
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
+    leaf_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
     let leaf = leaf_params.signed_by(&leaf_key, &issuer)?;
     let out = DevPki {
         ca_cert: dir.join("ca.pem"),

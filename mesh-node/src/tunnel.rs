@@ -119,7 +119,9 @@ impl TunnelPool {
             .filter_map(|l| {
                 let s = l.state.read().ok()?;
                 let c = s.conn.as_ref()?;
-                c.close_reason().is_none().then(|| (l.member.name.clone(), c.clone()))
+                c.close_reason()
+                    .is_none()
+                    .then(|| (l.member.name.clone(), c.clone()))
             })
             .collect();
         v.sort_by_key(|(_, c)| c.rtt());
@@ -143,7 +145,9 @@ impl TunnelPool {
                         (
                             live.is_some(),
                             live.map(|c| c.rtt().as_secs_f64() * 1000.0),
-                            s.since.filter(|_| live.is_some()).map(|t| t.elapsed().as_secs()),
+                            s.since
+                                .filter(|_| live.is_some())
+                                .map(|t| t.elapsed().as_secs()),
                             s.reconnects,
                             s.last_error.clone(),
                         )
@@ -214,13 +218,14 @@ async fn keep_up(
                 return;
             }
         };
-        let connecting = match endpoint.connect_with(config, virtual_addr(&link.member.id), MESH_SERVER_NAME) {
-            Ok(c) => c,
-            Err(e) => {
-                set_error(&link, e.to_string());
-                continue;
-            }
-        };
+        let connecting =
+            match endpoint.connect_with(config, virtual_addr(&link.member.id), MESH_SERVER_NAME) {
+                Ok(c) => c,
+                Err(e) => {
+                    set_error(&link, e.to_string());
+                    continue;
+                }
+            };
         let conn = tokio::select! {
             _ = stop.cancelled() => return,
             r = tokio::time::timeout(timing.connect_timeout, connecting) => match r {

@@ -181,16 +181,32 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             skylane_shared::resolve::split_host_port(server)
                 .map_err(|e| v.invalid(format!("services.{name}.servers[{i}]"), e.to_string()))?;
         }
-        v.in_range(&key("connect_timeout_ms"), s.connect_timeout_ms, 1..=600_000)?;
-        v.in_range(&key("response_timeout_ms"), s.response_timeout_ms, 1..=3_600_000)?;
+        v.in_range(
+            &key("connect_timeout_ms"),
+            s.connect_timeout_ms,
+            1..=600_000,
+        )?;
+        v.in_range(
+            &key("response_timeout_ms"),
+            s.response_timeout_ms,
+            1..=3_600_000,
+        )?;
         let health = match s.health_check {
             None => None,
             Some(h) => {
                 let hk = |k: &str| format!("services.{name}.health_check.{k}");
                 v.in_range(&hk("interval_ms"), h.interval_ms, 10..=3_600_000)?;
                 v.in_range(&hk("timeout_ms"), h.timeout_ms, 1..=600_000)?;
-                v.in_range(&hk("healthy_threshold"), h.healthy_threshold.into(), 1..=100)?;
-                v.in_range(&hk("unhealthy_threshold"), h.unhealthy_threshold.into(), 1..=100)?;
+                v.in_range(
+                    &hk("healthy_threshold"),
+                    h.healthy_threshold.into(),
+                    1..=100,
+                )?;
+                v.in_range(
+                    &hk("unhealthy_threshold"),
+                    h.unhealthy_threshold.into(),
+                    1..=100,
+                )?;
                 if !h.path.starts_with('/') {
                     return Err(v.invalid(hk("path"), "must start with '/'"));
                 }

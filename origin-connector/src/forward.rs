@@ -55,7 +55,12 @@ pub async fn handle_stream(
     let span = tracing::debug_span!("stream", %peer, service = %header.service, request_id = %header.request_id);
     let _enter = span.enter();
     if ctx.draining.is_cancelled() {
-        refuse(&mut send, RefusalKind::Draining, "connector is draining".into()).await;
+        refuse(
+            &mut send,
+            RefusalKind::Draining,
+            "connector is draining".into(),
+        )
+        .await;
         return;
     }
     let Some(pool) = ctx.services.get(&header.service).cloned() else {
@@ -76,7 +81,10 @@ pub async fn handle_stream(
             refuse(
                 &mut send,
                 RefusalKind::BadHeader,
-                format!("service {:?} does not take this kind of stream", header.service),
+                format!(
+                    "service {:?} does not take this kind of stream",
+                    header.service
+                ),
             )
             .await;
             return;
@@ -110,8 +118,8 @@ fn origin_request(
     let uri: http::Uri = format!("http://{addr}{}", head.path)
         .parse()
         .map_err(|e| format!("bad path {:?}: {e}", head.path))?;
-    let method = http::Method::from_bytes(head.method.as_bytes())
-        .map_err(|e| format!("bad method: {e}"))?;
+    let method =
+        http::Method::from_bytes(head.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
     let mut req = http::Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -231,7 +239,9 @@ async fn relay_response(
                         metrics::counter!("skylane_connector_bytes_total", "direction" => "to_origin").increment(up);
                         metrics::counter!("skylane_connector_bytes_total", "direction" => "from_origin").increment(down);
                     }
-                    Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "upgraded connection ended with an error")
+                    }
                 }
             }
             Err(e) => {
@@ -262,7 +272,12 @@ async fn forward_tcp(
 ) -> Result<(), RefusalKind> {
     let candidates = pool.candidates();
     if candidates.is_empty() {
-        refuse(&mut send, RefusalKind::NoHealthyOrigin, "no healthy origin server".into()).await;
+        refuse(
+            &mut send,
+            RefusalKind::NoHealthyOrigin,
+            "no healthy origin server".into(),
+        )
+        .await;
         return Err(RefusalKind::NoHealthyOrigin);
     }
     for server in candidates {
@@ -274,7 +289,10 @@ async fn forward_tcp(
         match tokio::time::timeout(pool.service.connect_timeout, connect).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
-                if wire::write_frame(&mut send, &Reply::Connected).await.is_err() {
+                if wire::write_frame(&mut send, &Reply::Connected)
+                    .await
+                    .is_err()
+                {
                     return Ok(());
                 }
                 if let Err(e) = splice(recv, send, tcp).await {
@@ -285,6 +303,11 @@ async fn forward_tcp(
             _ => pool.record_failure(&server),
         }
     }
-    refuse(&mut send, RefusalKind::OriginUnreachable, "no origin server accepted the connection".into()).await;
+    refuse(
+        &mut send,
+        RefusalKind::OriginUnreachable,
+        "no origin server accepted the connection".into(),
+    )
+    .await;
     Err(RefusalKind::OriginUnreachable)
 }

@@ -73,14 +73,13 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         )
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the mesh socket on {}: {e}", config.listen))?;
-        let admin = match config.admin {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}"))?,
-            ),
-            None => None,
-        };
+        let admin =
+            match config.admin {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}")
+                })?),
+                None => None,
+            };
         origin_connector::server::serve(config, socket, admin, metrics, shutdown).await
     })
     .map_err(|e: anyhow::Error| {
@@ -95,10 +94,12 @@ fn keygen(out: &std::path::Path, force: bool) -> Result<(), i32> {
         eprintln!("error: {} exists (use --force to overwrite)", out.display());
         return Err(1);
     }
-    let key = NodeKey::generate().and_then(|k| k.save(out).map(|()| k)).map_err(|e| {
-        eprintln!("error: {e}");
-        1
-    })?;
+    let key = NodeKey::generate()
+        .and_then(|k| k.save(out).map(|()| k))
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            1
+        })?;
     println!("{}", key.id());
     Ok(())
 }

@@ -200,7 +200,10 @@ impl ServicePool {
         let attempt = async {
             let addr = server.addr(resolver).await.ok()?;
             match self.service.kind {
-                ServiceKind::Tcp => tokio::net::TcpStream::connect(addr).await.ok().map(|_| true),
+                ServiceKind::Tcp => tokio::net::TcpStream::connect(addr)
+                    .await
+                    .ok()
+                    .map(|_| true),
                 ServiceKind::Http => {
                     let uri: http::Uri = format!("http://{addr}{}", check.path).parse().ok()?;
                     let req = http::Request::get(uri)
@@ -215,7 +218,10 @@ impl ServicePool {
                 }
             }
         };
-        let ok = matches!(tokio::time::timeout(check.timeout, attempt).await, Ok(Some(true)));
+        let ok = matches!(
+            tokio::time::timeout(check.timeout, attempt).await,
+            Ok(Some(true))
+        );
         if !ok {
             server.forget_address();
         }

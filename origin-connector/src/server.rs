@@ -96,7 +96,11 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
-    let endpoint = quic::endpoint(socket.clone(), &identity.key, Some(identity.members.clone()))?;
+    let endpoint = quic::endpoint(
+        socket.clone(),
+        &identity.key,
+        Some(identity.members.clone()),
+    )?;
     let resolver = Resolver::from_system();
     let tracker = TaskTracker::new();
     let stop_checks = CancellationToken::new();
@@ -181,7 +185,12 @@ pub async fn serve(
                         }
                     },
                 };
-                streams.spawn(forward::handle_stream(ctx.clone(), peer.clone(), send, recv));
+                streams.spawn(forward::handle_stream(
+                    ctx.clone(),
+                    peer.clone(),
+                    send,
+                    recv,
+                ));
             }
             if let Ok(mut t) = tunnels.by_id.lock() {
                 t.remove(&id);
@@ -193,7 +202,10 @@ pub async fn serve(
     // streams finish within the grace period, then close the tunnels.
     draining.cancel();
     streams.close();
-    tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
+    tracing::info!(
+        grace_ms = config.shutdown_grace.as_millis() as u64,
+        "draining"
+    );
     tokio::select! {
         _ = streams.wait() => tracing::info!("all streams finished"),
         _ = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("grace period over; closing open streams"),

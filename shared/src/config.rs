@@ -206,15 +206,14 @@ pub fn load_identity(
     role: Role,
 ) -> Result<Identity, ConfigError> {
     let key_path = v.relative(&node.key_file);
-    let key =
-        NodeKey::load(&key_path).map_err(|e| v.invalid("node.key_file", e.to_string()))?;
+    let key = NodeKey::load(&key_path).map_err(|e| v.invalid("node.key_file", e.to_string()))?;
     let mut members = Vec::with_capacity(mesh.members.len());
     for (i, m) in mesh.members.iter().enumerate() {
         let at = |k: &str| format!("mesh.members[{i}].{k}");
         let id: NodeId = match (&m.public_key, &m.public_key_file) {
-            (Some(k), None) => k.parse().map_err(|e: identity::IdentityError| {
-                v.invalid(at("public_key"), e.to_string())
-            })?,
+            (Some(k), None) => k
+                .parse()
+                .map_err(|e: identity::IdentityError| v.invalid(at("public_key"), e.to_string()))?,
             (None, Some(f)) => identity::load_public_key(&v.relative(f))
                 .map_err(|e| v.invalid(at("public_key_file"), e.to_string()))?,
             _ => {
@@ -233,15 +232,12 @@ pub fn load_identity(
         });
     }
     let members = Members::new(members).map_err(|e| v.invalid("mesh.members", e.to_string()))?;
-    let me = members
-        .by_name(&node.name)
-        .cloned()
-        .ok_or_else(|| {
-            v.invalid(
-                "node.name",
-                format!("{:?} is not in [[mesh.members]]", node.name),
-            )
-        })?;
+    let me = members.by_name(&node.name).cloned().ok_or_else(|| {
+        v.invalid(
+            "node.name",
+            format!("{:?} is not in [[mesh.members]]", node.name),
+        )
+    })?;
     if me.id != key.id() {
         return Err(v.invalid(
             "node.key_file",
@@ -256,7 +252,10 @@ pub fn load_identity(
     if me.role != role {
         return Err(v.invalid(
             "mesh.members",
-            format!("{:?} is listed as {} but this binary runs a {role}", node.name, me.role),
+            format!(
+                "{:?} is listed as {} but this binary runs a {role}",
+                node.name, me.role
+            ),
         ));
     }
     Ok(Identity { key, me, members })

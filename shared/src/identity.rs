@@ -16,7 +16,9 @@ use ring::signature::{Ed25519KeyPair, KeyPair as _};
 pub const PUBLIC_KEY_LEN: usize = 32;
 
 /// A node's identity: its Ed25519 public key. Printed as unpadded base64url (43 chars).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeId([u8; PUBLIC_KEY_LEN]);
 
 /// The first 8 bytes of a [`NodeId`]: what mesh frames carry to name a node, and what
@@ -282,7 +284,10 @@ mod tests {
         let path = dir.join("node.key");
         key.save(&path).expect("save");
         assert_eq!(NodeKey::load(&path).expect("load").id(), key.id());
-        assert_eq!(load_public_key(&public_key_path(&path)).expect("pub"), key.id());
+        assert_eq!(
+            load_public_key(&public_key_path(&path)).expect("pub"),
+            key.id()
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -22,7 +22,8 @@ pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or(quinn::VarInt::from_u32(10_000).into()),
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+            .unwrap_or(quinn::VarInt::from_u32(10_000).into()),
     ));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
@@ -60,7 +61,18 @@ pub fn endpoint(
 ) -> Result<quinn::Endpoint, EndpointError> {
     let reset_key = key.derive_secret("skylane quic stateless reset");
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(hmac));
+    // Connection IDs are validated with a keyed hash; a key that survives restarts lets a
+    // restarted node recognise its old IDs and answer them with a stateless reset (a random
+    // key would make it drop them silently and leave peers waiting for the idle timeout).
+    let cid = key.derive_secret("skylane quic connection id");
+    let cid_key = u64::from_be_bytes([
+        cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7],
+    ]);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            as Box<dyn quinn_proto::ConnectionIdGenerator>
+    });
     let server_config = match accept_from {
         Some(members) => {
             let tls = trust::tunnel_server_tls(key, members)?;
@@ -123,8 +135,8 @@ mod tests {
         let server_sock = MeshSocket::bind(local, server_key.id(), members.clone())
             .await
             .expect("bind");
-        let server = endpoint(server_sock.clone(), &server_key, Some(members.clone()))
-            .expect("server");
+        let server =
+            endpoint(server_sock.clone(), &server_key, Some(members.clone())).expect("server");
         let server_udp = server_sock.udp_addr().expect("addr");
 
         let client_sock = MeshSocket::bind(local, client_key.id(), members.clone())
@@ -134,7 +146,12 @@ mod tests {
         let client = endpoint(client_sock, &client_key, None).expect("client");
 
         let accept = tokio::spawn(async move {
-            let conn = server.accept().await.expect("incoming").await.expect("conn");
+            let conn = server
+                .accept()
+                .await
+                .expect("incoming")
+                .await
+                .expect("conn");
             let peer = trust::peer_node_id(&conn);
             let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
             let data = recv.read_to_end(1 << 20).await.expect("read");
@@ -175,6 +192,12 @@ mod tests {
             .expect("connect");
         let result = tokio::time::timeout(Duration::from_secs(2), attempt).await;
         assert!(!matches!(result, Ok(Ok(_))), "a stranger must not connect");
-        assert!(server_sock.counters().non_member.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(
+            server_sock
+                .counters()
+                .non_member
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
     }
 }

@@ -248,7 +248,10 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, &sample()).await.expect("write");
         buf.truncate(buf.len() - 3);
-        assert!(matches!(read_header(&mut &buf[..]).await, Err(WireError::Io(_))));
+        assert!(matches!(
+            read_header(&mut &buf[..]).await,
+            Err(WireError::Io(_))
+        ));
     }
 
     #[tokio::test]

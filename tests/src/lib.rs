@@ -1,1 +1,520 @@
+//! Harness for end-to-end tests: builds the real binaries once, starts them on loopback
+//! with generated keys, certificates and configs, and stops them when dropped.
+//!
+//! Tests use real clients (reqwest over TLS, hyper's HTTP/2 client, tokio-tungstenite),
+//! never in-process shortcuts, so what passes here is what an operator runs.
 
+use std::io::{BufRead as _, BufReader};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use skylane_shared::identity::NodeKey;
+
+/// Directory holding the built binaries (`target/debug`), building them on first use.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // The test executable lives in target/<profile>/deps.
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target directory")
+            .to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--manifest-path"])
+            .arg(&manifest)
+            .args([
+                "--bin",
+                "mesh-node",
+                "--bin",
+                "origin-connector",
+                "--bin",
+                "demo-origin",
+            ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+        dir
+    })
+}
+
+/// Path of one binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A fresh temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `skylane-<tag>-<pid>-<n>` under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("skylane-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free tcp port")
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free udp port")
+}
+
+/// A running child process, killed on drop. Its stderr goes to a log file that is
+/// printed when a test fails (see [`Proc::log`]).
+#[derive(Debug)]
+pub struct Proc {
+    /// Name for messages.
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program args…` with stderr to `<log_dir>/<name>.log`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .env(
+                "RUST_LOG",
+                std::env::var("SKYLANE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Self {
+            name: name.into(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM (graceful drain).
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Kills the process at once and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running demo-origin.
+#[derive(Debug)]
+pub struct Origin {
+    /// The process.
+    pub proc: Proc,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// Starts demo-origin on `listen` (port 0 picks one) and waits for its banner.
+pub fn start_origin(listen: &str, name: &str, dir: &Path) -> anyhow::Result<Origin> {
+    let log = dir.join(format!("origin-{name}.log"));
+    let mut child = Command::new(bin("demo-origin"))
+        .args(["--listen", listen, "--name", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting demo-origin")?;
+    let stdout = child.stdout.take().context("demo-origin stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr: SocketAddr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("unexpected demo-origin banner {line:?}"))?;
+    Ok(Origin {
+        proc: Proc {
+            name: format!("origin-{name}"),
+            child: Some(child),
+            log,
+        },
+        addr,
+    })
+}
+
+/// Options for [`Cluster::start`].
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// How many edges.
+    pub edges: usize,
+    /// Health-check interval for the web service.
+    pub health_interval_ms: u64,
+    /// Origin response timeout.
+    pub response_timeout_ms: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            edges: 1,
+            health_interval_ms: 200,
+            response_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// One running edge.
+#[derive(Debug)]
+pub struct Edge {
+    /// The process.
+    pub proc: Proc,
+    /// HTTPS listener.
+    pub https: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Raw TCP listener mapped to the `echo-tcp` service.
+    pub tcp: SocketAddr,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+/// demo-origin + connector + edges on loopback, with everything they need on disk.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Keys, certificates, configs and logs.
+    pub dir: TempDir,
+    /// The origin.
+    pub origin: Origin,
+    /// The connector process.
+    pub connector: Proc,
+    /// The connector's config file (to restart it).
+    pub connector_config: PathBuf,
+    /// The connector's mesh UDP address.
+    pub connector_udp: SocketAddr,
+    /// The connector's admin listener.
+    pub connector_admin: SocketAddr,
+    /// The edges.
+    pub edges: Vec<Edge>,
+    /// The dev CA that signed the edges' certificate.
+    pub ca_pem: PathBuf,
+    /// A member key the test can use to act as an extra edge (`edge-test`).
+    pub spare_member_key: NodeKey,
+}
+
+fn member_block(name: &str, role: &str, key_file: &str, address: Option<SocketAddr>) -> String {
+    let addr = address
+        .map(|a| format!("address = \"{a}\"\n"))
+        .unwrap_or_default();
+    format!(
+        "[[mesh.members]]\nname = \"{name}\"\nrole = \"{role}\"\npublic_key_file = \"{key_file}\"\n{addr}\n"
+    )
+}
+
+impl Cluster {
+    /// Starts the whole thing and waits until every edge's tunnel is up.
+    pub fn start(opts: ClusterOptions) -> anyhow::Result<Self> {
+        let dir = TempDir::new("cluster");
+        let d = dir.path();
+        let origin = start_origin("127.0.0.1:0", "origin-1", d)?;
+        let status = Command::new(bin("mesh-node"))
+            .args(["dev-cert", "--out-dir"])
+            .arg(d.join("certs"))
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("mesh-node dev-cert failed");
+        }
+        let mut names = vec!["connector".to_string(), "edge-test".to_string()];
+        names.extend((0..opts.edges).map(|i| format!("edge-{i}")));
+        let mut spare = None;
+        for n in &names {
+            let key = NodeKey::generate()?;
+            key.save(&d.join(format!("keys/{n}.key")))?;
+            if n == "edge-test" {
+                spare = Some(key);
+            }
+        }
+        let connector_udp = free_udp();
+        let connector_admin = free_tcp();
+        let mut members = member_block(
+            "connector",
+            "connector",
+            "keys/connector.key.pub",
+            Some(connector_udp),
+        );
+        for n in names.iter().skip(1) {
+            members.push_str(&member_block(n, "edge", &format!("keys/{n}.key.pub"), None));
+        }
+        let connector_config = d.join("connector.toml");
+        std::fs::write(
+            &connector_config,
+            format!(
+                "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n\n\
+                 {members}[admin]\nlisten = \"{connector_admin}\"\n\n\
+                 [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n\n\
+                 [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
+                 [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n",
+                origin = origin.addr,
+                rt = opts.response_timeout_ms,
+                hi = opts.health_interval_ms,
+            ),
+        )?;
+        let connector = Proc::spawn(
+            "connector",
+            &bin("origin-connector"),
+            &["--config", path_str(&connector_config)?],
+            d,
+        )?;
+        let mut edges = Vec::new();
+        for i in 0..opts.edges {
+            let (udp, https, admin, tcp) = (free_udp(), free_tcp(), free_tcp(), free_tcp());
+            let config = d.join(format!("edge-{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "shutdown_grace_ms = 2000\n\n[node]\nname = \"edge-{i}\"\nkey_file = \"keys/edge-{i}.key\"\nlisten = \"{udp}\"\n\n\
+                     {members}[https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\nserver_names = [\"localhost\"]\n\n\
+                     [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
+                     [[routes]]\nhost = \"*\"\npath_prefix = \"/unknown-service\"\nservice = \"no-such-service\"\n\n\
+                     [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
+                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n"
+                ),
+            )?;
+            let proc = Proc::spawn(
+                &format!("edge-{i}"),
+                &bin("mesh-node"),
+                &["--config", path_str(&config)?],
+                d,
+            )?;
+            edges.push(Edge {
+                proc,
+                https,
+                admin,
+                tcp,
+                config,
+            });
+        }
+        let cluster = Self {
+            ca_pem: d.join("certs/ca.pem"),
+            dir,
+            origin,
+            connector,
+            connector_config,
+            connector_udp,
+            connector_admin,
+            edges,
+            spare_member_key: spare.context("spare key")?,
+        };
+        for e in &cluster.edges {
+            wait_ready(e.admin, Duration::from_secs(15)).with_context(|| {
+                format!(
+                    "edge never became ready; log:\n{}\nconnector log:\n{}",
+                    e.proc.log(),
+                    cluster.connector.log()
+                )
+            })?;
+        }
+        Ok(cluster)
+    }
+
+    /// Restarts the connector with the same config (same key and port).
+    pub fn restart_connector(&mut self) -> anyhow::Result<()> {
+        self.connector.kill();
+        self.connector = Proc::spawn(
+            "connector",
+            &bin("origin-connector"),
+            &["--config", path_str(&self.connector_config)?],
+            self.dir.path(),
+        )?;
+        Ok(())
+    }
+
+    /// An HTTPS client that trusts the dev CA and sends `localhost` to edge `i`.
+    pub fn client(&self, i: usize) -> anyhow::Result<reqwest::Client> {
+        https_client(&self.ca_pem, self.edges[i].https)
+    }
+
+    /// `https://localhost:PORT` of edge `i`.
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.edges[i].https.port())
+    }
+
+    /// Logs of every process, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- connector ---\n{}\n", self.connector.log());
+        for e in &self.edges {
+            s.push_str(&format!("--- {} ---\n{}\n", e.proc.name, e.proc.log()));
+        }
+        s
+    }
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+/// An HTTPS client trusting `ca_pem`, with `localhost` pinned to `addr`.
+pub fn https_client(ca_pem: &Path, addr: SocketAddr) -> anyhow::Result<reqwest::Client> {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca_pem)?)?;
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(ca)
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(120))
+        .build()?)
+}
+
+/// A rustls client config trusting `ca_pem`, with the given ALPN protocols.
+pub fn tls_config(ca_pem: &Path, alpn: &[&[u8]]) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Polls `http://admin/readyz` until it answers 200.
+pub fn wait_ready(admin: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if http_get_status(admin, "/readyz") == Some(200) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{admin}/readyz not ready after {timeout:?}")
+}
+
+/// A tiny blocking HTTP/1.0 GET for admin endpoints; returns the status code.
+pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let text = http_get(addr, path)?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A tiny blocking HTTP/1.0 GET returning the whole response text.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// The value of an unlabelled Prometheus counter or gauge (sum over label sets whose
+/// text contains `label_filter`).
+pub fn metric(admin: SocketAddr, name: &str, label_filter: &str) -> f64 {
+    let Some(text) = http_get(admin, "/metrics") else {
+        return 0.0;
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter(|l| l.contains(label_filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The demo-origin byte pattern: byte `i` is `(i * 31 + 7) % 251`.
+pub fn pattern_sha256(len: u64) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let period: Vec<u8> = (0u64..251).map(|i| ((i * 31 + 7) % 251) as u8).collect();
+    let mut left = len;
+    let mut offset = 0usize;
+    while left > 0 {
+        let take = (251 - offset).min(left as usize);
+        h.update(&period[offset..offset + take]);
+        left -= take as u64;
+        offset = (offset + take) % 251;
+    }
+    hex::encode(h.finalize())
+}

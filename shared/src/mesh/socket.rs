@@ -242,7 +242,10 @@ impl MeshSocket {
             Frame::Quic { payload, .. } => {
                 self.learn_source(src, from);
                 self.counters.quic_received.fetch_add(1, Ordering::Relaxed);
-                Some((buf.len() - payload.len()..buf.len(), virtual_addr(&member_id)))
+                Some((
+                    buf.len() - payload.len()..buf.len(),
+                    virtual_addr(&member_id),
+                ))
             }
             Frame::Ping { seq, sent_us, .. } => {
                 let pong = frame::encode_probe(frame::KIND_PONG, self.local.short(), seq, sent_us);

@@ -106,7 +106,7 @@ async fn run(listen: SocketAddr, config: OriginConfig) -> anyhow::Result<()> {
             .and_then(|()| stdout.flush())
             .context("cannot write the listening line to stdout")?;
     }
-    info!(%addr, name = %args_name(&config), "demo-origin started");
+    info!(%addr, name = config.name(), "demo-origin started");
 
     let shutdown = CancellationToken::new();
     let mut server = tokio::spawn(demo_origin::serve(listener, config, shutdown.clone()));
@@ -129,10 +129,6 @@ async fn run(listen: SocketAddr, config: OriginConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn args_name(config: &OriginConfig) -> &str {
-    config.name()
 }
 
 #[cfg(unix)]

@@ -200,7 +200,11 @@ async fn serve_connection(
 
 /// Route one request and stamp the origin name on the answer.
 async fn respond(req: Request<Incoming>, state: &State) -> Response<ResBody> {
-    let (method, path, version) = (req.method().clone(), req.uri().path().to_owned(), req.version());
+    let (method, path, version) = (
+        req.method().clone(),
+        req.uri().path().to_owned(),
+        req.version(),
+    );
     let mut res = route(req, state).await;
     res.headers_mut()
         .insert(ORIGIN_NAME_HEADER, state.config.name_header.clone());
@@ -229,6 +233,7 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<ResBody> {
         "/health" => health(state).await,
         "/sse" => sse(),
         "/api/time" => api_time(state),
+        "/headers" => request_headers(&req),
         _ => {
             if let Some(n) = path.strip_prefix("/bytes/") {
                 bytes(n)
@@ -311,7 +316,10 @@ async fn health(state: &State) -> Response<ResBody> {
 
 fn bytes(n: &str) -> Response<ResBody> {
     let Ok(len) = n.parse::<u64>() else {
-        return text(StatusCode::BAD_REQUEST, "expected /bytes/N with N a byte count\n");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected /bytes/N with N a byte count\n",
+        );
     };
     let body = PatternBody::new(len)
         .map_err(|never| match never {})
@@ -405,6 +413,28 @@ fn api_time(state: &State) -> Response<ResBody> {
     res
 }
 
+/// The request's header fields as a JSON object (repeated fields joined with ", "), so
+/// tests can see what a proxy in front of the origin forwarded.
+fn request_headers(req: &Request<Incoming>) -> Response<ResBody> {
+    let mut seen = serde_json::Map::new();
+    for (name, value) in req.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let joined = match seen.get(name.as_str()).and_then(|v| v.as_str()) {
+            Some(prev) => format!("{prev}, {value}"),
+            None => value,
+        };
+        seen.insert(name.as_str().to_owned(), serde_json::Value::String(joined));
+    }
+    let mut res = Response::new(full(serde_json::Value::Object(seen).to_string()));
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
 fn upgrade_websocket(mut req: Request<Incoming>, state: &State) -> Response<ResBody> {
     let handshake = match websocket::check_handshake(&req) {
         Ok(handshake) => handshake,
@@ -414,8 +444,7 @@ fn upgrade_websocket(mut req: Request<Incoming>, state: &State) -> Response<ResB
                 HandshakeError::UnsupportedVersion => StatusCode::UPGRADE_REQUIRED,
                 _ => StatusCode::BAD_REQUEST,
             };
-            let mut res = Response::new(full(format!("{}\n", e.message())));
-            *res.status_mut() = status;
+            let mut res = text(status, e.message());
             res.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,
                 HeaderValue::from_static("13"),
@@ -425,7 +454,8 @@ fn upgrade_websocket(mut req: Request<Incoming>, state: &State) -> Response<ResB
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     state.tracker.spawn(
-        websocket::serve_upgraded(on_upgrade, state.shutdown.clone()).instrument(tracing::Span::current()),
+        websocket::serve_upgraded(on_upgrade, state.shutdown.clone())
+            .instrument(tracing::Span::current()),
     );
     let mut res = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
     match handshake {

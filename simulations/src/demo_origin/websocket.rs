@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, Request, Version, header};
 use hyper::upgrade::Upgraded;
@@ -187,23 +189,16 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 async fn echo(mut ws: Ws, shutdown: CancellationToken) -> Result<(), tungstenite::Error> {
     // Set once we have sent a close frame; from then on we only wait for the reply.
-    let mut closing = false;
+    let mut close_deadline: Option<Instant> = None;
     loop {
         let next = tokio::select! {
-            next = ws.next(), if !closing => next,
-            next = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, ws.next()), if closing => match next {
-                Ok(next) => next,
-                Err(_) => {
-                    debug!("peer did not answer our close frame");
-                    return Ok(());
-                }
-            },
-            () = shutdown.cancelled(), if !closing => {
-                closing = true;
+            next = next_message(&mut ws, close_deadline) => next,
+            () = shutdown.cancelled(), if close_deadline.is_none() => {
                 let frame = CloseFrame {
                     code: CloseCode::Away,
                     reason: "server shutting down".into(),
                 };
+                close_deadline = Some(Instant::now() + CLOSE_REPLY_TIMEOUT);
                 ws.close(Some(frame)).await?;
                 continue;
             }
@@ -213,7 +208,7 @@ async fn echo(mut ws: Ws, shutdown: CancellationToken) -> Result<(), tungstenite
             Some(Err(e)) => return Err(e),
             Some(Ok(msg)) => msg,
         };
-        if closing {
+        if close_deadline.is_some() {
             // Data arriving after our close frame is dropped, as RFC 6455 allows.
             continue;
         }
@@ -221,7 +216,7 @@ async fn echo(mut ws: Ws, shutdown: CancellationToken) -> Result<(), tungstenite
             Message::Text(text) => match parse_close_command(&text) {
                 Some(frame) => {
                     debug!(code = u16::from(frame.code), "closing on request");
-                    closing = true;
+                    close_deadline = Some(Instant::now() + CLOSE_REPLY_TIMEOUT);
                     ws.close(Some(frame)).await?;
                 }
                 None => {
@@ -236,6 +231,24 @@ async fn echo(mut ws: Ws, shutdown: CancellationToken) -> Result<(), tungstenite
             // out on the next read, and after a close the stream ends.
             Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
         }
+    }
+}
+
+/// The next message, or `None` once the stream ends or, after we sent a close
+/// frame, when the peer has not answered by `close_deadline`.
+async fn next_message(
+    ws: &mut Ws,
+    close_deadline: Option<Instant>,
+) -> Option<Result<Message, tungstenite::Error>> {
+    match close_deadline {
+        None => ws.next().await,
+        Some(deadline) => match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                debug!("peer did not answer our close frame");
+                None
+            }
+        },
     }
 }
 

@@ -1,0 +1,455 @@
+#!/usr/bin/env bash
+# Skylane whole-path benchmark (issue 2): HTTPS request rate and latency, websocket echo
+# round trips and 1 GB download throughput for
+#   (a) demo-origin directly (plain HTTP, no TLS),
+#   (b) nginx terminating TLS in front of demo-origin (keep-alive upstream),
+#   (c) mesh-node edge -> QUIC tunnel over the mesh socket -> origin-connector -> demo-origin,
+# all measured in the same run on this machine, plus the "half load" comparison: (b) and (c)
+# at a fixed request rate equal to half of (b)'s measured maximum.
+#
+#   benchmarks/run.sh                          build release binaries, then measure
+#   SKYLANE_BIN_DIR=/path/to/release benchmarks/run.sh   use prebuilt binaries
+#   PROFILE=1 benchmarks/run.sh                also perf-record edge + connector under load
+#   PROFILE=only benchmarks/run.sh             only the profile (no measurements, no report);
+#                                              perf.data files are kept in the results dir
+#
+# Other knobs (defaults in brackets): BENCH_DURATION [10] seconds per wrk run,
+# BENCH_CONNECTIONS [32], BENCH_ROUNDS [3] interleaved a/b/c rounds (the median is
+# reported), BENCH_PATH [/api/time], WS_COUNT [2000], BULK_BYTES [1073741824],
+# BENCH_PORT_BASE [28080] (seven consecutive ports from here, TCP and UDP, on 127.0.0.1),
+# BENCH_HALF_CONNECTIONS [2 x BENCH_CONNECTIONS] for the fixed-rate run, BENCH_KEEP_LOGS [0]
+# (1 keeps h2load's per-request logs, several MB each), BENCH_SKYLANE_WORKER_THREADS [unset:
+# tokio's default, one per core] for the edge and connector runtimes,
+# BENCH_OUT [benchmarks/results/<UTC timestamp>].
+#
+# Everything listens on 127.0.0.1 only and sends traffic to loopback only. Every load step
+# is bounded in time (wrk -d, h2load -D, curl --max-time, `timeout`). Every process this
+# script starts is stopped on exit, however it exits.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+
+DURATION="${BENCH_DURATION:-10}"
+CONNS="${BENCH_CONNECTIONS:-32}"
+# Open-loop half load over HTTP/1.1 needs spare connections: a connection waiting for a
+# slow response cannot send its next scheduled request.
+HALF_CONNS="${BENCH_HALF_CONNECTIONS:-$((CONNS * 2))}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+REQ_PATH="${BENCH_PATH:-/api/time}"
+WS_COUNT="${WS_COUNT:-2000}"
+BULK_BYTES="${BULK_BYTES:-1073741824}"
+BASE="${BENCH_PORT_BASE:-28080}"
+PROFILE="${PROFILE:-0}"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+out="${BENCH_OUT:-$here/results/$stamp}"
+
+P_ORIGIN=$BASE            # demo-origin, plain HTTP
+P_NGINX=$((BASE + 1))     # nginx, HTTPS
+P_EDGE=$((BASE + 2))      # mesh-node edge, HTTPS
+P_EDGE_ADMIN=$((BASE + 3))
+P_CONN_ADMIN=$((BASE + 4))
+P_CONN_MESH=$((BASE + 5)) # UDP
+P_EDGE_MESH=$((BASE + 6)) # UDP
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes and cleanup
+pids=()
+run_dir="$(mktemp -d /tmp/skylane-bench.XXXXXX)"
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  # Give them a moment to drain, then make sure.
+  for _ in $(seq 1 50); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [[ $alive == 0 ]] && break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [[ -d "$run_dir" && -d "$out" ]]; then
+    mkdir -p "$out/logs"
+    cp "$run_dir"/*.log "$out/logs/" 2>/dev/null || true
+  fi
+  rm -rf "$run_dir"
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- tools
+need_apt=()
+command -v nginx >/dev/null || need_apt+=(nginx)
+command -v wrk >/dev/null || need_apt+=(wrk)
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v python3 >/dev/null || need_apt+=(python3)
+if [[ "$PROFILE" != 0 ]] && ! command -v perf >/dev/null; then need_apt+=(linux-perf); fi
+if ((${#need_apt[@]})); then
+  log "installing ${need_apt[*]} with apt-get"
+  apt-get update -qq
+  # policy-rc.d keeps the nginx package from starting a system-wide nginx on port 80.
+  prc=/usr/sbin/policy-rc.d; made_prc=0
+  if [[ ! -e $prc ]]; then printf '#!/bin/sh\nexit 101\n' >"$prc"; chmod +x "$prc"; made_prc=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  [[ $made_prc == 1 ]] && rm -f "$prc"
+fi
+
+# ---------------------------------------------------------------- binaries
+if [[ -n "${SKYLANE_BIN_DIR:-}" ]]; then
+  bin="$SKYLANE_BIN_DIR"
+  log "using prebuilt binaries in $bin"
+else
+  log "building release binaries"
+  (cd "$root" && cargo build --release --bin mesh-node --bin origin-connector --bin demo-origin)
+  bin="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
+for b in mesh-node origin-connector demo-origin; do
+  [[ -x "$bin/$b" ]] || die "$bin/$b not found (set SKYLANE_BIN_DIR or fix the build)"
+done
+
+# ---------------------------------------------------------------- ports
+for p in $P_ORIGIN $P_NGINX $P_EDGE $P_EDGE_ADMIN $P_CONN_ADMIN; do
+  ss -Hltn "sport = :$p" | grep -q . && die "TCP port $p is in use; set BENCH_PORT_BASE"
+done
+for p in $P_CONN_MESH $P_EDGE_MESH; do
+  ss -Hlun "sport = :$p" | grep -q . && die "UDP port $p is in use; set BENCH_PORT_BASE"
+done
+
+mkdir -p "$out/raw"
+log "results go to $out"
+
+# ---------------------------------------------------------------- machine
+{
+  echo "{"
+  echo "  \"date_utc\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
+  echo "  \"nproc\": $(nproc),"
+  echo "  \"cpu_model\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')\","
+  echo "  \"kernel\": \"$(uname -sr)\","
+  echo "  \"mem_total\": \"$(grep MemTotal /proc/meminfo | awk '{print $2 " " $3}')\","
+  echo "  \"loadavg_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\","
+  echo "  \"rustc\": \"$(rustc --version 2>/dev/null || echo unknown)\","
+  echo "  \"git_commit\": \"$(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$root" && git diff --quiet HEAD -- 2>/dev/null || echo '+dirty')\","
+  echo "  \"nginx\": \"$(nginx -v 2>&1 | sed 's/.*: //')\","
+  echo "  \"wrk\": \"$(wrk -v 2>&1 | head -1 | awk '{print $2}')\","
+  echo "  \"h2load\": \"$(h2load --version 2>&1 | head -1 | awk '{print $2}')\","
+  echo "  \"skylane_worker_threads\": \"${BENCH_SKYLANE_WORKER_THREADS:-default}\","
+  echo "  \"bin_dir\": \"$bin\""
+  echo "}"
+} >"$out/raw/machine.json"
+
+# ---------------------------------------------------------------- keys, certs, configs
+"$bin/mesh-node" keygen --out "$run_dir/conn.key" >/dev/null
+"$bin/mesh-node" keygen --out "$run_dir/edge.key" >/dev/null
+"$bin/mesh-node" dev-cert --out-dir "$run_dir/certs" >/dev/null
+
+members() {
+  cat <<EOF
+[[mesh.members]]
+name = "bench-connector"
+role = "connector"
+public_key_file = "conn.key.pub"
+address = "127.0.0.1:$P_CONN_MESH"
+region = "Frankfurt"
+
+[[mesh.members]]
+name = "bench-edge"
+role = "edge"
+public_key_file = "edge.key.pub"
+region = "Frankfurt"
+EOF
+}
+
+cat >"$run_dir/connector.toml" <<EOF
+shutdown_grace_ms = 1000
+
+[node]
+name = "bench-connector"
+region = "Frankfurt"
+key_file = "conn.key"
+listen = "127.0.0.1:$P_CONN_MESH"
+
+$(members)
+
+[admin]
+listen = "127.0.0.1:$P_CONN_ADMIN"
+
+[log]
+format = "text"
+level = "warn"
+
+[services.web]
+kind = "http"
+servers = ["127.0.0.1:$P_ORIGIN"]
+connect_timeout_ms = 2000
+response_timeout_ms = 30000
+
+[services.web.health_check]
+path = "/health"
+interval_ms = 1000
+timeout_ms = 500
+healthy_threshold = 1
+unhealthy_threshold = 3
+EOF
+
+cat >"$run_dir/edge.toml" <<EOF
+shutdown_grace_ms = 1000
+
+[node]
+name = "bench-edge"
+region = "Frankfurt"
+key_file = "edge.key"
+listen = "127.0.0.1:$P_EDGE_MESH"
+
+$(members)
+
+[https]
+listen = "127.0.0.1:$P_EDGE"
+
+[[https.certificates]]
+cert_file = "certs/edge.pem"
+key_file = "certs/edge.key"
+server_names = ["localhost"]
+
+[[routes]]
+host = "*"
+path_prefix = "/"
+service = "web"
+
+[admin]
+listen = "127.0.0.1:$P_EDGE_ADMIN"
+
+[log]
+format = "text"
+level = "warn"
+EOF
+
+mkdir -p "$run_dir/nginx-tmp"
+cat >"$run_dir/nginx.conf" <<EOF
+# nginx as the TLS-terminating reverse proxy baseline: same certificate as the edge,
+# HTTP/2 on, keep-alive upstream, websocket upgrade headers, no temp files.
+user root;
+worker_processes auto;
+daemon off;
+pid $run_dir/nginx.pid;
+error_log $run_dir/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $run_dir/nginx-tmp/body;
+  proxy_temp_path $run_dir/nginx-tmp/proxy;
+  fastcgi_temp_path $run_dir/nginx-tmp/fastcgi;
+  uwsgi_temp_path $run_dir/nginx-tmp/uwsgi;
+  scgi_temp_path $run_dir/nginx-tmp/scgi;
+  upstream origin {
+    server 127.0.0.1:$P_ORIGIN;
+    keepalive 64;
+  }
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+  server {
+    listen 127.0.0.1:$P_NGINX ssl http2;
+    ssl_certificate $run_dir/certs/edge.pem;
+    ssl_certificate_key $run_dir/certs/edge.key;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Host \$host;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_max_temp_file_size 0;
+      proxy_read_timeout 120s;
+    }
+  }
+}
+EOF
+
+# ---------------------------------------------------------------- start
+wait_for() { # url [curl flags...]: poll up to 10 s
+  local url=$1; shift
+  for _ in $(seq 1 100); do
+    curl -fsS --max-time 1 "$@" -o /dev/null "$url" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+log "starting demo-origin, nginx, origin-connector, mesh-node"
+"$bin/demo-origin" --listen "127.0.0.1:$P_ORIGIN" --name bench >"$run_dir/demo-origin.log" 2>&1 &
+pids+=($!); PID_ORIGIN=$!
+wait_for "http://127.0.0.1:$P_ORIGIN/health" || die "demo-origin did not start"
+
+nginx -p "$run_dir" -c "$run_dir/nginx.conf" >"$run_dir/nginx.log" 2>&1 &
+pids+=($!); PID_NGINX=$!
+wait_for "https://127.0.0.1:$P_NGINX/health" -k || die "nginx did not start (see $run_dir/nginx-error.log)"
+
+# BENCH_SKYLANE_WORKER_THREADS sets tokio's worker count (TOKIO_WORKER_THREADS, which
+# tokio's default runtime builder reads) for the edge and the connector only.
+skylane_env=()
+if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then skylane_env=(TOKIO_WORKER_THREADS="$BENCH_SKYLANE_WORKER_THREADS"); fi
+(cd "$run_dir" && exec env "${skylane_env[@]}" "$bin/origin-connector" --config connector.toml) >"$run_dir/connector.log" 2>&1 &
+pids+=($!); PID_CONN=$!
+(cd "$run_dir" && exec env "${skylane_env[@]}" "$bin/mesh-node" --config edge.toml) >"$run_dir/edge.log" 2>&1 &
+pids+=($!); PID_EDGE=$!
+wait_for "http://127.0.0.1:$P_EDGE_ADMIN/readyz" || die "edge tunnel not ready (see logs)"
+wait_for "https://127.0.0.1:$P_EDGE/health" -k || die "no answer through the tunnel"
+
+# CPU seconds (user+sys) used so far by a process and its children (nginx workers).
+cpu_of() {
+  local files=() p
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
+    [[ -r /proc/$p/stat ]] && files+=("/proc/$p/stat")
+  done
+  ((${#files[@]})) || { echo 0; return; }
+  # Fields 14 and 15 are utime and stime; the command name (field 2) has no spaces here.
+  awk -v hz="$(getconf CLK_TCK)" '{t += $14 + $15} END {printf "%.3f", t / hz}' "${files[@]}" 2>/dev/null || echo 0
+}
+cpu_snapshot() { # -> "origin nginx connector edge"
+  echo "$(cpu_of $PID_ORIGIN) $(cpu_of $PID_NGINX) $(cpu_of $PID_CONN) $(cpu_of $PID_EDGE)"
+}
+cpu_json() { # before after -> json object of deltas
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+b = [float(x) for x in sys.argv[1].split()]; a = [float(x) for x in sys.argv[2].split()]
+names = ["origin", "nginx", "connector", "edge"]
+print(json.dumps({n: round(y - x, 3) for n, x, y in zip(names, b, a)}))
+PY
+}
+
+# QUIC datagrams the edge's mesh socket sent and received so far: "sent received".
+edge_frames() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$P_EDGE_ADMIN/status" 2>/dev/null |
+    python3 -c 'import json,sys; f=json.load(sys.stdin)["frames"]; print(f["quic_sent"], f["quic_received"])' 2>/dev/null ||
+    echo "0 0"
+}
+frames_json() { # before after -> {"sent": n, "received": n}
+  python3 -c 'import json,sys; b=sys.argv[1].split(); a=sys.argv[2].split(); print(json.dumps({"sent": int(a[0])-int(b[0]), "received": int(a[1])-int(b[1])}))' "$1" "$2"
+}
+
+declare -A URL=(
+  [a]="http://127.0.0.1:$P_ORIGIN"
+  [b]="https://127.0.0.1:$P_NGINX"
+  [c]="https://127.0.0.1:$P_EDGE"
+)
+declare -A WSURL=(
+  [a]="ws://127.0.0.1:$P_ORIGIN/ws"
+  [b]="wss://127.0.0.1:$P_NGINX/ws"
+  [c]="wss://127.0.0.1:$P_EDGE/ws"
+)
+
+if [[ "$PROFILE" != only ]]; then
+# ---------------------------------------------------------------- 1. max request rate
+log "warm-up"
+for t in a b c; do
+  timeout 30 wrk -t1 -c"$CONNS" -d2s "${URL[$t]}$REQ_PATH" >/dev/null
+done
+
+for r in $(seq 1 "$ROUNDS"); do
+  for t in a b c; do
+    log "wrk round $r target $t: -t1 -c$CONNS -d${DURATION}s ${URL[$t]}$REQ_PATH"
+    before=$(cpu_snapshot); fb=$(edge_frames)
+    timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
+      -s "$here/wrk_json.lua" "${URL[$t]}$REQ_PATH" >"$out/raw/wrk-$t-$r.txt"
+    after=$(cpu_snapshot); fa=$(edge_frames)
+    json=$(grep '^JSON ' "$out/raw/wrk-$t-$r.txt" | sed 's/^JSON //')
+    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["cpu_s"]=json.loads(sys.argv[2]); d["edge_datagrams"]=json.loads(sys.argv[3]); print(json.dumps(d))' \
+      "$json" "$(cpu_json "$before" "$after")" "$(frames_json "$fb" "$fa")" >"$out/raw/wrk-$t-$r.json"
+  done
+done
+
+# ---------------------------------------------------------------- 2. websocket echo RTT
+for t in a b c; do
+  log "websocket echo $t: $WS_COUNT sequential messages"
+  timeout 120 python3 "$here/ws_rtt.py" "${WSURL[$t]}" --count "$WS_COUNT" --insecure \
+    --max-seconds 90 >"$out/raw/ws-$t.json"
+done
+
+# ---------------------------------------------------------------- 3. half load
+median_rps() { # target -> median wrk req/s over the rounds
+  python3 - "$out/raw" "$ROUNDS" "$1" <<'PY'
+import json, statistics, sys
+d, n, t = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print(statistics.median(json.load(open(f"{d}/wrk-{t}-{r}.json"))["rps"] for r in range(1, n + 1)))
+PY
+}
+b_max=$(median_rps b)
+c_max=$(median_rps c)
+# The issue's comparison: half of (b)'s maximum. A diagnostic second rate: half of (c)'s own
+# maximum, to see the added latency when the tunnel is not near saturation.
+half=$(python3 -c "print(int(float('$b_max') / 2))")
+half_c=$(python3 -c "print(int(float('$c_max') / 2))")
+echo "$half" >"$out/raw/half-rate.txt"
+echo "$half_c" >"$out/raw/halfc-rate.txt"
+for spec in "half:$half" "halfc:$half_c"; do
+  name=${spec%%:*}; rate=${spec#*:}
+  per_client=$(python3 -c "print(round($rate / $HALF_CONNS, 2))")
+  for r in 1 2; do
+    # (a) at the same rate shows the floor of the instrument itself: h2load and the origin
+    # sharing the two cores, without any proxy.
+    for t in a b c; do
+      log "$name round $r target $t: $rate req/s ($HALF_CONNS connections x $per_client req/s), HTTP/1.1"
+      before=$(cpu_snapshot)
+      timeout $((DURATION + 40)) h2load --h1 -t1 -c"$HALF_CONNS" --rps="$per_client" \
+        --warm-up-time=2 -D "$DURATION" --log-file="$out/raw/$name-$t-$r.log" \
+        "${URL[$t]}$REQ_PATH" >"$out/raw/$name-$t-$r.txt" 2>&1
+      after=$(cpu_snapshot)
+      cpu_json "$before" "$after" >"$out/raw/$name-$t-$r.cpu.json"
+    done
+  done
+done
+
+# ---------------------------------------------------------------- 4. bulk download
+for t in a b c; do
+  log "bulk download $BULK_BYTES bytes via $t"
+  before=$(cpu_snapshot); fb=$(edge_frames)
+  curl -ksS --http1.1 --max-time 300 -o /dev/null \
+    -w '{"bytes": %{size_download}, "seconds": %{time_total}, "bytes_per_s": %{speed_download}, "status": %{http_code}}\n' \
+    "${URL[$t]}/bytes/$BULK_BYTES" >"$out/raw/bulk-$t.json" || echo '{"error": "curl failed"}' >"$out/raw/bulk-$t.json"
+  after=$(cpu_snapshot); fa=$(edge_frames)
+  cpu_json "$before" "$after" >"$out/raw/bulk-$t.cpu.json"
+  frames_json "$fb" "$fa" >"$out/raw/bulk-$t.frames.json"
+done
+
+fi # measurements
+
+# ---------------------------------------------------------------- 5. optional profile
+if [[ "$PROFILE" == 1 || "$PROFILE" == only ]]; then
+  if [[ "$PROFILE" == only ]]; then timeout 30 wrk -t1 -c"$CONNS" -d3s "${URL[c]}$REQ_PATH" >/dev/null; fi
+  log "profiling edge and connector under wrk load (perf record, cpu-clock)"
+  for who in edge connector; do
+    pid=$PID_EDGE; [[ $who == connector ]] && pid=$PID_CONN
+    timeout 60 perf record -q -F 499 -e cpu-clock --call-graph dwarf,8192 -p "$pid" \
+      -o "$run_dir/perf-$who.data" -- sleep "$DURATION" 2>/dev/null &
+    perf_pid=$!
+    sleep 0.5
+    timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"$((DURATION - 1))s" "${URL[c]}$REQ_PATH" >/dev/null
+    wait "$perf_pid" || true
+    perf report -i "$run_dir/perf-$who.data" --no-children --sort dso,symbol --stdio \
+      --percent-limit 0.7 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-$who-self.txt" || true
+    perf report -i "$run_dir/perf-$who.data" --children --sort symbol --stdio \
+      --percent-limit 3 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-$who-children.txt" || true
+    perf script -i "$run_dir/perf-$who.data" -F comm,tid,period,ip,sym,dso 2>/dev/null |
+      python3 "$here/perf_summary.py" >"$out/profile-$who-summary.txt" || true
+    if [[ "$PROFILE" == only ]]; then cp "$run_dir/perf-$who.data" "$out/"; fi
+  done
+fi
+
+if [[ "$PROFILE" == only ]]; then log "profile written to $out"; exit 0; fi
+echo "{\"loadavg_after\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}" >"$out/raw/after.json"
+
+# ---------------------------------------------------------------- report
+cmdline="benchmarks/run.sh"
+if [[ -n "${SKYLANE_BIN_DIR:-}" ]]; then cmdline="SKYLANE_BIN_DIR=$SKYLANE_BIN_DIR $cmdline"; fi
+if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then cmdline="BENCH_SKYLANE_WORKER_THREADS=$BENCH_SKYLANE_WORKER_THREADS $cmdline"; fi
+if [[ "$PROFILE" == 1 ]]; then cmdline="PROFILE=1 $cmdline"; fi
+python3 "$here/report.py" "$out" --command "$cmdline" \
+  --conns "$CONNS" --half-conns "$HALF_CONNS" --duration "$DURATION" --path "$REQ_PATH" --bulk-bytes "$BULK_BYTES"
+# The per-request h2load logs are large; results.json keeps their percentiles.
+if [[ "${BENCH_KEEP_LOGS:-0}" != 1 ]]; then rm -f "$out"/raw/half-*.log "$out"/raw/halfc-*.log; fi
+log "done: $out/results.md"
+cat "$out/results.md"

@@ -1,0 +1,365 @@
+//! The data path end to end: real edge, connector and origin processes on loopback,
+//! real clients over TLS.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use sha2::Digest as _;
+use skylane_tests::{Cluster, ClusterOptions, metric, pattern_sha256};
+
+const MB: u64 = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabyte_bodies_stream_both_ways() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+
+    // Download: hash as it arrives, never holding the body.
+    let len = 50 * MB;
+    let resp = client
+        .get(c.url(0, &format!("/bytes/{len}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200, "{}", c.logs());
+    let mut stream = resp.bytes_stream();
+    let mut h = sha2::Sha256::new();
+    let mut got = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        got += chunk.len() as u64;
+        h.update(&chunk);
+    }
+    assert_eq!(got, len);
+    assert_eq!(hex::encode(h.finalize()), pattern_sha256(len));
+
+    // Upload and echo: the request body is produced in chunks as it is sent.
+    let chunk_len = 256 * 1024;
+    let chunks = (50 * MB) as usize / chunk_len;
+    let mut sent_hash = sha2::Sha256::new();
+    let mut bodies = Vec::with_capacity(chunks);
+    for i in 0..chunks {
+        let chunk: Vec<u8> = (0..chunk_len)
+            .map(|j| ((i * 7919 + j * 13) % 256) as u8)
+            .collect();
+        sent_hash.update(&chunk);
+        bodies.push(Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)));
+    }
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(bodies));
+    let resp = client.post(c.url(0, "/echo")).body(body).send().await?;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut back = sha2::Sha256::new();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        n += chunk.len() as u64;
+        back.update(&chunk);
+    }
+    assert_eq!(n, 50 * MB);
+    assert_eq!(back.finalize(), sent_hash.finalize());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_hundred_concurrent_streams_on_one_connection() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"h2"])?;
+    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let mut tasks = Vec::new();
+    for i in 0..100u64 {
+        let mut sender = sender.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("https://localhost/bytes/{}", 1000 + i))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await?
+                .to_bytes();
+            anyhow::ensure!(status == 200, "status {status}");
+            anyhow::ensure!(body.len() as u64 == 1000 + i, "length {}", body.len());
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_ten_thousand_round_trips_and_close_code() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let c = Cluster::start(ClusterOptions::default())?;
+    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"http/1.1"])?;
+    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (mut ws, resp) = tokio_tungstenite::client_async_with_config(
+        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
+        stream,
+        Some(config),
+    )
+    .await?;
+    assert_eq!(resp.status(), 101);
+    let big: Vec<u8> = (0..MB as usize).map(|i| (i % 253) as u8).collect();
+    for i in 0..10_000u32 {
+        let msg = match i % 1000 {
+            999 => Message::Binary(big.clone().into()),
+            n if n % 2 == 0 => Message::Text(format!("hello {i}").into()),
+            _ => Message::Binary(i.to_be_bytes().to_vec().into()),
+        };
+        ws.send(msg.clone()).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(_))) => continue,
+                Some(Ok(m)) => {
+                    assert_eq!(m, msg, "message {i} came back changed");
+                    break;
+                }
+                other => anyhow::bail!("message {i}: {other:?}\n{}", c.logs()),
+            }
+        }
+    }
+    // Ping/pong passes through.
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await?;
+    match ws.next().await {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"are you there"),
+        other => anyhow::bail!("expected a pong, got {other:?}"),
+    }
+    // A close code chosen by the origin reaches the client.
+    ws.send(Message::Text("close:4001:bye now".into())).await?;
+    let frame = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(f))) => break f,
+            Some(Ok(_)) => continue,
+            other => anyhow::bail!("expected a close frame, got {other:?}"),
+        }
+    };
+    let frame = frame.expect("close frame with a code");
+    assert_eq!(frame.code, CloseCode::from(4001));
+    assert_eq!(frame.reason.as_str(), "bye now");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_arrive_as_they_are_sent() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    let resp = c.client(0)?.get(c.url(0, "/sse")).send().await?;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events = 0;
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(std::str::from_utf8(&chunk?)?);
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
+            let sent_ms: i64 = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .and_then(|d| d.trim().parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no data in {event:?}"))?;
+            let delay = now_ms - sent_ms;
+            assert!(
+                delay < 200,
+                "event {events} arrived {delay} ms after it was sent"
+            );
+            events += 1;
+        }
+    }
+    assert_eq!(events, 20, "expected 20 events");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_down_is_503_and_back_up_is_served() -> anyhow::Result<()> {
+    let mut c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+    assert_eq!(client.get(c.url(0, "/health")).send().await?.status(), 200);
+    let origin_addr = c.origin.addr;
+    c.origin.proc.kill();
+    // Health checks every 200 ms, down after 2 failures: well within 2 s.
+    let started = Instant::now();
+    loop {
+        let status = client.get(c.url(0, "/api/time")).send().await?.status();
+        if status == 503 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "still {status} after 3 s\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page = client
+        .get(c.url(0, "/api/time"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.contains("503"), "{page}");
+    c.origin = skylane_tests::start_origin(&origin_addr.to_string(), "origin-1", c.dir.path())?;
+    let started = Instant::now();
+    loop {
+        if client.get(c.url(0, "/api/time")).send().await?.status() == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "origin not served again\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        metric(
+            c.connector_admin,
+            "skylane_connector_refused_total",
+            "no_healthy_origin"
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            c.edges[0].admin,
+            "skylane_edge_errors_total",
+            "no_healthy_origin"
+        ) >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_restart_is_served_again_within_two_seconds() -> anyhow::Result<()> {
+    let mut c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+    assert_eq!(client.get(c.url(0, "/health")).send().await?.status(), 200);
+    c.restart_connector()?;
+    let restarted = Instant::now();
+    loop {
+        let status = client.get(c.url(0, "/health")).send().await?.status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(2),
+            "not served 2 s after the restart\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "served again {} ms after the connector restarted",
+        restarted.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_timeout_is_504_and_unknown_service_is_refused() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        response_timeout_ms: 500,
+        ..Default::default()
+    })?;
+    let client = c.client(0)?;
+    let resp = client.get(c.url(0, "/delay/2000")).send().await?;
+    assert_eq!(resp.status(), 504);
+    let resp = client.get(c.url(0, "/unknown-service/x")).send().await?;
+    assert_eq!(resp.status(), 502);
+    assert!(
+        metric(
+            c.connector_admin,
+            "skylane_connector_refused_total",
+            "unknown_service"
+        ) >= 1.0
+    );
+    // The connector still serves known services afterwards.
+    assert_eq!(client.get(c.url(0, "/health")).send().await?.status(), 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_headers_are_rewritten() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+    let resp = client
+        .get(c.url(0, "/headers"))
+        .header("connection", "x-hop")
+        .header("x-hop", "must not pass")
+        .header("x-request-id", "test-id-1")
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200, "{}", c.logs());
+    assert_eq!(resp.headers()["x-request-id"], "test-id-1");
+    let seen: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+    let h = |k: &str| seen.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    assert_eq!(h("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(h("x-forwarded-proto").as_deref(), Some("https"));
+    assert!(
+        h("forwarded").is_some_and(|f| f.contains("for=127.0.0.1") && f.contains("proto=https"))
+    );
+    assert_eq!(
+        h("host"),
+        Some(format!("localhost:{}", c.edges[0].https.port()))
+    );
+    assert_eq!(h("x-hop"), None);
+    assert_eq!(h("x-request-id").as_deref(), Some("test-id-1"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_service_is_tunnelled() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let c = Cluster::start(ClusterOptions::default())?;
+    // `echo-tcp` points at the origin's HTTP port; speak HTTP/1.0 over the raw tunnel.
+    let mut tcp = tokio::net::TcpStream::connect(c.edges[0].tcp).await?;
+    tcp.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut out)).await??;
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    assert!(out.ends_with("ok"), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() -> anyhow::Result<()> {
+    let mut c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+    let url = c.url(0, "/delay/800");
+    let slow = tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.edges[0].proc.terminate();
+    let status = slow.await??;
+    assert_eq!(
+        status, 200,
+        "the in-flight request must finish during the drain"
+    );
+    let code = c.edges[0].proc.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, Some(0), "edge should exit cleanly after draining");
+    Ok(())
+}
