@@ -117,6 +117,10 @@ where
                 Ok(Some(chunk)) => {
                     n += chunk.bytes.len() as u64;
                     io_write.write_all(&chunk.bytes).await?;
+                    // A TLS stream may keep encrypted records buffered when its socket was
+                    // briefly full; without a flush the tail of a message could wait
+                    // forever for a next write that never comes.
+                    io_write.flush().await?;
                 }
                 Ok(None) => break,
                 Err(e) => return Err(io::Error::other(e)),
