@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use skylane_shared::config::EXIT_CONFIG;
-use skylane_shared::identity::NodeKey;
 
 /// The Skylane edge node: terminates users' TLS near them and tunnels to the origin.
 #[derive(Debug, Parser)]
@@ -52,7 +51,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<(), i32> {
     match cli.command {
-        Some(Command::Keygen { out, force }) => return keygen(&out, force),
+        Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
         Some(Command::DevCert { out_dir, names }) => {
             let pki = mesh_node::tls::write_dev_pki(&out_dir, &names).map_err(|e| {
                 eprintln!("error: {e:#}");
@@ -83,15 +82,8 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         println!("{}: ok", path.display());
         return Ok(());
     }
-    skylane_shared::telemetry::init_tracing(config.log.format, config.log.level.as_deref());
-    let rt = tokio::runtime::Runtime::new().map_err(|e| {
-        eprintln!("error: cannot start the runtime: {e}");
-        1
-    })?;
-    rt.block_on(async move {
-        let metrics = skylane_shared::telemetry::install_metrics();
-        let shutdown = skylane_shared::lifecycle::Shutdown::from_signals()
-            .map_err(|e| anyhow::anyhow!("cannot listen for signals: {e}"))?;
+    let log = config.log.clone();
+    skylane_shared::cli::run(&log, |metrics, shutdown| async move {
         let socket = skylane_shared::mesh::MeshSocket::bind(
             config.listen,
             config.identity.key.id(),
@@ -102,24 +94,4 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         let listeners = mesh_node::server::Listeners::bind(&config).await?;
         mesh_node::server::serve(config, socket, listeners, metrics, shutdown).await
     })
-    .map_err(|e: anyhow::Error| {
-        tracing::error!("{e:#}");
-        eprintln!("error: {e:#}");
-        1
-    })
-}
-
-fn keygen(out: &std::path::Path, force: bool) -> Result<(), i32> {
-    if out.exists() && !force {
-        eprintln!("error: {} exists (use --force to overwrite)", out.display());
-        return Err(1);
-    }
-    let key = NodeKey::generate()
-        .and_then(|k| k.save(out).map(|()| k))
-        .map_err(|e| {
-            eprintln!("error: {e}");
-            1
-        })?;
-    println!("{}", key.id());
-    Ok(())
 }

@@ -45,15 +45,10 @@ pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes
 /// Serves redirects until `stop`.
 pub async fn serve(listener: tokio::net::TcpListener, https_port: u16, stop: CancellationToken) {
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, _)) =
+            skylane_shared::lifecycle::accept_until(&listener, &stop, "http redirect").await
+        else {
+            return;
         };
         tokio::spawn(async move {
             let svc =

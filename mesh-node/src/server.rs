@@ -72,8 +72,6 @@ struct Status {
 
 impl AdminRoutes for Status {
     fn status(&self) -> serde_json::Value {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = self.socket.counters();
         json!({
             "node": self.name,
             "id": self.id,
@@ -81,12 +79,7 @@ impl AdminRoutes for Status {
             "mesh_socket": self.socket.udp_addr().map(|a| a.to_string()).unwrap_or_default(),
             "draining": self.draining.is_cancelled(),
             "tunnels": self.tunnels.status(),
-            "frames": {
-                "quic_received": c.quic_received.load(Relaxed),
-                "quic_sent": c.quic_sent.load(Relaxed),
-                "malformed": c.malformed.load(Relaxed),
-                "non_member": c.non_member.load(Relaxed),
-            },
+            "frames": self.socket.counters().snapshot(),
         })
     }
 
@@ -199,16 +192,10 @@ async fn accept_https(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (tcp, client) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "https accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, client)) =
+            skylane_shared::lifecycle::accept_until(&listener, &stop, "https").await
+        else {
+            return;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();

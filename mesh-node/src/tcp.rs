@@ -18,16 +18,10 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     loop {
-        let (tcp, client) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tcp accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, client)) =
+            skylane_shared::lifecycle::accept_until(&listener, &stop, "tcp").await
+        else {
+            return;
         };
         let _ = tcp.set_nodelay(true);
         let service = service.clone();

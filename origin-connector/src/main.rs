@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use skylane_shared::config::EXIT_CONFIG;
-use skylane_shared::identity::NodeKey;
 
 /// The Skylane origin connector: accepts tunnels from edges and forwards to the origin.
 #[derive(Debug, Parser)]
@@ -43,7 +42,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<(), i32> {
     if let Some(Command::Keygen { out, force }) = cli.command {
-        return keygen(&out, force);
+        return skylane_shared::cli::keygen(&out, force);
     }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see --help)");
@@ -57,15 +56,8 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         println!("{}: ok", path.display());
         return Ok(());
     }
-    skylane_shared::telemetry::init_tracing(config.log.format, config.log.level.as_deref());
-    let rt = tokio::runtime::Runtime::new().map_err(|e| {
-        eprintln!("error: cannot start the runtime: {e}");
-        1
-    })?;
-    rt.block_on(async move {
-        let metrics = skylane_shared::telemetry::install_metrics();
-        let shutdown = skylane_shared::lifecycle::Shutdown::from_signals()
-            .map_err(|e| anyhow::anyhow!("cannot listen for signals: {e}"))?;
+    let log = config.log.clone();
+    skylane_shared::cli::run(&log, |metrics, shutdown| async move {
         let socket = skylane_shared::mesh::MeshSocket::bind(
             config.listen,
             config.identity.key.id(),
@@ -82,24 +74,4 @@ fn real_main(cli: Cli) -> Result<(), i32> {
             };
         origin_connector::server::serve(config, socket, admin, metrics, shutdown).await
     })
-    .map_err(|e: anyhow::Error| {
-        tracing::error!("{e:#}");
-        eprintln!("error: {e:#}");
-        1
-    })
-}
-
-fn keygen(out: &std::path::Path, force: bool) -> Result<(), i32> {
-    if out.exists() && !force {
-        eprintln!("error: {} exists (use --force to overwrite)", out.display());
-        return Err(1);
-    }
-    let key = NodeKey::generate()
-        .and_then(|k| k.save(out).map(|()| k))
-        .map_err(|e| {
-            eprintln!("error: {e}");
-            1
-        })?;
-    println!("{}", key.id());
-    Ok(())
 }

@@ -63,8 +63,6 @@ impl AdminRoutes for Status {
                 })
             })
             .collect();
-        let c = self.socket.counters();
-        use std::sync::atomic::Ordering::Relaxed;
         json!({
             "node": self.config_name,
             "id": self.node_id,
@@ -73,12 +71,7 @@ impl AdminRoutes for Status {
             "draining": self.draining.is_cancelled(),
             "tunnels": tunnels,
             "services": services,
-            "frames": {
-                "quic_received": c.quic_received.load(Relaxed),
-                "quic_sent": c.quic_sent.load(Relaxed),
-                "malformed": c.malformed.load(Relaxed),
-                "non_member": c.non_member.load(Relaxed),
-            },
+            "frames": self.socket.counters().snapshot(),
         })
     }
 

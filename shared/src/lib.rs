@@ -5,6 +5,7 @@
 //! It does not terminate TLS for users, speak HTTP to origins, or parse whole node config
 //! files; those live in `mesh-node` and `origin-connector`.
 
+pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod lifecycle;

@@ -49,6 +49,30 @@ impl Shutdown {
     }
 }
 
+/// Accepts the next TCP connection, or returns `None` once `stop` is cancelled.
+///
+/// Accept errors (usually running out of file descriptors) are logged and retried after a
+/// short pause instead of ending the listener: the pause lets connections close and frees
+/// descriptors, and keeps a persistent error from spinning a core.
+pub async fn accept_until(
+    listener: &tokio::net::TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Exponential backoff with full jitter, for every reconnect loop.
 #[derive(Clone, Debug)]
 pub struct Backoff {

@@ -59,16 +59,9 @@ pub async fn serve_admin(
     shutdown: CancellationToken,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, _)) = crate::lifecycle::accept_until(&listener, &shutdown, "admin").await
+        else {
+            return;
         };
         let metrics = metrics.clone();
         let routes = routes.clone();

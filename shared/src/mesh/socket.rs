@@ -94,6 +94,21 @@ pub struct SocketCounters {
     pub pings_answered: AtomicU64,
 }
 
+impl SocketCounters {
+    /// The counters as JSON, for status pages.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "quic_sent": get(&self.quic_sent),
+            "quic_received": get(&self.quic_received),
+            "malformed": get(&self.malformed),
+            "non_member": get(&self.non_member),
+            "no_path": get(&self.no_path),
+            "pings_answered": get(&self.pings_answered),
+        })
+    }
+}
+
 /// The mesh socket. Create it with [`MeshSocket::bind`], then give it to quinn with
 /// [`crate::quic::endpoint`].
 pub struct MeshSocket {
