@@ -3,6 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+/// A proxy allocates and frees small buffers and header maps on every request; the
+/// profile in docs/benchmarks.md shows the system allocator as a top cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use skylane_shared::config::EXIT_CONFIG;
 
 /// The Skylane edge node: terminates users' TLS near them and tunnels to the origin.
