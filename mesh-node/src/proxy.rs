@@ -219,25 +219,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Opens a stream on the best tunnel, falling back to the others.
-async fn open_stream(
-    tunnels: &TunnelPool,
-) -> Option<(String, quinn::SendStream, quinn::RecvStream)> {
-    let (name, conn) = tunnels.best()?;
-    match conn.open_bi().await {
-        Ok((s, r)) => Some((name, s, r)),
-        Err(e) => {
-            tracing::debug!(connector = %name, error = %e, "stream open failed; trying another tunnel");
-            for (other, conn) in tunnels.others(&name) {
-                if let Ok((s, r)) = conn.open_bi().await {
-                    return Some((other, s, r));
-                }
-            }
-            None
-        }
-    }
-}
-
 /// Handles one request from a user.
 pub async fn handle(
     edge: Arc<Edge>,
@@ -275,7 +256,7 @@ pub async fn handle(
         request_id: id.clone(),
         kind: StreamKind::Http(head),
     };
-    let Some((connector, mut send, recv)) = open_stream(&edge.tunnels).await else {
+    let Some((connector, mut send, recv)) = edge.tunnels.open_stream().await else {
         tracing::warn!(request_id = %id, "no connector reachable");
         return Ok(finish(
             error_response(ErrorKind::NoConnector, &id),

@@ -157,7 +157,6 @@ pub async fn serve(
             service,
             tunnels.clone(),
             draining.clone(),
-            TaskTracker::new(),
         ));
     }
     tracing::info!(node = %identity.me.name, id = %identity.key.id(), mesh = %socket.udp_addr()?, "edge ready");

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use skylane_shared::pipe::splice;
 use skylane_shared::wire::{self, Reply, StreamHeader, StreamKind, WIRE_VERSION};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::tunnel::TunnelPool;
 
@@ -15,7 +14,6 @@ pub async fn serve(
     service: String,
     tunnels: Arc<TunnelPool>,
     stop: CancellationToken,
-    tracker: TaskTracker,
 ) {
     loop {
         let Some((tcp, client)) =
@@ -26,13 +24,11 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let service = service.clone();
         let tunnels = tunnels.clone();
-        tracker.spawn(async move {
-            let Some((_, conn)) = tunnels.best() else {
-                metrics::counter!("skylane_edge_errors_total", "kind" => "no_connector").increment(1);
+        tokio::spawn(async move {
+            let Some((_, mut send, mut recv)) = tunnels.open_stream().await else {
+                metrics::counter!("skylane_edge_errors_total", "kind" => "no_connector")
+                    .increment(1);
                 tracing::warn!(%client, %service, "no connector reachable; closing tcp connection");
-                return;
-            };
-            let Ok((mut send, mut recv)) = conn.open_bi().await else {
                 return;
             };
             let n: u128 = rand::random();
@@ -54,11 +50,13 @@ pub async fn serve(
                     }
                 }
                 Ok(Reply::Refused(r)) => {
-                    metrics::counter!("skylane_edge_errors_total", "kind" => r.kind.label()).increment(1);
+                    metrics::counter!("skylane_edge_errors_total", "kind" => r.kind.label())
+                        .increment(1);
                     tracing::info!(%client, %service, reason = r.kind.label(), "connector refused tcp flow");
                 }
                 Ok(Reply::Response(_)) | Err(_) => {
-                    metrics::counter!("skylane_edge_errors_total", "kind" => "tunnel_failed").increment(1);
+                    metrics::counter!("skylane_edge_errors_total", "kind" => "tunnel_failed")
+                        .increment(1);
                 }
             }
         });

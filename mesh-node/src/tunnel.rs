@@ -95,42 +95,38 @@ impl TunnelPool {
         Arc::new(Self { links, socket })
     }
 
-    /// The live tunnel with the lowest RTT, if any.
-    pub fn best(&self) -> Option<(String, quinn::Connection)> {
-        self.links
-            .iter()
-            .filter_map(|l| {
-                let s = l.state.read().ok()?;
-                let c = s.conn.as_ref()?;
-                if c.close_reason().is_some() {
-                    return None;
-                }
-                Some((l.member.name.clone(), c.clone()))
-            })
-            .min_by_key(|(_, c)| c.rtt())
-    }
-
-    /// Live tunnels other than `except`, best first (for retrying a failed stream open).
-    pub fn others(&self, except: &str) -> Vec<(String, quinn::Connection)> {
+    /// Live tunnels, lowest RTT first.
+    fn live(&self) -> Vec<(String, quinn::Connection)> {
         let mut v: Vec<_> = self
             .links
             .iter()
-            .filter(|l| l.member.name != except)
             .filter_map(|l| {
                 let s = l.state.read().ok()?;
-                let c = s.conn.as_ref()?;
-                c.close_reason()
-                    .is_none()
-                    .then(|| (l.member.name.clone(), c.clone()))
+                let c = s.conn.as_ref().filter(|c| c.close_reason().is_none())?;
+                Some((l.member.name.clone(), c.clone()))
             })
             .collect();
         v.sort_by_key(|(_, c)| c.rtt());
         v
     }
 
+    /// Opens a stream on the best tunnel, falling back to the others in RTT order when a
+    /// connection turns out to be gone. Returns the connector's name with the stream.
+    pub async fn open_stream(&self) -> Option<(String, quinn::SendStream, quinn::RecvStream)> {
+        for (name, conn) in self.live() {
+            match conn.open_bi().await {
+                Ok((send, recv)) => return Some((name, send, recv)),
+                Err(e) => {
+                    tracing::debug!(connector = %name, error = %e, "stream open failed; trying another tunnel")
+                }
+            }
+        }
+        None
+    }
+
     /// Whether any tunnel is up.
     pub fn any_up(&self) -> bool {
-        self.best().is_some()
+        !self.live().is_empty()
     }
 
     /// Status of every tunnel.

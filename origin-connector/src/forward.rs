@@ -7,7 +7,7 @@ use http_body_util::BodyExt as _;
 use skylane_shared::pipe::{TunnelBody, body_to_stream, splice};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::wire::{
-    self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamHeader, StreamKind,
+    self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamKind,
 };
 
 use crate::config::ServiceKind;
@@ -93,7 +93,7 @@ pub async fn handle_stream(
     metrics::counter!("skylane_connector_streams_total", "service" => header.service.clone(), "kind" => kind)
         .increment(1);
     let result = match header.kind.clone() {
-        StreamKind::Http(head) => forward_http(&ctx, &pool, &header, head, send, recv).await,
+        StreamKind::Http(head) => forward_http(&ctx, &pool, head, send, recv).await,
         StreamKind::Tcp => forward_tcp(&ctx, &pool, send, recv).await,
     };
     if let Err(kind) = result {
@@ -101,6 +101,23 @@ pub async fn handle_stream(
     }
     metrics::histogram!("skylane_connector_stream_duration_seconds", "kind" => kind)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// The service's healthy servers, or a `NoHealthyOrigin` refusal sent to the edge.
+async fn healthy_candidates(
+    pool: &ServicePool,
+    send: &mut quinn::SendStream,
+) -> Result<Vec<std::sync::Arc<OriginServer>>, RefusalKind> {
+    let candidates = pool.candidates();
+    if candidates.is_empty() {
+        let message = format!(
+            "service {:?} has no healthy origin server",
+            pool.service.name
+        );
+        refuse(send, RefusalKind::NoHealthyOrigin, message).await;
+        return Err(RefusalKind::NoHealthyOrigin);
+    }
+    Ok(candidates)
 }
 
 async fn refuse(send: &mut quinn::SendStream, kind: RefusalKind, message: String) {
@@ -131,21 +148,11 @@ fn origin_request(
 async fn forward_http(
     ctx: &Context,
     pool: &ServicePool,
-    header: &StreamHeader,
     head: RequestHead,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), RefusalKind> {
-    let candidates = pool.candidates();
-    if candidates.is_empty() {
-        refuse(
-            &mut send,
-            RefusalKind::NoHealthyOrigin,
-            format!("service {:?} has no healthy origin server", header.service),
-        )
-        .await;
-        return Err(RefusalKind::NoHealthyOrigin);
-    }
+    let candidates = healthy_candidates(pool, &mut send).await?;
     // A request whose body has started streaming can't be replayed on another server; one
     // without a body can, when the first server refuses the connection.
     let mut recv = Some(recv);
@@ -270,16 +277,7 @@ async fn forward_tcp(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), RefusalKind> {
-    let candidates = pool.candidates();
-    if candidates.is_empty() {
-        refuse(
-            &mut send,
-            RefusalKind::NoHealthyOrigin,
-            "no healthy origin server".into(),
-        )
-        .await;
-        return Err(RefusalKind::NoHealthyOrigin);
-    }
+    let candidates = healthy_candidates(pool, &mut send).await?;
     for server in candidates {
         let Ok(addr) = server.addr(&ctx.resolver).await else {
             pool.record_failure(&server);

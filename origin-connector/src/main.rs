@@ -39,10 +39,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    std::process::exit(match real_main(cli) {
-        Ok(()) => 0,
-        Err(code) => code,
-    });
+    skylane_shared::cli::exit(real_main(cli));
 }
 
 fn real_main(cli: Cli) -> Result<(), i32> {
@@ -63,13 +60,7 @@ fn real_main(cli: Cli) -> Result<(), i32> {
     }
     let log = config.log.clone();
     skylane_shared::cli::run(&log, |metrics, shutdown| async move {
-        let socket = skylane_shared::mesh::MeshSocket::bind(
-            config.listen,
-            config.identity.key.id(),
-            config.identity.members.clone(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the mesh socket on {}: {e}", config.listen))?;
+        let socket = skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
         let admin =
             match config.admin {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::config::LogSection;
+use crate::config::{Identity, LogSection};
 use crate::identity::NodeKey;
 use crate::lifecycle::Shutdown;
 
@@ -49,5 +49,23 @@ where
         tracing::error!("{e:#}");
         eprintln!("error: {e:#}");
         1
+    })
+}
+
+/// Binds the node's mesh socket for `identity`, with an error naming the address.
+pub async fn bind_mesh_socket(
+    listen: std::net::SocketAddr,
+    identity: &Identity,
+) -> anyhow::Result<std::sync::Arc<crate::mesh::MeshSocket>> {
+    crate::mesh::MeshSocket::bind(listen, identity.key.id(), identity.members.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the mesh socket on {listen}: {e}"))
+}
+
+/// Exits the process with the outcome of a `main`: 0, or the code carried by the error.
+pub fn exit(outcome: Result<(), i32>) -> ! {
+    std::process::exit(match outcome {
+        Ok(()) => 0,
+        Err(code) => code,
     })
 }

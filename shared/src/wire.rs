@@ -147,13 +147,14 @@ where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
-    let body = postcard::to_stdvec(value)?;
-    if body.len() > MAX_HEADER_LEN {
-        return Err(WireError::TooLarge(body.len()));
+    // Encode after a placeholder for the length prefix, then fill it in: one buffer, no
+    // copy (this runs for every stream).
+    let mut buf = postcard::to_extend(value, vec![0u8; 4])?;
+    let len = buf.len() - 4;
+    if len > MAX_HEADER_LEN {
+        return Err(WireError::TooLarge(len));
     }
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&body);
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
     w.write_all(&buf).await?;
     Ok(())
 }

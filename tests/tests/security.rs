@@ -10,6 +10,25 @@ use skylane_tests::{
     Cluster, ClusterOptions, Proc, bin, free_tcp, free_udp, http_get_status, metric,
 };
 
+/// The member list the test acts under: the cluster's connector and its spare member
+/// `edge-test`.
+fn connector_and_test_edge(
+    connector: skylane_shared::identity::NodeId,
+    edge: skylane_shared::identity::NodeId,
+) -> anyhow::Result<Members> {
+    let member = |id, name: &str, role| Member {
+        id,
+        name: name.into(),
+        role,
+        address: None,
+        region: None,
+    };
+    Ok(Members::new(vec![
+        member(connector, "connector", Role::Connector),
+        member(edge, "edge-test", Role::Edge),
+    ])?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_an_unknown_key_is_refused() -> anyhow::Result<()> {
     let c = Cluster::start(ClusterOptions::default())?;
@@ -72,22 +91,7 @@ async fn a_stranger_claiming_a_members_id_fails_the_handshake() -> anyhow::Resul
         skylane_shared::identity::load_public_key(&c.dir.path().join("keys/connector.key.pub"))?;
     let member = c.spare_member_key.id();
     let stranger = NodeKey::generate()?;
-    let members = Members::new(vec![
-        Member {
-            id: connector_id,
-            name: "connector".into(),
-            role: Role::Connector,
-            address: None,
-            region: None,
-        },
-        Member {
-            id: member,
-            name: "edge-test".into(),
-            role: Role::Edge,
-            address: None,
-            region: None,
-        },
-    ])?;
+    let members = connector_and_test_edge(connector_id, member)?;
     // Frames carry the member's short id, but TLS is done with the stranger's key.
     let sock = MeshSocket::bind("127.0.0.1:0".parse()?, member, members).await?;
     sock.set_peer_addr(&connector_id, c.connector_udp);
@@ -151,22 +155,7 @@ async fn garbage_datagrams_and_malformed_headers_are_counted_and_crash_nothing()
     let connector_id =
         skylane_shared::identity::load_public_key(&c.dir.path().join("keys/connector.key.pub"))?;
     let key = c.spare_member_key.clone();
-    let members = Members::new(vec![
-        Member {
-            id: connector_id,
-            name: "connector".into(),
-            role: Role::Connector,
-            address: None,
-            region: None,
-        },
-        Member {
-            id: key.id(),
-            name: "edge-test".into(),
-            role: Role::Edge,
-            address: None,
-            region: None,
-        },
-    ])?;
+    let members = connector_and_test_edge(connector_id, key.id())?;
     let sock = MeshSocket::bind("127.0.0.1:0".parse()?, key.id(), members).await?;
     sock.set_peer_addr(&connector_id, c.connector_udp);
     let endpoint = quic::endpoint(sock, &key, None)?;
