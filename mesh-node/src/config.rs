@@ -11,6 +11,7 @@ use skylane_shared::config::{
     load_identity, load_toml,
 };
 use skylane_shared::membership::{Member, Role};
+use skylane_shared::routing::RoutingConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +19,8 @@ struct File {
     node: NodeSection,
     #[serde(default)]
     mesh: MeshSection,
+    #[serde(default)]
+    routing: RoutingConfig,
     admin: Option<AdminSection>,
     #[serde(default)]
     log: LogSection,
@@ -138,6 +141,8 @@ pub struct Config {
     pub tunnel: Tunnel,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Path probing, route selection and gossip.
+    pub routing: RoutingConfig,
 }
 
 /// The HTTPS listener.
@@ -291,6 +296,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file.tunnel.reconnect_min_ms..=3_600_000,
     )?;
     v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
+    file.routing.validate().map_err(
+        |skylane_shared::routing::ConfigError::Invalid { key, reason }| {
+            v.invalid(format!("routing.{key}"), reason)
+        },
+    )?;
     Ok(Config {
         identity,
         listen: file.node.listen,
@@ -314,5 +324,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             reconnect_max: Duration::from_millis(file.tunnel.reconnect_max_ms),
         },
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
+        routing: file.routing,
     })
 }

@@ -9,7 +9,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use skylane_shared::lifecycle::Shutdown;
+use skylane_shared::membership::Role;
 use skylane_shared::mesh::MeshSocket;
+use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::quic;
 use skylane_shared::telemetry::{self, AdminRoutes};
 use tokio::net::TcpListener;
@@ -67,6 +69,7 @@ struct Status {
     id: String,
     socket: Arc<MeshSocket>,
     tunnels: Arc<TunnelPool>,
+    control: Arc<MeshControl>,
     draining: CancellationToken,
 }
 
@@ -80,6 +83,7 @@ impl AdminRoutes for Status {
             "draining": self.draining.is_cancelled(),
             "tunnels": self.tunnels.status(),
             "frames": self.socket.counters().snapshot(),
+            "mesh": self.control.status(),
         })
     }
 
@@ -99,6 +103,12 @@ pub async fn serve(
     let identity = config.identity.clone();
     let endpoint = quic::endpoint(socket.clone(), &identity.key, None)?;
     let stop_tunnels = CancellationToken::new();
+    let control = MeshControl::start(
+        socket.clone(),
+        Role::Edge,
+        config.routing.clone(),
+        stop_tunnels.clone(),
+    )?;
     let tunnels = TunnelPool::start(
         endpoint.clone(),
         socket.clone(),
@@ -118,6 +128,7 @@ pub async fn serve(
             id: identity.key.id().to_string(),
             socket: socket.clone(),
             tunnels: tunnels.clone(),
+            control,
             draining: draining.clone(),
         });
         tokio::spawn(telemetry::serve_admin(

@@ -12,6 +12,7 @@ use skylane_shared::config::{
     load_identity, load_toml,
 };
 use skylane_shared::membership::Role;
+use skylane_shared::routing::RoutingConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +20,8 @@ struct File {
     node: NodeSection,
     #[serde(default)]
     mesh: MeshSection,
+    #[serde(default)]
+    routing: RoutingConfig,
     admin: Option<AdminSection>,
     #[serde(default)]
     log: LogSection,
@@ -122,6 +125,8 @@ pub struct Config {
     pub log: LogSection,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Path probing, route selection and gossip.
+    pub routing: RoutingConfig,
     /// Origin services by name.
     pub services: BTreeMap<String, Service>,
 }
@@ -233,12 +238,18 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         );
     }
     v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
+    file.routing.validate().map_err(
+        |skylane_shared::routing::ConfigError::Invalid { key, reason }| {
+            v.invalid(format!("routing.{key}"), reason)
+        },
+    )?;
     Ok(Config {
         identity,
         listen: file.node.listen,
         admin: file.admin.map(|a| a.listen),
         log: file.log,
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
+        routing: file.routing,
         services,
     })
 }

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use serde_json::json;
 use skylane_shared::lifecycle::Shutdown;
+use skylane_shared::membership::Role;
 use skylane_shared::mesh::MeshSocket;
+use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::resolve::Resolver;
 use skylane_shared::telemetry::{self, AdminRoutes};
 use skylane_shared::{quic, trust};
@@ -30,6 +32,7 @@ struct Status {
     socket: Arc<MeshSocket>,
     tunnels: Arc<Tunnels>,
     services: Arc<BTreeMap<String, Arc<ServicePool>>>,
+    control: Arc<MeshControl>,
     draining: CancellationToken,
 }
 
@@ -72,6 +75,7 @@ impl AdminRoutes for Status {
             "tunnels": tunnels,
             "services": services,
             "frames": self.socket.counters().snapshot(),
+            "mesh": self.control.status(),
         })
     }
 
@@ -97,6 +101,12 @@ pub async fn serve(
     let resolver = Resolver::from_system();
     let tracker = TaskTracker::new();
     let stop_checks = CancellationToken::new();
+    let control = MeshControl::start(
+        socket.clone(),
+        Role::Connector,
+        config.routing.clone(),
+        stop_checks.clone(),
+    )?;
     let services: BTreeMap<String, Arc<ServicePool>> = config
         .services
         .values()
@@ -120,6 +130,7 @@ pub async fn serve(
             socket: socket.clone(),
             tunnels: tunnels.clone(),
             services: services.clone(),
+            control,
             draining: draining.clone(),
         });
         tokio::spawn(telemetry::serve_admin(

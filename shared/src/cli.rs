@@ -57,7 +57,7 @@ pub async fn bind_mesh_socket(
     listen: std::net::SocketAddr,
     identity: &Identity,
 ) -> anyhow::Result<std::sync::Arc<crate::mesh::MeshSocket>> {
-    crate::mesh::MeshSocket::bind(listen, identity.key.id(), identity.members.clone())
+    crate::mesh::MeshSocket::bind(listen, &identity.key, identity.members.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the mesh socket on {listen}: {e}"))
 }

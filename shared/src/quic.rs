@@ -132,14 +132,14 @@ mod tests {
         ])
         .expect("members");
         let local = "127.0.0.1:0".parse().expect("addr");
-        let server_sock = MeshSocket::bind(local, server_key.id(), members.clone())
+        let server_sock = MeshSocket::bind(local, &server_key, members.clone())
             .await
             .expect("bind");
         let server =
             endpoint(server_sock.clone(), &server_key, Some(members.clone())).expect("server");
         let server_udp = server_sock.udp_addr().expect("addr");
 
-        let client_sock = MeshSocket::bind(local, client_key.id(), members.clone())
+        let client_sock = MeshSocket::bind(local, &client_key, members.clone())
             .await
             .expect("bind");
         client_sock.set_peer_addr(&server_key.id(), server_udp);
@@ -178,7 +178,7 @@ mod tests {
         assert_eq!(accept.await.expect("join"), Some(client_key.id()));
 
         // A stranger: its frames are dropped before QUIC even sees them.
-        let stranger_sock = MeshSocket::bind(local, stranger_key.id(), members)
+        let stranger_sock = MeshSocket::bind(local, &stranger_key, members)
             .await
             .expect("bind");
         stranger_sock.set_peer_addr(&server_key.id(), server_udp);

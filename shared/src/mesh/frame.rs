@@ -1,60 +1,124 @@
 //! Mesh frames: what travels in each UDP datagram between nodes (sans-IO).
 //!
-//! Every datagram starts with a one-byte kind and the sender's [`ShortId`]. QUIC packets
-//! ride in [`Frame::Quic`]; probes measure paths. Anything else is malformed, counted and
-//! dropped by the socket; nothing here panics on input.
+//! Every datagram starts with a one-byte kind and the sender's [`ShortId`]. QUIC packets on
+//! the direct path ride in [`Frame::Quic`]: QUIC authenticates them itself. Everything a
+//! node must trust *before* QUIC can — routing probes and gossip, membership, and QUIC
+//! packets relayed through other nodes — rides in [`Frame::Auth`], which names both ends of
+//! the hop, carries a counter against replays, and ends in a MAC under the pair's link key
+//! (see [`super::auth`]). Anything else is malformed, counted and dropped by the socket;
+//! nothing here panics on input.
 //!
 //! ```text
-//! QUIC:  [0x51][src: 8][quic packet …]
-//! PING:  [0x50][src: 8][seq: u64 BE][sent_us: u64 BE]
-//! PONG:  [0x4f][src: 8][seq: u64 BE][echoed sent_us: u64 BE]
+//! QUIC:   [0x51][src: 8][quic packet …]
+//! AUTH:   [0x52][src: 8][dst: 8][counter: u64 BE][body type: 1][body …][tag: 16]
+//!   body type 0x01 ROUTING  router datagram (probes, replies, link-state gossip)
+//!   body type 0x02 RELAY    [hop: 1][n: 1][path: n × 8][quic packet …]
+//!   body type 0x03 SWIM     membership datagram
 //! ```
+//!
+//! In a RELAY body, `path` lists every node from the QUIC sender to the QUIC receiver
+//! (3 or 4 nodes: at most two relays) and `hop` is the index of the node this hop is
+//! addressed to, so relays forward it with no routing state of their own.
 
 use crate::identity::ShortId;
 
-/// Kind byte of a QUIC frame.
+use super::auth::TAG_LEN;
+
+/// Kind byte of a direct QUIC frame.
 pub const KIND_QUIC: u8 = 0x51;
-/// Kind byte of a probe request.
-pub const KIND_PING: u8 = 0x50;
-/// Kind byte of a probe reply.
-pub const KIND_PONG: u8 = 0x4f;
+/// Kind byte of an authenticated frame.
+pub const KIND_AUTH: u8 = 0x52;
 
 /// Bytes a QUIC frame adds in front of the QUIC packet.
 pub const QUIC_OVERHEAD: usize = 1 + 8;
-const PROBE_LEN: usize = 1 + 8 + 8 + 8;
+/// Length of an authenticated frame's header, up to and including the body type.
+pub const AUTH_HEADER_LEN: usize = 1 + 8 + 8 + 8 + 1;
+/// Most nodes a relayed path may name.
+pub const MAX_RELAY_PATH: usize = 4;
+
+/// What an authenticated frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BodyType {
+    /// A routing datagram for the [`crate::routing::Router`].
+    Routing,
+    /// A QUIC packet on a relayed path.
+    Relay,
+    /// A membership (SWIM) datagram.
+    Swim,
+}
+
+impl BodyType {
+    fn byte(self) -> u8 {
+        match self {
+            BodyType::Routing => 0x01,
+            BodyType::Relay => 0x02,
+            BodyType::Swim => 0x03,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0x01 => Some(BodyType::Routing),
+            0x02 => Some(BodyType::Relay),
+            0x03 => Some(BodyType::Swim),
+            _ => None,
+        }
+    }
+}
 
 /// A parsed frame, borrowing the datagram.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// A QUIC packet from `src`.
+    /// A QUIC packet from `src` on the direct path.
     Quic {
         /// The sending node.
         src: ShortId,
         /// The QUIC packet itself.
         payload: &'a [u8],
     },
-    /// A path probe; answer with a [`Frame::Pong`] carrying the same `seq` and `sent_us`.
-    Ping {
-        /// The probing node.
-        src: ShortId,
-        /// Probe sequence number, chosen by the prober.
-        seq: u64,
-        /// The prober's clock when sent, in microseconds; opaque to the answerer.
-        sent_us: u64,
-    },
-    /// The answer to a probe.
-    Pong {
-        /// The answering node.
-        src: ShortId,
-        /// The probe's sequence number.
-        seq: u64,
-        /// The probe's `sent_us`, echoed.
-        sent_us: u64,
-    },
+    /// An authenticated frame; not yet verified.
+    Auth(AuthFrame<'a>),
+}
+
+/// An authenticated frame as parsed, before its tag is checked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AuthFrame<'a> {
+    /// The node that sent this hop.
+    pub src: ShortId,
+    /// The node this hop is addressed to.
+    pub dst: ShortId,
+    /// The sender's frame counter, for replay protection.
+    pub counter: u64,
+    /// What the body is.
+    pub body_type: BodyType,
+    /// The body.
+    pub body: &'a [u8],
+    /// Everything the tag covers (header and body).
+    pub signed: &'a [u8],
+    /// The MAC.
+    pub tag: &'a [u8],
+}
+
+/// A RELAY body, parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RelayBody<'a> {
+    /// Index in `path` of the node this hop is addressed to.
+    pub hop: usize,
+    path: [ShortId; MAX_RELAY_PATH],
+    len: usize,
+    /// The relayed QUIC packet.
+    pub payload: &'a [u8],
+}
+
+impl RelayBody<'_> {
+    /// Every node of the path, QUIC sender first.
+    pub fn path(&self) -> &[ShortId] {
+        &self.path[..self.len]
+    }
 }
 
 /// Why a datagram is not a frame.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     /// A zero-length datagram.
     #[error("empty datagram")]
@@ -62,6 +126,9 @@ pub enum FrameError {
     /// The kind byte is not one we know.
     #[error("unknown frame kind {0:#04x}")]
     UnknownKind(u8),
+    /// The body type of an authenticated frame is not one we know.
+    #[error("unknown body type {0:#04x}")]
+    UnknownBody(u8),
     /// The datagram ends before the frame's fixed header does.
     #[error("truncated frame of kind {kind:#04x} ({len} bytes)")]
     Truncated {
@@ -70,6 +137,9 @@ pub enum FrameError {
         /// The datagram's length.
         len: usize,
     },
+    /// A relay body whose path is too short or too long, or whose hop is outside it.
+    #[error("relay header names a bad path")]
+    BadRelayPath,
 }
 
 impl FrameError {
@@ -78,7 +148,9 @@ impl FrameError {
         match self {
             FrameError::Empty => "empty",
             FrameError::UnknownKind(_) => "unknown_kind",
+            FrameError::UnknownBody(_) => "unknown_body",
             FrameError::Truncated { .. } => "truncated",
+            FrameError::BadRelayPath => "bad_relay_path",
         }
     }
 }
@@ -87,12 +159,6 @@ fn short_at(buf: &[u8], at: usize) -> ShortId {
     let mut s = [0u8; 8];
     s.copy_from_slice(&buf[at..at + 8]);
     ShortId(s)
-}
-
-fn u64_at(buf: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[at..at + 8]);
-    u64::from_be_bytes(b)
 }
 
 /// Parses a datagram.
@@ -112,19 +178,55 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, FrameError> {
                 payload: &buf[QUIC_OVERHEAD..],
             })
         }
-        KIND_PING | KIND_PONG => {
-            if buf.len() != PROBE_LEN {
+        KIND_AUTH => {
+            if buf.len() < AUTH_HEADER_LEN + TAG_LEN {
                 return Err(truncated);
             }
-            let (src, seq, sent_us) = (short_at(buf, 1), u64_at(buf, 9), u64_at(buf, 17));
-            Ok(if kind == KIND_PING {
-                Frame::Ping { src, seq, sent_us }
-            } else {
-                Frame::Pong { src, seq, sent_us }
-            })
+            let body_byte = buf[AUTH_HEADER_LEN - 1];
+            let body_type =
+                BodyType::from_byte(body_byte).ok_or(FrameError::UnknownBody(body_byte))?;
+            let mut counter = [0u8; 8];
+            counter.copy_from_slice(&buf[17..25]);
+            let split = buf.len() - TAG_LEN;
+            Ok(Frame::Auth(AuthFrame {
+                src: short_at(buf, 1),
+                dst: short_at(buf, 9),
+                counter: u64::from_be_bytes(counter),
+                body_type,
+                body: &buf[AUTH_HEADER_LEN..split],
+                signed: &buf[..split],
+                tag: &buf[split..],
+            }))
         }
         other => Err(FrameError::UnknownKind(other)),
     }
+}
+
+/// Parses the body of a RELAY frame.
+pub fn decode_relay(body: &[u8]) -> Result<RelayBody<'_>, FrameError> {
+    let truncated = FrameError::Truncated {
+        kind: KIND_AUTH,
+        len: body.len(),
+    };
+    let (&hop, rest) = body.split_first().ok_or(truncated.clone())?;
+    let (&n, rest) = rest.split_first().ok_or(truncated.clone())?;
+    let (hop, n) = (usize::from(hop), usize::from(n));
+    if !(3..=MAX_RELAY_PATH).contains(&n) || hop == 0 || hop >= n {
+        return Err(FrameError::BadRelayPath);
+    }
+    if rest.len() <= n * 8 {
+        return Err(truncated);
+    }
+    let mut path = [ShortId([0; 8]); MAX_RELAY_PATH];
+    for (i, slot) in path.iter_mut().take(n).enumerate() {
+        *slot = short_at(rest, i * 8);
+    }
+    Ok(RelayBody {
+        hop,
+        path,
+        len: n,
+        payload: &rest[n * 8..],
+    })
 }
 
 /// Writes the QUIC frame header for `src` into `out` (cleared first), ready for the packet.
@@ -134,14 +236,32 @@ pub fn encode_quic_header(out: &mut Vec<u8>, src: ShortId) {
     out.extend_from_slice(&src.0);
 }
 
-/// Encodes a probe or its reply.
-pub fn encode_probe(kind: u8, src: ShortId, seq: u64, sent_us: u64) -> [u8; PROBE_LEN] {
-    let mut out = [0u8; PROBE_LEN];
-    out[0] = kind;
-    out[1..9].copy_from_slice(&src.0);
-    out[9..17].copy_from_slice(&seq.to_be_bytes());
-    out[17..25].copy_from_slice(&sent_us.to_be_bytes());
-    out
+/// Writes an authenticated frame's header into `out` (cleared first). The caller appends
+/// the body, then the tag over everything written.
+pub fn encode_auth_header(
+    out: &mut Vec<u8>,
+    src: ShortId,
+    dst: ShortId,
+    counter: u64,
+    body_type: BodyType,
+) {
+    out.clear();
+    out.push(KIND_AUTH);
+    out.extend_from_slice(&src.0);
+    out.extend_from_slice(&dst.0);
+    out.extend_from_slice(&counter.to_be_bytes());
+    out.push(body_type.byte());
+}
+
+/// Appends a RELAY body's header (hop and path); the caller appends the QUIC packet.
+/// `path` must hold 3 or 4 nodes and `hop` index one of them after the first.
+pub fn encode_relay_header(out: &mut Vec<u8>, hop: usize, path: &[ShortId]) {
+    debug_assert!((3..=MAX_RELAY_PATH).contains(&path.len()) && hop > 0 && hop < path.len());
+    out.push(hop as u8);
+    out.push(path.len() as u8);
+    for id in path {
+        out.extend_from_slice(&id.0);
+    }
 }
 
 #[cfg(test)]
@@ -164,18 +284,24 @@ mod tests {
     }
 
     #[test]
-    fn probes_round_trip() {
-        let ping = encode_probe(KIND_PING, ShortId([1; 8]), 42, 1_000_000);
-        assert_eq!(
-            decode(&ping),
-            Ok(Frame::Ping {
-                src: ShortId([1; 8]),
-                seq: 42,
-                sent_us: 1_000_000
-            })
-        );
-        let pong = encode_probe(KIND_PONG, ShortId([2; 8]), 42, 9);
-        assert!(matches!(decode(&pong), Ok(Frame::Pong { seq: 42, .. })));
+    fn relay_frame_round_trips() {
+        let path = [ShortId([1; 8]), ShortId([2; 8]), ShortId([3; 8])];
+        let mut buf = Vec::new();
+        encode_auth_header(&mut buf, path[0], path[1], 99, BodyType::Relay);
+        encode_relay_header(&mut buf, 1, &path);
+        buf.extend_from_slice(b"quic");
+        buf.extend_from_slice(&[0xaa; TAG_LEN]);
+        let Ok(Frame::Auth(auth)) = decode(&buf) else {
+            panic!("not an auth frame");
+        };
+        assert_eq!((auth.src, auth.dst, auth.counter), (path[0], path[1], 99));
+        assert_eq!(auth.body_type, BodyType::Relay);
+        assert_eq!(auth.tag, &[0xaa; TAG_LEN]);
+        assert_eq!(auth.signed.len(), buf.len() - TAG_LEN);
+        let relay = decode_relay(auth.body).expect("relay body");
+        assert_eq!(relay.hop, 1);
+        assert_eq!(relay.path(), &path);
+        assert_eq!(relay.payload, b"quic");
     }
 
     #[test]
@@ -187,7 +313,20 @@ mod tests {
             Err(FrameError::Truncated { .. })
         ));
         assert!(matches!(
-            decode(&[KIND_PING; 10]),
+            decode(&[KIND_AUTH; 30]),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut unknown_body = vec![KIND_AUTH; AUTH_HEADER_LEN + TAG_LEN];
+        unknown_body[AUTH_HEADER_LEN - 1] = 0x7f;
+        assert_eq!(decode(&unknown_body), Err(FrameError::UnknownBody(0x7f)));
+        // Paths of 2 or 5 nodes, hop 0, hop past the end.
+        for (hop, n) in [(1u8, 2u8), (1, 5), (0, 3), (3, 3)] {
+            let mut body = vec![hop, n];
+            body.extend_from_slice(&[0u8; 41]);
+            assert_eq!(decode_relay(&body), Err(FrameError::BadRelayPath));
+        }
+        assert!(matches!(
+            decode_relay(&[1, 3, 0, 0]),
             Err(FrameError::Truncated { .. })
         ));
     }
@@ -195,7 +334,10 @@ mod tests {
     proptest! {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(&data);
+            if let Ok(Frame::Auth(auth)) = decode(&data) {
+                let _ = decode_relay(auth.body);
+            }
+            let _ = decode_relay(&data);
         }
     }
 }

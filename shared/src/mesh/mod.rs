@@ -1,6 +1,10 @@
-//! The mesh socket and its frames.
+//! The mesh socket, its frames, the link keys that authenticate them, and the control loop
+//! that runs routing over it.
 
+pub mod auth;
+pub mod control;
 pub mod frame;
 pub mod socket;
 
-pub use socket::{MeshSocket, ProbeReply, short_id_of, virtual_addr};
+pub use frame::BodyType;
+pub use socket::{BindError, ControlDatagram, MeshSocket, short_id_of, virtual_addr};

@@ -74,7 +74,7 @@ pub enum HandleError {
 }
 
 /// Counts of notable events, for metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RouterCounters {
     /// Probes this node originated.
     pub probes_sent: u64,

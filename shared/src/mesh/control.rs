@@ -1,0 +1,415 @@
+//! The control loop: runs the routing core over the mesh socket, and turns its decisions
+//! into the paths the socket sends QUIC datagrams on.
+//!
+//! One task per node. It feeds the [`Router`] the authenticated routing datagrams the
+//! socket hands up, runs its timers on tokio's clock, sends what it asks to send, and
+//! applies each route change to the socket at once ([`MeshSocket::set_route`]), below the
+//! QUIC connections that ride on it. Edges route to every connector; connectors route back
+//! to every edge, so each end picks a working path on its own when one dies.
+//!
+//! It also keeps members' configured addresses resolved, and serves the operator's view
+//! ([`MeshControl::status`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::frame::BodyType;
+use super::socket::{ControlDatagram, MeshSocket};
+use crate::identity::ShortId;
+use crate::membership::{Members, Role};
+use crate::resolve::Resolver;
+use crate::routing::{ConfigError, RouteEvent, Router, RouterCounters, RoutingConfig, Timestamp};
+
+/// How often configured member addresses are resolved again when DNS gives no TTL.
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// The running control loop of one node.
+pub struct MeshControl {
+    router: Mutex<Router<ShortId>>,
+    epoch: Instant,
+    socket: Arc<MeshSocket>,
+    members: Members,
+}
+
+impl std::fmt::Debug for MeshControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshControl").finish_non_exhaustive()
+    }
+}
+
+impl MeshControl {
+    /// Starts routing over `socket` until `stop` is cancelled. `role` is this node's role:
+    /// routes are kept to every member of the other role.
+    pub fn start(
+        socket: Arc<MeshSocket>,
+        role: Role,
+        config: RoutingConfig,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let epoch = Instant::now();
+        let me = socket.local_id().short();
+        let mut router = Router::new(me, config, StdRng::from_os_rng(), Timestamp::ZERO)?;
+        let members = socket.members().clone();
+        for member in members.iter().filter(|m| m.id.short() != me) {
+            if member.role == role {
+                router.add_peer(Timestamp::ZERO, member.id.short());
+            } else {
+                router.add_destination(Timestamp::ZERO, member.id.short());
+            }
+        }
+        let control = Arc::new(Self {
+            router: Mutex::new(router),
+            epoch,
+            socket: socket.clone(),
+            members,
+        });
+        if let Some(rx) = socket.take_control() {
+            tokio::spawn(control.clone().run(rx, stop.clone()));
+        }
+        tokio::spawn(resolve_members(socket, stop));
+        Ok(control)
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::from_duration(self.epoch.elapsed())
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        mut rx: tokio::sync::mpsc::Receiver<ControlDatagram>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let deadline = self
+                .router
+                .lock()
+                .ok()
+                .and_then(|r| r.poll_timeout())
+                .map(|t| self.epoch + t.since_epoch())
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                datagram = rx.recv() => {
+                    let Some(first) = datagram else { return };
+                    self.handle(first);
+                    // Take what else is queued before sending, to batch the replies.
+                    while let Ok(more) = rx.try_recv() {
+                        self.handle(more);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = self.now();
+                    if let Ok(mut router) = self.router.lock() {
+                        router.handle_timeout(now);
+                    }
+                }
+            }
+            self.flush();
+        }
+    }
+
+    fn handle(&self, datagram: ControlDatagram) {
+        match datagram.body_type {
+            BodyType::Routing => {
+                let now = self.now();
+                if let Ok(mut router) = self.router.lock() {
+                    if let Err(e) = router.handle_datagram(now, &datagram.from, &datagram.body) {
+                        tracing::trace!(peer = %datagram.from, error = %e, "routing datagram dropped");
+                    }
+                }
+            }
+            // Membership datagrams have no consumer yet; they are counted by the socket.
+            BodyType::Swim | BodyType::Relay => {}
+        }
+    }
+
+    /// Sends what the router wants sent and applies its route changes.
+    fn flush(&self) {
+        let (transmits, events) = {
+            let Ok(mut router) = self.router.lock() else {
+                return;
+            };
+            let transmits: Vec<_> = std::iter::from_fn(|| router.poll_transmit()).collect();
+            let events: Vec<_> = std::iter::from_fn(|| router.poll_event()).collect();
+            (transmits, events)
+        };
+        for t in transmits {
+            if let Err(e) = self
+                .socket
+                .send_control(&t.destination, BodyType::Routing, &t.payload)
+            {
+                tracing::trace!(peer = %t.destination, error = %e, "routing datagram not sent");
+            }
+        }
+        for event in events {
+            self.apply(event);
+        }
+    }
+
+    fn apply(&self, event: RouteEvent<ShortId>) {
+        self.socket
+            .set_route(event.destination, event.new.as_ref().map(|p| p.nodes()));
+        let names = |p: &Option<crate::routing::Path<ShortId>>| {
+            p.as_ref()
+                .map(|p| self.path_names(p.nodes()).join(" → "))
+                .unwrap_or_else(|| "none".to_owned())
+        };
+        let reason = format!("{:?}", event.reason).to_lowercase();
+        tracing::info!(
+            destination = %self.name(&event.destination),
+            from = %names(&event.old),
+            to = %names(&event.new),
+            %reason,
+            "route changed"
+        );
+        metrics::counter!("skylane_route_switches_total", "reason" => reason).increment(1);
+    }
+
+    fn name(&self, id: &ShortId) -> String {
+        self.members
+            .by_short(id)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    fn path_names(&self, nodes: &[ShortId]) -> Vec<String> {
+        nodes.iter().map(|n| self.name(n)).collect()
+    }
+
+    /// The routing core's counters.
+    pub fn counters(&self) -> RouterCounters {
+        self.router
+            .lock()
+            .map(|r| r.counters().clone())
+            .unwrap_or_default()
+    }
+
+    /// The node's view of the mesh, with members named, for the admin API and
+    /// `mesh-node status`.
+    pub fn status(&self) -> MeshStatus {
+        let now = self.now();
+        let (view, counters) = match self.router.lock() {
+            Ok(r) => (r.mesh_view(now), r.counters().clone()),
+            Err(_) => return MeshStatus::default(),
+        };
+        let ms = |t: Timestamp| now.saturating_since(t).as_secs_f64();
+        let direct: HashMap<ShortId, &crate::routing::view::PathView<ShortId>> = view
+            .paths
+            .iter()
+            .filter(|p| p.path.is_direct())
+            .map(|p| (*p.path.destination(), p))
+            .collect();
+        let me = self.socket.local_id().short();
+        let members = self
+            .members
+            .iter()
+            .map(|m| {
+                let short = m.id.short();
+                let path = direct.get(&short);
+                MemberStatus {
+                    name: m.name.clone(),
+                    role: m.role,
+                    region: m.region.clone(),
+                    id: short.to_string(),
+                    this_node: short == me,
+                    address: self.socket.peer_addr(&m.id).map(|a| a.to_string()),
+                    direct_state: path.map(|p| format!("{:?}", p.state).to_lowercase()),
+                    direct_rtt_ms: path.and_then(|p| p.srtt_ms),
+                }
+            })
+            .collect();
+        MeshStatus {
+            node: self.name(&me),
+            members,
+            paths: view
+                .paths
+                .iter()
+                .map(|p| PathStatus {
+                    path: self.path_names(p.path.nodes()),
+                    class: format!("{:?}", p.class).to_lowercase(),
+                    state: format!("{:?}", p.state).to_lowercase(),
+                    srtt_ms: p.srtt_ms,
+                    rttvar_ms: p.rttvar_ms,
+                    recent_ms: p.recent_ms,
+                    loss: p.loss,
+                })
+                .collect(),
+            links: view
+                .links
+                .iter()
+                .map(|l| LinkStatus {
+                    from: self.name(&l.from),
+                    to: self.name(&l.to),
+                    srtt_ms: l.srtt_ms,
+                    recent_ms: l.recent_ms,
+                    loss: l.loss,
+                    alive: l.alive,
+                    version: l.seq,
+                    age_s: ms(l.updated_at),
+                })
+                .collect(),
+            routes: view
+                .routes
+                .iter()
+                .map(|r| RouteStatus {
+                    destination: self.name(&r.destination),
+                    path: self.path_names(r.path.nodes()),
+                    cost_ms: r.cost.smoothed_ms,
+                    rtt_ms: r.cost.srtt.as_secs_f64() * 1000.0,
+                    loss: r.cost.loss,
+                    reason: format!("{:?}", r.reason).to_lowercase(),
+                    since_s: ms(r.since),
+                })
+                .collect(),
+            preferred_destination: view.preferred_destination.map(|d| self.name(&d)),
+            counters,
+        }
+    }
+}
+
+/// The mesh as one node sees it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct MeshStatus {
+    /// This node's name.
+    pub node: String,
+    /// Every configured member, with what this node measures of its direct link.
+    pub members: Vec<MemberStatus>,
+    /// Paths this node probes: direct links and relayed candidates.
+    pub paths: Vec<PathStatus>,
+    /// Every link measurement gossiped through the mesh.
+    pub links: Vec<LinkStatus>,
+    /// The route chosen to each destination.
+    pub routes: Vec<RouteStatus>,
+    /// Where new flows go (nearest healthy destination).
+    pub preferred_destination: Option<String>,
+    /// Routing event counters.
+    pub counters: RouterCounters,
+}
+
+/// One member.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    /// Its name.
+    pub name: String,
+    /// Edge or connector.
+    pub role: Role,
+    /// Its region label.
+    pub region: Option<String>,
+    /// Its short id (hex).
+    pub id: String,
+    /// Whether it is the node reporting.
+    pub this_node: bool,
+    /// Where its datagrams go on the direct path.
+    pub address: Option<String>,
+    /// Liveness of the direct path (`up`, `suspect`, `dead`, …), if probed.
+    pub direct_state: Option<String>,
+    /// Smoothed RTT of the direct path, ms.
+    pub direct_rtt_ms: Option<f64>,
+}
+
+/// One probed path.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct PathStatus {
+    /// Node names, this node first.
+    pub path: Vec<String>,
+    /// Probe cadence: active, standby or idle.
+    pub class: String,
+    /// Liveness.
+    pub state: String,
+    /// Smoothed RTT, ms.
+    pub srtt_ms: Option<f64>,
+    /// RTT variation, ms.
+    pub rttvar_ms: f64,
+    /// Median of the last few RTTs, ms.
+    pub recent_ms: Option<f64>,
+    /// Loss fraction over the probe window.
+    pub loss: f64,
+}
+
+/// One gossiped link measurement.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    /// The member that measured it.
+    pub from: String,
+    /// The far end.
+    pub to: String,
+    /// Smoothed RTT, ms.
+    pub srtt_ms: f64,
+    /// Recent RTT, ms.
+    pub recent_ms: f64,
+    /// Loss fraction.
+    pub loss: f64,
+    /// Whether the measuring member considers it alive.
+    pub alive: bool,
+    /// Version of the measuring member's record.
+    pub version: u64,
+    /// Seconds since this node last got an update of it.
+    pub age_s: f64,
+}
+
+/// The route to one destination.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct RouteStatus {
+    /// The destination.
+    pub destination: String,
+    /// Node names, this node first.
+    pub path: Vec<String>,
+    /// Cost (smoothed RTT plus loss penalty), ms.
+    pub cost_ms: f64,
+    /// Smoothed RTT, ms.
+    pub rtt_ms: f64,
+    /// Loss fraction.
+    pub loss: f64,
+    /// Why this path was chosen: initial, settling, failover or better.
+    pub reason: String,
+    /// Seconds since it was chosen.
+    pub since_s: f64,
+}
+
+/// Keeps every member's configured address resolved, re-resolving on TTL expiry.
+async fn resolve_members(socket: Arc<MeshSocket>, stop: CancellationToken) {
+    let resolver = Resolver::from_system();
+    let me = socket.local_id();
+    let targets: Vec<_> = socket
+        .members()
+        .iter()
+        .filter(|m| m.id != me)
+        .filter_map(|m| Some((m.id, m.name.clone(), m.address.clone()?)))
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    loop {
+        let mut next = RESOLVE_EVERY;
+        for (id, name, address) in &targets {
+            match resolver.resolve(address).await {
+                Ok(resolved) => {
+                    if let Some(addr) = resolved.addrs.first() {
+                        if socket.peer_addr(id) != Some(*addr) {
+                            tracing::debug!(member = %name, %addr, "member address resolved");
+                        }
+                        socket.set_peer_addr(id, *addr);
+                    }
+                    if let Some(until) = resolved.valid_until {
+                        next = next.min(until.saturating_duration_since(std::time::Instant::now()));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(member = %name, error = %e, "cannot resolve member address");
+                    next = next.min(Duration::from_secs(5));
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next.max(Duration::from_secs(1))) => {}
+        }
+    }
+}
