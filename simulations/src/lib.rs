@@ -5,7 +5,9 @@
 //! measured RTT matrix, and the clock jumps from event to event, so an hour of mesh life
 //! runs in seconds and a seed replays a run exactly.
 //!
-//! It does not run real processes or sockets; the real-process harness and the demo origin
-//! live beside it.
+//! [`wan`] is the other half: a user-space WAN emulator (UDP and TCP delay relays on real
+//! sockets) that gives real processes on loopback the latency, jitter and loss of a region
+//! pair, for the real-process harness. The demo origin lives beside them.
 
 pub mod vnet;
+pub mod wan;

@@ -3,8 +3,13 @@
 //! Subcommands run the virtual-time network in `skylane_simulations::vnet` with the real
 //! routing core on every node. Today: `routes` (chosen vs optimal routes per edge, plus
 //! injected failures) and `evaluate` (convergence, gossip bandwidth, failover percentiles,
-//! flapping). The subcommand layout leaves room for later ones (`demo`, `run SCENARIO`).
+//! flapping). `wan` is different: it runs one real WAN-emulator link
+//! (`skylane_simulations::wan`) in front of a real process, until Ctrl-C, for manual use —
+//! e.g. `simulate wan --listen 127.0.0.1:8081 --target 127.0.0.1:8080 --rtt-ms 100 --tcp`
+//! then `curl http://127.0.0.1:8081/`. The subcommand layout leaves room for later ones
+//! (`demo`, `run SCENARIO`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use skylane_simulations::vnet::experiments::{self, EdgeRoute, FailoverSummary};
 use skylane_simulations::vnet::{NetConfig, RttMatrix};
+use skylane_simulations::wan::{LinkProfile, TcpOptions, UdpOptions, Wan};
 
 /// Exit code for a bad command line or unusable input (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -33,6 +39,37 @@ enum Command {
     /// Measure convergence, gossip bandwidth (N = matrix size and a synthetic N), failover
     /// percentiles and flapping under jitter.
     Evaluate(EvaluateArgs),
+    /// Put an emulated WAN link (latency, jitter, loss) in front of a real process: relay
+    /// TCP and/or UDP from --listen to --target until Ctrl-C. Real time, not virtual.
+    Wan(WanArgs),
+}
+
+#[derive(Args, Debug)]
+struct WanArgs {
+    /// Address to listen on: clients connect (TCP) or send (UDP) here.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Address traffic is relayed to.
+    #[arg(long, value_name = "ADDR")]
+    target: SocketAddr,
+    /// Round-trip time the link adds, in ms; each direction adds half.
+    #[arg(long, value_name = "MS")]
+    rtt_ms: f64,
+    /// Uniform per-packet jitter on each one-way delay, ± ms (at most rtt / 2).
+    #[arg(long, value_name = "MS", default_value_t = 0.0)]
+    jitter_ms: f64,
+    /// Loss probability per packet and direction, 0..=1 (on TCP: a stall of one RTO).
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.0)]
+    loss: f64,
+    /// Relay TCP only (default: TCP and UDP, on the same port number).
+    #[arg(long, conflicts_with = "udp")]
+    tcp: bool,
+    /// Relay UDP only.
+    #[arg(long)]
+    udp: bool,
+    /// Seed of the jitter and loss draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 /// Mesh selection shared by the subcommands.
@@ -271,11 +308,63 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
     )
 }
 
+fn wan(args: &WanArgs) -> anyhow::Result<()> {
+    // Validated before anything binds.
+    let profile = LinkProfile::from_ms(args.rtt_ms, args.jitter_ms, args.loss)
+        .context("--rtt-ms / --jitter-ms / --loss")?;
+    let (tcp, udp) = match (args.tcp, args.udp) {
+        (false, false) => (true, true),
+        flags => flags,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let mut wan = Wan::new(args.seed);
+        let mut listen = args.listen;
+        if tcp {
+            let link = wan
+                .add_tcp("tcp", listen, args.target, profile, TcpOptions::default())
+                .await?;
+            // With port 0, UDP takes the port TCP got.
+            listen = link.local_addr();
+            println!("wan: tcp {} -> {}", link.local_addr(), args.target);
+        }
+        if udp {
+            let link = wan
+                .add_udp("udp", listen, args.target, profile, UdpOptions::default())
+                .await?;
+            println!("wan: udp {} -> {}", link.local_addr(), args.target);
+        }
+        println!(
+            "wan: rtt {} ms, jitter ± {} ms, loss {}; Ctrl-C to stop",
+            args.rtt_ms, args.jitter_ms, args.loss
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        for (name, link) in wan.links() {
+            println!("wan: {name}: {:?}", link.handle().stats());
+        }
+        wan.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Routes(args) => routes(args),
         Command::Evaluate(args) => evaluate(args),
+        Command::Wan(args) => wan(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
