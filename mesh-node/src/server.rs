@@ -112,6 +112,7 @@ pub async fn serve(
     let tunnels = TunnelPool::start(
         endpoint.clone(),
         socket.clone(),
+        control.clone(),
         identity.key.clone(),
         config.connectors.clone(),
         config.tunnel.clone(),

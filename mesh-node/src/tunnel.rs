@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use skylane_shared::identity::NodeKey;
 use skylane_shared::lifecycle::Backoff;
 use skylane_shared::membership::Member;
+use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::mesh::{MeshSocket, virtual_addr};
 use skylane_shared::quic;
 use skylane_shared::resolve::Resolver;
@@ -66,6 +67,7 @@ impl TunnelPool {
     pub fn start(
         endpoint: quinn::Endpoint,
         socket: Arc<MeshSocket>,
+        control: Arc<MeshControl>,
         key: NodeKey,
         connectors: Vec<Member>,
         timing: Tunnel,
@@ -80,17 +82,16 @@ impl TunnelPool {
                 })
             })
             .collect();
-        let resolver = Resolver::from_system();
+        let dialer = Arc::new(Dialer {
+            endpoint,
+            socket: socket.clone(),
+            control,
+            key,
+            timing,
+            resolver: Resolver::from_system(),
+        });
         for link in &links {
-            tokio::spawn(keep_up(
-                link.clone(),
-                endpoint.clone(),
-                socket.clone(),
-                key.clone(),
-                timing.clone(),
-                resolver.clone(),
-                stop.clone(),
-            ));
+            tokio::spawn(keep_up(link.clone(), dialer.clone(), stop.clone()));
         }
         Arc::new(Self { links, socket })
     }
@@ -164,15 +165,25 @@ impl TunnelPool {
     }
 }
 
-async fn keep_up(
-    link: Arc<ConnectorLink>,
+/// What every connector's dial loop shares.
+struct Dialer {
     endpoint: quinn::Endpoint,
     socket: Arc<MeshSocket>,
+    control: Arc<MeshControl>,
     key: NodeKey,
     timing: Tunnel,
     resolver: Resolver,
-    stop: CancellationToken,
-) {
+}
+
+async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: CancellationToken) {
+    let Dialer {
+        endpoint,
+        socket,
+        control,
+        key,
+        timing,
+        resolver,
+    } = &*dialer;
     let name = link.member.name.clone();
     let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
     let mut dns_valid_until: Option<Option<Instant>> = None;
@@ -207,7 +218,7 @@ async fn keep_up(
                 }
             }
         }
-        let config = match quic::client_config(&key, link.member.id) {
+        let config = match quic::client_config(key, link.member.id) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(connector = %name, error = %e, "bad tunnel TLS config");
@@ -241,6 +252,7 @@ async fn keep_up(
             },
         };
         backoff.reset();
+        control.watch_connection(conn.clone());
         tracing::info!(connector = %name, rtt_ms = conn.rtt().as_millis() as u64, "tunnel up");
         metrics::gauge!("skylane_tunnel_up", "connector" => name.clone()).set(1.0);
         if let Ok(mut s) = link.state.write() {

@@ -130,7 +130,7 @@ pub async fn serve(
             socket: socket.clone(),
             tunnels: tunnels.clone(),
             services: services.clone(),
-            control,
+            control: control.clone(),
             draining: draining.clone(),
         });
         tokio::spawn(telemetry::serve_admin(
@@ -161,6 +161,7 @@ pub async fn serve(
         let streams = streams.clone();
         let members = identity.members.clone();
         let stop = shutdown.now.clone();
+        let control = control.clone();
         tracker.spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -172,6 +173,7 @@ pub async fn serve(
             let peer = trust::peer_node_id(&conn)
                 .and_then(|id| members.get(&id).map(|m| m.name.clone()))
                 .unwrap_or_else(|| "unknown".into());
+            control.watch_connection(conn.clone());
             tracing::info!(%peer, "tunnel up");
             metrics::gauge!("skylane_tunnels", "role" => "connector").increment(1.0);
             let id = conn.stable_id();

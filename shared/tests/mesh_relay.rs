@@ -95,7 +95,12 @@ async fn quic_rides_a_relay_and_survives_path_changes_and_the_relays_death() {
     relay_via(&d, &r, &a);
     let server = d.endpoint.clone();
     let echo = tokio::spawn(async move {
-        let conn = server.accept().await.expect("incoming").await.expect("conn");
+        let conn = server
+            .accept()
+            .await
+            .expect("incoming")
+            .await
+            .expect("conn");
         let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
         let mut buf = vec![0u8; 4096];
         while let Some(n) = recv.read(&mut buf).await.expect("read") {
@@ -139,7 +144,9 @@ async fn quic_rides_a_relay_and_survives_path_changes_and_the_relays_death() {
             }
             _ => {}
         }
-        let msg: Vec<u8> = (0..1000u32).map(|i| ((i * 7 + round) % 251) as u8).collect();
+        let msg: Vec<u8> = (0..1000u32)
+            .map(|i| ((i * 7 + round) % 251) as u8)
+            .collect();
         send.write_all(&msg).await.expect("write");
         sent.extend_from_slice(&msg);
         let mut got = vec![0u8; msg.len()];
@@ -149,7 +156,10 @@ async fn quic_rides_a_relay_and_survives_path_changes_and_the_relays_death() {
             .expect("read");
         echoed.extend_from_slice(&got);
     }
-    assert_eq!(sent, echoed, "no byte lost or reordered across path changes");
+    assert_eq!(
+        sent, echoed,
+        "no byte lost or reordered across path changes"
+    );
     send.finish().expect("finish");
     let _ = recv.read_to_end(1 << 16).await;
     conn.close(0u32.into(), b"done");
@@ -160,8 +170,11 @@ async fn quic_rides_a_relay_and_survives_path_changes_and_the_relays_death() {
 async fn relays_refuse_strangers_forgeries_and_replays() {
     let (a, r, d) = three_nodes().await;
     // A spy sits where `a` believes the relay is, to capture one genuine relayed frame.
-    let spy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("spy");
-    a.socket.set_peer_addr(&r.key.id(), spy.local_addr().expect("addr"));
+    let spy = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("spy");
+    a.socket
+        .set_peer_addr(&r.key.id(), spy.local_addr().expect("addr"));
     relay_via(&a, &r, &d);
     let _attempt = a.endpoint.connect_with(
         quic::client_config(&a.key, d.key.id()).expect("cfg"),
@@ -213,7 +226,11 @@ async fn relays_refuse_strangers_forgeries_and_replays() {
     })
     .await
     .expect("every frame was judged");
-    assert_eq!(count(&c.relayed_forwarded), 1, "only the genuine frame is forwarded");
+    assert_eq!(
+        count(&c.relayed_forwarded),
+        1,
+        "only the genuine frame is forwarded"
+    );
     assert_eq!(count(&c.replayed), 1);
     assert_eq!(count(&c.bad_tag), 2);
     assert_eq!(count(&c.non_member), 1);

@@ -227,6 +227,14 @@ pub struct ClusterOptions {
     pub health_interval_ms: u64,
     /// Origin response timeout.
     pub response_timeout_ms: u64,
+    /// The connector's mesh UDP address, when the test chooses it (to point a WAN link at
+    /// it before the cluster starts).
+    pub connector_udp: Option<SocketAddr>,
+    /// Per edge, where it dials the connector (a WAN link in front of it, say); missing or
+    /// `None`: the connector's own address.
+    pub connector_addr_for_edge: Vec<Option<SocketAddr>>,
+    /// TOML appended to every node's config (a `[routing]` section, say).
+    pub extra_config: String,
 }
 
 impl Default for ClusterOptions {
@@ -235,6 +243,9 @@ impl Default for ClusterOptions {
             edges: 1,
             health_interval_ms: 200,
             response_timeout_ms: 5_000,
+            connector_udp: None,
+            connector_addr_for_edge: Vec::new(),
+            extra_config: String::new(),
         }
     }
 }
@@ -252,6 +263,8 @@ pub struct Edge {
     pub tcp: SocketAddr,
     /// Its config file.
     pub config: PathBuf,
+    /// Its mesh UDP address.
+    pub udp: SocketAddr,
 }
 
 /// demo-origin + connector + edges on loopback, with everything they need on disk.
@@ -310,17 +323,34 @@ impl Cluster {
                 spare = Some(key);
             }
         }
-        let connector_udp = free_udp();
+        let connector_udp = opts.connector_udp.unwrap_or_else(free_udp);
         let connector_admin = free_tcp();
-        let mut members = member_block(
-            "connector",
-            "connector",
-            "keys/connector.key.pub",
-            Some(connector_udp),
-        );
+        let edge_udp: Vec<SocketAddr> = (0..opts.edges).map(|_| free_udp()).collect();
+        // Every member but the connector, with edges' addresses so they can relay for
+        // each other.
+        let mut others = String::new();
         for n in names.iter().skip(1) {
-            members.push_str(&member_block(n, "edge", &format!("keys/{n}.key.pub"), None));
+            let address = n
+                .strip_prefix("edge-")
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| edge_udp.get(i).copied());
+            others.push_str(&member_block(
+                n,
+                "edge",
+                &format!("keys/{n}.key.pub"),
+                address,
+            ));
         }
+        let members_with = |connector_addr: SocketAddr| {
+            member_block(
+                "connector",
+                "connector",
+                "keys/connector.key.pub",
+                Some(connector_addr),
+            ) + &others
+        };
+        let members = members_with(connector_udp);
+        let extra = &opts.extra_config;
         let connector_config = d.join("connector.toml");
         std::fs::write(
             &connector_config,
@@ -329,7 +359,7 @@ impl Cluster {
                  {members}[admin]\nlisten = \"{connector_admin}\"\n\n\
                  [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n\n\
                  [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
-                 [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n",
+                 [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n\n{extra}\n",
                 origin = origin.addr,
                 rt = opts.response_timeout_ms,
                 hi = opts.health_interval_ms,
@@ -342,8 +372,15 @@ impl Cluster {
             d,
         )?;
         let mut edges = Vec::new();
-        for i in 0..opts.edges {
-            let (udp, https, admin, tcp) = (free_udp(), free_tcp(), free_tcp(), free_tcp());
+        for (i, &udp) in edge_udp.iter().enumerate() {
+            let (https, admin, tcp) = (free_tcp(), free_tcp(), free_tcp());
+            let members = members_with(
+                opts.connector_addr_for_edge
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(connector_udp),
+            );
             let config = d.join(format!("edge-{i}.toml"));
             std::fs::write(
                 &config,
@@ -353,7 +390,7 @@ impl Cluster {
                      [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
                      [[routes]]\nhost = \"*\"\npath_prefix = \"/unknown-service\"\nservice = \"no-such-service\"\n\n\
                      [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
-                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n"
+                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n{extra}\n"
                 ),
             )?;
             let proc = Proc::spawn(
@@ -368,6 +405,7 @@ impl Cluster {
                 admin,
                 tcp,
                 config,
+                udp,
             });
         }
         let cluster = Self {
@@ -484,6 +522,23 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
+}
+
+/// A node's `/status` document.
+pub fn status(admin: SocketAddr) -> Option<serde_json::Value> {
+    let text = http_get(admin, "/status")?;
+    serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
+}
+
+/// The path (node names) a node's route to `destination` takes now, from its `/status`.
+pub fn route_path(admin: SocketAddr, destination: &str) -> Option<Vec<String>> {
+    let status = status(admin)?;
+    let route = status["mesh"]["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["destination"] == destination)?
+        .clone();
+    serde_json::from_value(route["path"].clone()).ok()
 }
 
 /// The value of an unlabelled Prometheus counter or gauge (sum over label sets whose

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::BodyType;
-use super::socket::{ControlDatagram, MeshSocket};
+use super::socket::{ControlDatagram, MeshSocket, short_id_of};
 use crate::identity::ShortId;
 use crate::membership::{Members, Role};
 use crate::resolve::Resolver;
@@ -33,6 +33,8 @@ const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 /// The running control loop of one node.
 pub struct MeshControl {
     router: Mutex<Router<ShortId>>,
+    /// QUIC connections over this socket, nudged when their peer's route changes.
+    connections: Mutex<Vec<quinn::Connection>>,
     epoch: Instant,
     socket: Arc<MeshSocket>,
     members: Members,
@@ -66,6 +68,7 @@ impl MeshControl {
         }
         let control = Arc::new(Self {
             router: Mutex::new(router),
+            connections: Mutex::new(Vec::new()),
             epoch,
             socket: socket.clone(),
             members,
@@ -153,9 +156,26 @@ impl MeshControl {
         }
     }
 
+    /// Registers a QUIC connection over this node's socket, so a route change towards its
+    /// peer is followed by an immediate retransmission instead of a backed-off timer.
+    pub fn watch_connection(&self, conn: quinn::Connection) {
+        if let Ok(mut conns) = self.connections.lock() {
+            conns.retain(|c| c.close_reason().is_none());
+            conns.push(conn);
+        }
+    }
+
     fn apply(&self, event: RouteEvent<ShortId>) {
         self.socket
             .set_route(event.destination, event.new.as_ref().map(|p| p.nodes()));
+        if let Ok(mut conns) = self.connections.lock() {
+            conns.retain(|c| c.close_reason().is_none());
+            for conn in conns.iter() {
+                if short_id_of(&conn.remote_address()) == Some(event.destination) {
+                    crate::quic::nudge(conn);
+                }
+            }
+        }
         let names = |p: &Option<crate::routing::Path<ShortId>>| {
             p.as_ref()
                 .map(|p| self.path_names(p.nodes()).join(" → "))

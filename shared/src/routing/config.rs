@@ -65,6 +65,9 @@ pub struct RoutingConfig {
     pub settle_ms: u64,
     /// During settling, a candidate must beat the current route by this percentage. Default 2.
     pub settle_min_gain_percent: u64,
+    /// ...and by at least this many ms, so equal paths a fraction of a millisecond apart
+    /// (two relays in one data centre) don't trade places on noise. Default 1.
+    pub settle_min_gain_ms: u64,
     /// A path's end-to-end measurement is trusted for a performance switch after this many
     /// replies. Default 3.
     pub min_samples_for_switch: u32,
@@ -117,6 +120,7 @@ impl Default for RoutingConfig {
             min_dwell_ms: 30_000,
             settle_ms: 15_000,
             settle_min_gain_percent: 2,
+            settle_min_gain_ms: 1,
             min_samples_for_switch: 3,
             standby_paths: 2,
             gossip_interval_ms: 200,

@@ -8,7 +8,7 @@
 //!    shares no relay and no first link with the dead path; failing that any verified one,
 //!    then any candidate ([`SwitchReason::Failover`]). No dwell or sustain applies.
 //! 3. **Settling** — for `settle_ms` after the destination first got a route, follow the
-//!    best candidate whenever it is `settle_min_gain_percent` cheaper
+//!    best candidate whenever it is `settle_min_gain_percent` and `settle_min_gain_ms` cheaper
 //!    ([`SwitchReason::Settling`]): no flow has had time to care yet, and the mesh view is
 //!    still filling in.
 //! 4. **Clearly better** — a verified candidate must beat the current path by at least
@@ -195,7 +195,10 @@ impl<N: NodeKey> DestinationRoute<N> {
         if settling {
             let factor = 1.0 - config.settle_min_gain_percent as f64 / 100.0;
             if let Some(best) = others.first() {
-                if best.cost.smoothed_ms < current_cost.smoothed_ms * factor {
+                let gain = current_cost.smoothed_ms - best.cost.smoothed_ms;
+                if best.cost.smoothed_ms < current_cost.smoothed_ms * factor
+                    && gain >= config.settle_min_gain_ms as f64
+                {
                     return Some(self.switch(now, best, SwitchReason::Settling));
                 }
             }

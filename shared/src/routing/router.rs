@@ -653,7 +653,7 @@ impl<N: NodeKey> Router<N> {
             if let Some(event) =
                 route.evaluate(now, status, &candidates, &self.config, &mut self.rng)
             {
-                tracing::info!(destination = ?event.destination, old = ?event.old, new = ?event.new, reason = ?event.reason, "route changed");
+                tracing::debug!(destination = ?event.destination, old = ?event.old, new = ?event.new, reason = ?event.reason, "route changed");
                 self.events.push_back(event);
             }
             // Probe classes: the active path, the direct path, the best alternatives.

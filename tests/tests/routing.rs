@@ -1,0 +1,158 @@
+//! Mesh routing with the real binaries: a connector and three edges on loopback, the
+//! direct path from edge-0 to the connector made slow by the user-space WAN emulator.
+//! Traffic moves to a relay, and a websocket open across the relay survives its death.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use skylane_simulations::wan::{LinkProfile, UdpLink};
+use skylane_tests::{Cluster, ClusterOptions, free_udp, metric, route_path};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
+async fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_direct_path_moves_to_a_relay_and_a_websocket_survives_the_relays_death()
+-> anyhow::Result<()> {
+    // edge-0 → connector crosses a 200 ms link; every other pair is plain loopback.
+    let connector_udp = free_udp();
+    let slow = UdpLink::start(
+        "127.0.0.1:0".parse()?,
+        connector_udp,
+        LinkProfile::new(Duration::from_millis(200)),
+        7,
+    )
+    .await?;
+    let opts = ClusterOptions {
+        edges: 3,
+        // Past the settling phase quickly, so the relay's death is a failover, not an
+        // early adjustment.
+        extra_config: "[routing]\nsettle_ms = 2000\n".into(),
+        connector_udp: Some(connector_udp),
+        connector_addr_for_edge: vec![Some(slow.local_addr())],
+        ..ClusterOptions::default()
+    };
+    let c = tokio::task::spawn_blocking(move || Cluster::start(opts)).await??;
+    let edge0 = c.edges[0].admin;
+
+    // The route settles on a relay.
+    let started = Instant::now();
+    let path = wait_for(Duration::from_secs(40), || {
+        route_path(edge0, "connector").filter(|p| p.len() == 3)
+    })
+    .await
+    .ok_or_else(|| anyhow::anyhow!("edge-0 never routed through a relay\n{}", c.logs()))?;
+    println!("edge-0 routes {path:?} after {:?}", started.elapsed());
+    // Past settling, failover rules apply.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let path = route_path(edge0, "connector").unwrap_or_default();
+    anyhow::ensure!(path.len() == 3, "edge-0 left the relays: {path:?}");
+    let relay_name = path[1].clone();
+    let relay = c
+        .edges
+        .iter()
+        .position(|e| e.proc.name == relay_name)
+        .ok_or_else(|| anyhow::anyhow!("relay {relay_name} is not an edge"))?;
+
+    // A websocket through edge-0, echoing over the relayed path.
+    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"http/1.1"])?;
+    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
+        stream,
+    )
+    .await?;
+    let mut echo = async |i: u32| -> anyhow::Result<Duration> {
+        let sent = Instant::now();
+        let msg = Message::Text(format!("message {i}").into());
+        ws.send(msg.clone()).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Pong(_)))) => continue,
+                Ok(Some(Ok(m))) if m == msg => return Ok(sent.elapsed()),
+                Ok(other) => anyhow::bail!("message {i}: got {other:?}"),
+                Err(_) => anyhow::bail!("message {i}: no echo within 10 s"),
+            }
+        }
+    };
+    let mut relayed_rtts = Vec::new();
+    for i in 0..20 {
+        relayed_rtts.push(echo(i).await?);
+    }
+    relayed_rtts.sort();
+    let median = relayed_rtts[relayed_rtts.len() / 2];
+    println!("websocket echo over the relay: median {median:?}");
+    assert!(
+        median < Duration::from_millis(80),
+        "the relayed path must beat the 100+ ms direct one, got {median:?}"
+    );
+    let forwarded = skylane_tests::status(c.edges[relay].admin)
+        .and_then(|s| s["frames"]["relayed_forwarded"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        forwarded >= 20,
+        "{relay_name} forwarded only {forwarded} datagrams"
+    );
+    let sent_relayed = skylane_tests::status(edge0)
+        .and_then(|s| s["frames"]["relayed_sent"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        sent_relayed >= 20,
+        "edge-0 sent only {sent_relayed} relayed datagrams"
+    );
+
+    // Kill the relay; the websocket keeps echoing, every message in order.
+    let mut c = c;
+    c.edges[relay].proc.kill();
+    let killed = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut i = 100;
+    while killed.elapsed() < Duration::from_secs(6) {
+        worst = worst.max(echo(i).await?);
+        i += 1;
+        // A chat-like pace, leaving the CPU to the nodes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = route_path(edge0, "connector").unwrap_or_default();
+    println!(
+        "after killing {relay_name}: route {after:?}, {} messages, slowest echo {worst:?}",
+        i - 100
+    );
+    assert!(
+        !after.contains(&relay_name),
+        "the route must leave the dead relay: {after:?}"
+    );
+    let route_log = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("route changed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    println!(
+        "edge-0:\n{}\nconnector:\n{}",
+        route_log(c.edges[0].proc.log()),
+        route_log(c.connector.log())
+    );
+    assert!(metric(edge0, "skylane_route_switches_total", "failover") >= 1.0);
+    assert!(
+        worst < Duration::from_secs(1),
+        "the websocket stalled for {worst:?} while the route failed over"
+    );
+    ws.send(Message::Close(None)).await?;
+    drop(slow);
+    Ok(())
+}
