@@ -15,6 +15,8 @@ pub mod pipe;
 pub mod quic;
 pub mod resolve;
 pub mod routing;
+/// SWIM membership liveness (foca), sans-IO: which members are alive, suspect or down.
+pub mod swim;
 pub mod telemetry;
 pub mod trust;
 pub mod wire;
