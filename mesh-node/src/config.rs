@@ -12,6 +12,7 @@ use skylane_shared::config::{
 };
 use skylane_shared::membership::{Member, Role};
 use skylane_shared::routing::RoutingConfig;
+use skylane_shared::swim::SwimConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +22,8 @@ struct File {
     mesh: MeshSection,
     #[serde(default)]
     routing: RoutingConfig,
+    #[serde(default)]
+    membership: SwimConfig,
     admin: Option<AdminSection>,
     #[serde(default)]
     log: LogSection,
@@ -143,6 +146,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Path probing, route selection and gossip.
     pub routing: RoutingConfig,
+    /// Membership (SWIM) timing.
+    pub membership: SwimConfig,
 }
 
 /// The HTTPS listener.
@@ -301,6 +306,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             v.invalid(format!("routing.{key}"), reason)
         },
     )?;
+    file.membership
+        .validate()
+        .map_err(|e| v.invalid("membership", e.to_string()))?;
     Ok(Config {
         identity,
         listen: file.node.listen,
@@ -325,5 +333,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         },
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
         routing: file.routing,
+        membership: file.membership,
     })
 }

@@ -107,6 +107,7 @@ pub async fn serve(
         socket.clone(),
         Role::Edge,
         config.routing.clone(),
+        config.membership.clone(),
         stop_tunnels.clone(),
     )?;
     let tunnels = TunnelPool::start(

@@ -13,6 +13,7 @@ use skylane_shared::config::{
 };
 use skylane_shared::membership::Role;
 use skylane_shared::routing::RoutingConfig;
+use skylane_shared::swim::SwimConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +23,8 @@ struct File {
     mesh: MeshSection,
     #[serde(default)]
     routing: RoutingConfig,
+    #[serde(default)]
+    membership: SwimConfig,
     admin: Option<AdminSection>,
     #[serde(default)]
     log: LogSection,
@@ -127,6 +130,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Path probing, route selection and gossip.
     pub routing: RoutingConfig,
+    /// Membership (SWIM) timing.
+    pub membership: SwimConfig,
     /// Origin services by name.
     pub services: BTreeMap<String, Service>,
 }
@@ -243,6 +248,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             v.invalid(format!("routing.{key}"), reason)
         },
     )?;
+    file.membership
+        .validate()
+        .map_err(|e| v.invalid("membership", e.to_string()))?;
     Ok(Config {
         identity,
         listen: file.node.listen,
@@ -250,6 +258,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         log: file.log,
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
         routing: file.routing,
+        membership: file.membership,
         services,
     })
 }

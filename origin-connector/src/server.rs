@@ -105,6 +105,7 @@ pub async fn serve(
         socket.clone(),
         Role::Connector,
         config.routing.clone(),
+        config.membership.clone(),
         stop_checks.clone(),
     )?;
     let services: BTreeMap<String, Arc<ServicePool>> = config

@@ -137,13 +137,13 @@ impl Default for SwimConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SwimConfigError {
     /// A duration that must be positive is zero.
-    #[error("swim.{0} must be greater than zero")]
+    #[error("{0} must be greater than zero")]
     ZeroDuration(&'static str),
     /// A count that must be positive is zero.
-    #[error("swim.{0} must be at least 1")]
+    #[error("{0} must be at least 1")]
     ZeroCount(&'static str),
     /// The direct probe wait leaves no time for indirect probes.
-    #[error("swim.probe_rtt_ms ({rtt_ms}) must be less than swim.probe_period_ms ({period_ms})")]
+    #[error("probe_rtt_ms ({rtt_ms}) must be less than probe_period_ms ({period_ms})")]
     ProbeRttNotBelowPeriod {
         /// The configured `probe_rtt_ms`.
         rtt_ms: u64,
@@ -151,9 +151,7 @@ pub enum SwimConfigError {
         period_ms: u64,
     },
     /// `max_packet_size` outside [`MIN_PACKET_SIZE`]..=[`MAX_PACKET_SIZE_LIMIT`].
-    #[error(
-        "swim.max_packet_size ({0}) must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE_LIMIT}"
-    )]
+    #[error("max_packet_size ({0}) must be between {MIN_PACKET_SIZE} and {MAX_PACKET_SIZE_LIMIT}")]
     PacketSize(usize),
     /// This node's own id is not in the member list.
     #[error("this node ({0}) is not in the member list")]
@@ -297,7 +295,7 @@ pub struct MemberView {
 }
 
 /// Counts of notable events, for metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwimCounters {
     /// Datagrams passed to [`Swim::handle_datagram`].
     pub datagrams_in: u64,
@@ -1088,7 +1086,7 @@ mod tests {
             ..SwimConfig::default()
         };
         let err = bad.validate().expect_err("zero suspicion");
-        assert!(err.to_string().contains("swim.suspect_to_down_ms"), "{err}");
+        assert!(err.to_string().contains("suspect_to_down_ms"), "{err}");
         let parsed: SwimConfig = toml::from_str("probe_period_ms = 2000").expect("toml");
         assert_eq!(parsed.probe_period_ms, 2000);
         assert_eq!(parsed.probe_rtt_ms, 500);

@@ -7,6 +7,10 @@
 //! QUIC connections that ride on it. Edges route to every connector; connectors route back
 //! to every edge, so each end picks a working path on its own when one dies.
 //!
+//! Membership runs here too: SWIM ([`Swim`], on foca) over the same authenticated
+//! frames. A member SWIM declares down is taken out of routing at once — no path through it
+//! is used or probed — and put back when it is up again.
+//!
 //! It also keeps members' configured addresses resolved, and serves the operator's view
 //! ([`MeshControl::status`]).
 
@@ -26,23 +30,63 @@ use crate::identity::ShortId;
 use crate::membership::{Members, Role};
 use crate::resolve::Resolver;
 use crate::routing::{ConfigError, RouteEvent, Router, RouterCounters, RoutingConfig, Timestamp};
+use crate::swim::{MemberEvent, MemberView, Swim, SwimConfig, SwimConfigError, SwimCounters};
+
+/// Pauses between the nudges sent after a route change (see `nudge_connections`).
+const NUDGE_SCHEDULE_MS: [u64; 5] = [0, 50, 100, 150, 200];
 
 /// How often configured member addresses are resolved again when DNS gives no TTL.
 const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
 /// The running control loop of one node.
 pub struct MeshControl {
-    router: Mutex<Router<ShortId>>,
+    core: Mutex<Core>,
     /// QUIC connections over this socket, nudged when their peer's route changes.
     connections: Mutex<Vec<quinn::Connection>>,
+    /// This node's role: routes go to members of the other role.
+    role: Role,
     epoch: Instant,
     socket: Arc<MeshSocket>,
     members: Members,
 }
 
+/// Why the control loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The `[routing]` section is invalid.
+    #[error(transparent)]
+    Routing(#[from] ConfigError),
+    /// The `[membership]` section is invalid.
+    #[error("membership: {0}")]
+    Membership(#[from] SwimConfigError),
+}
+
+fn add_to_router(router: &mut Router<ShortId>, me: Role, role: Role, id: ShortId) {
+    if role == me {
+        router.add_peer(Timestamp::ZERO, id);
+    } else {
+        router.add_destination(Timestamp::ZERO, id);
+    }
+}
+
 impl std::fmt::Debug for MeshControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshControl").finish_non_exhaustive()
+    }
+}
+
+/// The sans-IO state machines the loop drives.
+struct Core {
+    router: Router<ShortId>,
+    swim: Swim,
+}
+
+impl Core {
+    fn next_deadline(&self) -> Option<Timestamp> {
+        match (self.router.poll_timeout(), self.swim.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -52,27 +96,41 @@ impl MeshControl {
     pub fn start(
         socket: Arc<MeshSocket>,
         role: Role,
-        config: RoutingConfig,
+        routing: RoutingConfig,
+        membership: SwimConfig,
         stop: CancellationToken,
-    ) -> Result<Arc<Self>, ConfigError> {
+    ) -> Result<Arc<Self>, StartError> {
         let epoch = Instant::now();
         let me = socket.local_id().short();
-        let mut router = Router::new(me, config, StdRng::from_os_rng(), Timestamp::ZERO)?;
+        let mut router = Router::new(me, routing, StdRng::from_os_rng(), Timestamp::ZERO)?;
         let members = socket.members().clone();
         for member in members.iter().filter(|m| m.id.short() != me) {
-            if member.role == role {
-                router.add_peer(Timestamp::ZERO, member.id.short());
-            } else {
-                router.add_destination(Timestamp::ZERO, member.id.short());
+            add_to_router(&mut router, role, member.role, member.id.short());
+        }
+        let mut swim = Swim::new(
+            me,
+            members.iter().map(|m| m.id.short()),
+            membership,
+            StdRng::from_os_rng(),
+            Timestamp::ZERO,
+        )?;
+        // Literal addresses are known now; DNS names follow from `resolve_members`. SWIM
+        // re-announces on its own to members it could not reach yet.
+        for member in members.iter().filter(|m| m.id.short() != me) {
+            if let Some(addr) = member.address.as_deref().and_then(|a| a.parse().ok()) {
+                socket.set_peer_addr(&member.id, addr);
             }
         }
+        swim.join(Timestamp::ZERO);
         let control = Arc::new(Self {
-            router: Mutex::new(router),
+            core: Mutex::new(Core { router, swim }),
+            role,
             connections: Mutex::new(Vec::new()),
             epoch,
             socket: socket.clone(),
             members,
         });
+        control.flush();
         if let Some(rx) = socket.take_control() {
             tokio::spawn(control.clone().run(rx, stop.clone()));
         }
@@ -91,10 +149,10 @@ impl MeshControl {
     ) {
         loop {
             let deadline = self
-                .router
+                .core
                 .lock()
                 .ok()
-                .and_then(|r| r.poll_timeout())
+                .and_then(|c| c.next_deadline())
                 .map(|t| self.epoch + t.since_epoch())
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
             tokio::select! {
@@ -109,8 +167,9 @@ impl MeshControl {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
-                    if let Ok(mut router) = self.router.lock() {
-                        router.handle_timeout(now);
+                    if let Ok(mut core) = self.core.lock() {
+                        core.router.handle_timeout(now);
+                        core.swim.handle_timeout(now);
                     }
                 }
             }
@@ -119,41 +178,77 @@ impl MeshControl {
     }
 
     fn handle(&self, datagram: ControlDatagram) {
-        match datagram.body_type {
-            BodyType::Routing => {
-                let now = self.now();
-                if let Ok(mut router) = self.router.lock() {
-                    if let Err(e) = router.handle_datagram(now, &datagram.from, &datagram.body) {
-                        tracing::trace!(peer = %datagram.from, error = %e, "routing datagram dropped");
-                    }
-                }
-            }
-            // Membership datagrams have no consumer yet; they are counted by the socket.
-            BodyType::Swim | BodyType::Relay => {}
+        let now = self.now();
+        let Ok(mut core) = self.core.lock() else {
+            return;
+        };
+        let from = datagram.from;
+        let result = match datagram.body_type {
+            BodyType::Routing => core
+                .router
+                .handle_datagram(now, &from, &datagram.body)
+                .map_err(|e| e.to_string()),
+            BodyType::Swim => core
+                .swim
+                .handle_datagram(now, from, &datagram.body)
+                .map_err(|e| e.to_string()),
+            BodyType::Relay => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::trace!(peer = %from, %error, "control datagram dropped");
         }
     }
 
     /// Sends what the router wants sent and applies its route changes.
     fn flush(&self) {
         let (transmits, events) = {
-            let Ok(mut router) = self.router.lock() else {
+            let Ok(mut core) = self.core.lock() else {
                 return;
             };
-            let transmits: Vec<_> = std::iter::from_fn(|| router.poll_transmit()).collect();
-            let events: Vec<_> = std::iter::from_fn(|| router.poll_event()).collect();
+            // Membership changes first: they add or remove routing peers.
+            while let Some(event) = core.swim.poll_event() {
+                self.membership_changed(&mut core.router, event);
+            }
+            let mut transmits: Vec<(ShortId, BodyType, Vec<u8>)> =
+                std::iter::from_fn(|| core.router.poll_transmit())
+                    .map(|t| (t.destination, BodyType::Routing, t.payload))
+                    .collect();
+            transmits.extend(
+                std::iter::from_fn(|| core.swim.poll_transmit())
+                    .map(|(to, bytes)| (to, BodyType::Swim, bytes)),
+            );
+            let events: Vec<_> = std::iter::from_fn(|| core.router.poll_event()).collect();
             (transmits, events)
         };
-        for t in transmits {
-            if let Err(e) = self
-                .socket
-                .send_control(&t.destination, BodyType::Routing, &t.payload)
-            {
-                tracing::trace!(peer = %t.destination, error = %e, "routing datagram not sent");
+        for (to, body_type, body) in transmits {
+            if let Err(e) = self.socket.send_control(&to, body_type, &body) {
+                tracing::trace!(peer = %to, error = %e, "control datagram not sent");
             }
         }
         for event in events {
             self.apply(event);
         }
+    }
+
+    fn membership_changed(&self, router: &mut Router<ShortId>, event: MemberEvent) {
+        let (id, up) = match event {
+            MemberEvent::Up(id) => (id, true),
+            MemberEvent::Down(id) => (id, false),
+        };
+        let Some(member) = self.members.by_short(&id) else {
+            return;
+        };
+        if up {
+            tracing::info!(member = %member.name, "member up");
+            add_to_router(router, self.role, member.role, id);
+        } else {
+            tracing::warn!(member = %member.name, "member down; routing around it");
+            router.remove_peer(&id);
+            // No route event follows a removal: stop sending along the old path now.
+            self.socket.set_route(id, None);
+        }
+        metrics::counter!("skylane_mesh_member_changes_total", "change" => if up { "up" } else { "down" })
+            .increment(1);
     }
 
     /// Registers a QUIC connection over this node's socket, so a route change towards its
@@ -165,17 +260,37 @@ impl MeshControl {
         }
     }
 
-    fn apply(&self, event: RouteEvent<ShortId>) {
-        self.socket
-            .set_route(event.destination, event.new.as_ref().map(|p| p.nodes()));
-        if let Ok(mut conns) = self.connections.lock() {
-            conns.retain(|c| c.close_reason().is_none());
-            for conn in conns.iter() {
-                if short_id_of(&conn.remote_address()) == Some(event.destination) {
+    /// Nudges the connections to `peer` now and a few times over the next half second: the
+    /// peer's own route may still point at the dead path for a moment (each end detects the
+    /// failure on its own), and each nudge's acknowledgement lets QUIC resend at once what
+    /// was lost meanwhile.
+    fn nudge_connections(&self, peer: ShortId) {
+        let Ok(mut conns) = self.connections.lock() else {
+            return;
+        };
+        conns.retain(|c| c.close_reason().is_none());
+        let to_peer: Vec<quinn::Connection> = conns
+            .iter()
+            .filter(|c| short_id_of(&c.remote_address()) == Some(peer))
+            .cloned()
+            .collect();
+        if to_peer.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            for delay_ms in NUDGE_SCHEDULE_MS {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                for conn in &to_peer {
                     crate::quic::nudge(conn);
                 }
             }
-        }
+        });
+    }
+
+    fn apply(&self, event: RouteEvent<ShortId>) {
+        self.socket
+            .set_route(event.destination, event.new.as_ref().map(|p| p.nodes()));
+        self.nudge_connections(event.destination);
         let names = |p: &Option<crate::routing::Path<ShortId>>| {
             p.as_ref()
                 .map(|p| self.path_names(p.nodes()).join(" → "))
@@ -205,9 +320,9 @@ impl MeshControl {
 
     /// The routing core's counters.
     pub fn counters(&self) -> RouterCounters {
-        self.router
+        self.core
             .lock()
-            .map(|r| r.counters().clone())
+            .map(|c| c.router.counters().clone())
             .unwrap_or_default()
     }
 
@@ -215,10 +330,17 @@ impl MeshControl {
     /// `mesh-node status`.
     pub fn status(&self) -> MeshStatus {
         let now = self.now();
-        let (view, counters) = match self.router.lock() {
-            Ok(r) => (r.mesh_view(now), r.counters().clone()),
+        let (view, counters, liveness, swim) = match self.core.lock() {
+            Ok(c) => (
+                c.router.mesh_view(now),
+                c.router.counters().clone(),
+                c.swim.members(),
+                c.swim.counters().clone(),
+            ),
             Err(_) => return MeshStatus::default(),
         };
+        let liveness: HashMap<String, MemberView> =
+            liveness.into_iter().map(|m| (m.id.clone(), m)).collect();
         let ms = |t: Timestamp| now.saturating_since(t).as_secs_f64();
         let direct: HashMap<ShortId, &crate::routing::view::PathView<ShortId>> = view
             .paths
@@ -233,7 +355,10 @@ impl MeshControl {
             .map(|m| {
                 let short = m.id.short();
                 let path = direct.get(&short);
+                let swim = liveness.get(&short.to_string());
                 MemberStatus {
+                    state: swim.map(|v| format!("{:?}", v.state).to_lowercase()),
+                    incarnation: swim.map(|v| v.incarnation),
                     name: m.name.clone(),
                     role: m.role,
                     region: m.region.clone(),
@@ -290,6 +415,7 @@ impl MeshControl {
                 .collect(),
             preferred_destination: view.preferred_destination.map(|d| self.name(&d)),
             counters,
+            membership: swim,
         }
     }
 }
@@ -311,6 +437,8 @@ pub struct MeshStatus {
     pub preferred_destination: Option<String>,
     /// Routing event counters.
     pub counters: RouterCounters,
+    /// Membership (SWIM) counters.
+    pub membership: SwimCounters,
 }
 
 /// One member.
@@ -326,6 +454,10 @@ pub struct MemberStatus {
     pub id: String,
     /// Whether it is the node reporting.
     pub this_node: bool,
+    /// Liveness as membership (SWIM) sees it: alive, suspect or down.
+    pub state: Option<String>,
+    /// Its SWIM incarnation, bumped each time it refutes a suspicion.
+    pub incarnation: Option<u16>,
     /// Where its datagrams go on the direct path.
     pub address: Option<String>,
     /// Liveness of the direct path (`up`, `suspect`, `dead`, …), if probed.
