@@ -15,7 +15,7 @@ use skylane_shared::config::EXIT_CONFIG;
 #[command(version, about)]
 struct Cli {
     /// Config file (TOML).
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Validate the config (and load its certificates) and exit: 0 when valid, 64 when not.
     #[arg(long)]
@@ -44,6 +44,16 @@ enum Command {
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
         names: Vec<String>,
     },
+    /// Show a running node's view of the mesh: members, routes, probed paths and the
+    /// gossiped links, read from its admin API.
+    Status {
+        /// Admin listener to ask (default: `[admin] listen` from --config).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// Print the raw /status JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -54,6 +64,19 @@ fn main() {
 fn real_main(cli: Cli) -> Result<(), i32> {
     match cli.command {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
+        Some(Command::Status { admin, json }) => {
+            let config = cli.config.clone();
+            return skylane_shared::cli::print_status(
+                admin,
+                || {
+                    let path = config.ok_or("--config FILE or --admin ADDR is required")?;
+                    mesh_node::config::load(&path)
+                        .map(|c| c.admin)
+                        .map_err(|e| e.to_string())
+                },
+                json,
+            );
+        }
         Some(Command::DevCert { out_dir, names }) => {
             let pki = mesh_node::tls::write_dev_pki(&out_dir, &names).map_err(|e| {
                 eprintln!("error: {e:#}");

@@ -15,7 +15,7 @@ use skylane_shared::config::EXIT_CONFIG;
 #[command(version, about)]
 struct Cli {
     /// Config file (TOML).
-    #[arg(short, long, value_name = "FILE")]
+    #[arg(short, long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Validate the config and exit (0 when valid, 64 when not).
     #[arg(long)]
@@ -35,6 +35,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Show a running connector's view of the mesh: members, routes back to each edge,
+    /// probed paths and the gossiped links, read from its admin API.
+    Status {
+        /// Admin listener to ask (default: `[admin] listen` from --config).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// Print the raw /status JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -43,8 +53,22 @@ fn main() {
 }
 
 fn real_main(cli: Cli) -> Result<(), i32> {
-    if let Some(Command::Keygen { out, force }) = cli.command {
-        return skylane_shared::cli::keygen(&out, force);
+    match cli.command {
+        Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
+        Some(Command::Status { admin, json }) => {
+            let config = cli.config.clone();
+            return skylane_shared::cli::print_status(
+                admin,
+                || {
+                    let path = config.ok_or("--config FILE or --admin ADDR is required")?;
+                    origin_connector::config::load(&path)
+                        .map(|c| c.admin)
+                        .map_err(|e| e.to_string())
+                },
+                json,
+            );
+        }
+        None => {}
     }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see --help)");

@@ -69,3 +69,70 @@ pub fn exit(outcome: Result<(), i32>) -> ! {
         Err(code) => code,
     })
 }
+
+/// `status`: fetches a running node's `/status` from its admin listener and prints the
+/// mesh view as tables (or the raw JSON). The address comes from `admin`, or else from the
+/// `[admin] listen` key of the config file.
+pub fn print_status(
+    admin: Option<std::net::SocketAddr>,
+    config_admin: impl FnOnce() -> Result<Option<std::net::SocketAddr>, String>,
+    json: bool,
+) -> Result<(), i32> {
+    let addr = match admin {
+        Some(addr) => addr,
+        None => match config_admin() {
+            Ok(Some(addr)) => addr,
+            Ok(None) => {
+                eprintln!("error: the config has no [admin] listener; pass --admin ADDR");
+                return Err(crate::config::EXIT_CONFIG);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Err(crate::config::EXIT_CONFIG);
+            }
+        },
+    };
+    let body = fetch_status(addr).map_err(|e| {
+        eprintln!("error: cannot read the status from the admin API at {addr}: {e:#}");
+        1
+    })?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let value: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
+        eprintln!("error: {addr}/status is not JSON: {e}");
+        1
+    })?;
+    let mesh: crate::mesh::control::MeshStatus = serde_json::from_value(value["mesh"].clone())
+        .map_err(|e| {
+            eprintln!("error: {addr}/status has no mesh view this version understands: {e}");
+            1
+        })?;
+    print!("{}", crate::mesh::status_table::render(&mesh));
+    Ok(())
+}
+
+/// GET `/status` over plain HTTP/1.0 with a short timeout.
+fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .context("connect (is the node running with [admin] enabled?)")?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .take(16 << 20)
+        .read_to_string(&mut response)
+        .context("read")?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let code = head.split_whitespace().nth(1).unwrap_or_default();
+    if code != "200" {
+        anyhow::bail!("HTTP status {code}");
+    }
+    Ok(body.to_owned())
+}

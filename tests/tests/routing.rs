@@ -58,6 +58,15 @@ async fn slow_direct_path_moves_to_a_relay_and_a_websocket_survives_the_relays_d
     let path = route_path(edge0, "connector").unwrap_or_default();
     anyhow::ensure!(path.len() >= 3, "edge-0 left the relays: {path:?}");
     let relay_name = path[1].clone();
+
+    // The operator's view shows the same route, as a table.
+    let out = std::process::Command::new(skylane_tests::bin("mesh-node"))
+        .args(["status", "--admin", &edge0.to_string()])
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "mesh-node status failed: {out:?}");
+    assert!(table.contains(&path.join(" → ")), "{table}");
+    assert!(table.contains("MESH LINKS"), "{table}");
     let relay = c
         .edges
         .iter()

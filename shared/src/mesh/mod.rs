@@ -5,6 +5,7 @@ pub mod auth;
 pub mod control;
 pub mod frame;
 pub mod socket;
+pub mod status_table;
 
 pub use frame::BodyType;
 pub use socket::{BindError, ControlDatagram, MeshSocket, short_id_of, virtual_addr};
