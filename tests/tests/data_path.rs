@@ -363,3 +363,66 @@ async fn sigterm_drains_in_flight_requests() -> anyhow::Result<()> {
     assert_eq!(code, Some(0), "edge should exit cleanly after draining");
     Ok(())
 }
+
+/// RFC 8441: a websocket over HTTP/2 extended CONNECT, from hyper's HTTP/2 client over TLS
+/// to the edge, which carries it to the HTTP/1.1 origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_http2_extended_connect() -> anyhow::Result<()> {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let c = Cluster::start(ClusterOptions::default())?;
+    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"h2"])?;
+    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    // A plain request first, so the edge's SETTINGS (with ENABLE_CONNECT_PROTOCOL) are in.
+    let url = c.url(0, "/health");
+    let res = sender
+        .send_request(http::Request::get(&url).body(Empty::<bytes::Bytes>::new())?)
+        .await?;
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+
+    let mut req = http::Request::connect(c.url(0, "/ws"))
+        .header(http::header::SEC_WEBSOCKET_VERSION, "13")
+        .body(Empty::<bytes::Bytes>::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut res = sender.send_request(req).await?;
+    assert_eq!(res.status(), 200, "extended CONNECT refused: {res:?}");
+    let upgraded = hyper::upgrade::on(&mut res).await?;
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    let big: Vec<u8> = (0..MB as usize).map(|i| (i % 251) as u8).collect();
+    for i in 0..200u32 {
+        let msg = match i {
+            199 => Message::Binary(big.clone().into()),
+            n if n % 2 == 0 => Message::Text(format!("over h2 {i}").into()),
+            _ => Message::Binary(i.to_be_bytes().to_vec().into()),
+        };
+        ws.send(msg.clone()).await?;
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("closed at message {i}"))??;
+        assert_eq!(back, msg, "message {i} came back changed");
+    }
+    // A close code from the origin passes through.
+    ws.send(Message::Text("close:4001:bye".into())).await?;
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await? {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(frame.code, CloseCode::from(4001));
+            assert_eq!(frame.reason.as_str(), "bye");
+        }
+        other => anyhow::bail!("expected close 4001, got {other:?}"),
+    }
+    Ok(())
+}
