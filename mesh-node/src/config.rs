@@ -301,14 +301,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file.tunnel.reconnect_min_ms..=3_600_000,
     )?;
     v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
-    file.routing.validate().map_err(
-        |skylane_shared::routing::ConfigError::Invalid { key, reason }| {
-            v.invalid(format!("routing.{key}"), reason)
-        },
-    )?;
-    file.membership
-        .validate()
-        .map_err(|e| v.invalid("membership", e.to_string()))?;
+    v.mesh_sections(&file.routing, &file.membership)?;
     Ok(Config {
         identity,
         listen: file.node.listen,

@@ -46,14 +46,7 @@ enum Command {
     },
     /// Show a running node's view of the mesh: members, routes, probed paths and the
     /// gossiped links, read from its admin API.
-    Status {
-        /// Admin listener to ask (default: `[admin] listen` from --config).
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<std::net::SocketAddr>,
-        /// Print the raw /status JSON instead of tables.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(skylane_shared::cli::StatusArgs),
 }
 
 fn main() {
@@ -64,18 +57,10 @@ fn main() {
 fn real_main(cli: Cli) -> Result<(), i32> {
     match cli.command {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
-        Some(Command::Status { admin, json }) => {
-            let config = cli.config.clone();
-            return skylane_shared::cli::print_status(
-                admin,
-                || {
-                    let path = config.ok_or("--config FILE or --admin ADDR is required")?;
-                    mesh_node::config::load(&path)
-                        .map(|c| c.admin)
-                        .map_err(|e| e.to_string())
-                },
-                json,
-            );
+        Some(Command::Status(args)) => {
+            return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
+                mesh_node::config::load(path).map(|c| c.admin)
+            });
         }
         Some(Command::DevCert { out_dir, names }) => {
             let pki = mesh_node::tls::write_dev_pki(&out_dir, &names).map_err(|e| {

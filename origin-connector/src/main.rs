@@ -37,14 +37,7 @@ enum Command {
     },
     /// Show a running connector's view of the mesh: members, routes back to each edge,
     /// probed paths and the gossiped links, read from its admin API.
-    Status {
-        /// Admin listener to ask (default: `[admin] listen` from --config).
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<std::net::SocketAddr>,
-        /// Print the raw /status JSON instead of tables.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(skylane_shared::cli::StatusArgs),
 }
 
 fn main() {
@@ -55,18 +48,10 @@ fn main() {
 fn real_main(cli: Cli) -> Result<(), i32> {
     match cli.command {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
-        Some(Command::Status { admin, json }) => {
-            let config = cli.config.clone();
-            return skylane_shared::cli::print_status(
-                admin,
-                || {
-                    let path = config.ok_or("--config FILE or --admin ADDR is required")?;
-                    origin_connector::config::load(&path)
-                        .map(|c| c.admin)
-                        .map_err(|e| e.to_string())
-                },
-                json,
-            );
+        Some(Command::Status(args)) => {
+            return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
+                origin_connector::config::load(path).map(|c| c.admin)
+            });
         }
         None => {}
     }

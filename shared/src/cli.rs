@@ -70,20 +70,38 @@ pub fn exit(outcome: Result<(), i32>) -> ! {
     })
 }
 
+/// Arguments of the `status` subcommand both binaries have.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Admin listener to ask (default: `[admin] listen` from --config).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
+    /// Print the raw /status JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `status`: fetches a running node's `/status` from its admin listener and prints the
-/// mesh view as tables (or the raw JSON). The address comes from `admin`, or else from the
-/// `[admin] listen` key of the config file.
-pub fn print_status(
-    admin: Option<std::net::SocketAddr>,
-    config_admin: impl FnOnce() -> Result<Option<std::net::SocketAddr>, String>,
-    json: bool,
+/// mesh view as tables (or the raw JSON). The address comes from `--admin`, or else from
+/// the config file, read by `admin_of` (the binary's own config loader).
+pub fn status<E: std::fmt::Display>(
+    args: StatusArgs,
+    config: Option<&Path>,
+    admin_of: impl FnOnce(&Path) -> Result<Option<std::net::SocketAddr>, E>,
 ) -> Result<(), i32> {
-    let addr = match admin {
-        Some(addr) => addr,
-        None => match config_admin() {
+    let addr = match (args.admin, config) {
+        (Some(addr), _) => addr,
+        (None, None) => {
+            eprintln!("error: --config FILE or --admin ADDR is required");
+            return Err(crate::config::EXIT_CONFIG);
+        }
+        (None, Some(path)) => match admin_of(path) {
             Ok(Some(addr)) => addr,
             Ok(None) => {
-                eprintln!("error: the config has no [admin] listener; pass --admin ADDR");
+                eprintln!(
+                    "error: {} has no [admin] listener; pass --admin ADDR",
+                    path.display()
+                );
                 return Err(crate::config::EXIT_CONFIG);
             }
             Err(e) => {
@@ -96,7 +114,7 @@ pub fn print_status(
         eprintln!("error: cannot read the status from the admin API at {addr}: {e:#}");
         1
     })?;
-    if json {
+    if args.json {
         println!("{body}");
         return Ok(());
     }

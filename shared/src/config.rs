@@ -93,6 +93,22 @@ impl Validator {
             .unwrap_or_else(|| p.to_owned())
     }
 
+    /// Checks the `[routing]` and `[membership]` sections every node has.
+    pub fn mesh_sections(
+        &self,
+        routing: &crate::routing::RoutingConfig,
+        membership: &crate::swim::SwimConfig,
+    ) -> Result<(), ConfigError> {
+        routing
+            .validate()
+            .map_err(|crate::routing::ConfigError::Invalid { key, reason }| {
+                self.invalid(format!("routing.{key}"), reason)
+            })?;
+        membership
+            .validate()
+            .map_err(|e| self.invalid("membership", e.to_string()))
+    }
+
     /// Checks `value` is in `range`, naming `key` otherwise.
     pub fn in_range(
         &self,

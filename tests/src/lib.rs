@@ -524,6 +524,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(out)
 }
 
+/// A TLS connection to edge `i` of `cluster`, for `localhost`, offering `alpn`.
+pub async fn tls_to_edge(
+    cluster: &Cluster,
+    i: usize,
+    alpn: &[&[u8]],
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls = tls_config(&cluster.ca_pem, alpn)?;
+    let tcp = tokio::net::TcpStream::connect(cluster.edges[i].https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?)
+}
+
 /// A node's `/status` document.
 pub fn status(admin: SocketAddr) -> Option<serde_json::Value> {
     let text = http_get(admin, "/status")?;

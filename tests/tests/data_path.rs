@@ -63,12 +63,7 @@ async fn fifty_megabyte_bodies_stream_both_ways() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_hundred_concurrent_streams_on_one_connection() -> anyhow::Result<()> {
     let c = Cluster::start(ClusterOptions::default())?;
-    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"h2"])?;
-    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await?;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"h2"]).await?;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -103,12 +98,7 @@ async fn websocket_ten_thousand_round_trips_and_close_code() -> anyhow::Result<(
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     let c = Cluster::start(ClusterOptions::default())?;
-    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"http/1.1"])?;
-    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await?;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20));
@@ -376,12 +366,7 @@ async fn websocket_over_http2_extended_connect() -> anyhow::Result<()> {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     let c = Cluster::start(ClusterOptions::default())?;
-    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"h2"])?;
-    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await?;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"h2"]).await?;
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     tokio::spawn(conn);

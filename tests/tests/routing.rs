@@ -74,12 +74,7 @@ async fn slow_direct_path_moves_to_a_relay_and_a_websocket_survives_the_relays_d
         .ok_or_else(|| anyhow::anyhow!("relay {relay_name} is not an edge"))?;
 
     // A websocket through edge-0, echoing over the relayed path.
-    let tls = skylane_tests::tls_config(&c.ca_pem, &[b"http/1.1"])?;
-    let tcp = tokio::net::TcpStream::connect(c.edges[0].https).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(name, tcp)
-        .await?;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
     let (mut ws, _) = tokio_tungstenite::client_async(
         format!("wss://localhost:{}/ws", c.edges[0].https.port()),
         stream,

@@ -413,16 +413,14 @@ impl MeshSocket {
             // not divert a member's traffic.
             Some(p) => !p.configured && p.addr != from && authenticated,
         };
-        if learn {
-            if let Ok(mut paths) = self.paths.write() {
-                paths.insert(
-                    src,
-                    PeerPath {
-                        addr: from,
-                        configured: false,
-                    },
-                );
-            }
+        if learn && let Ok(mut paths) = self.paths.write() {
+            paths.insert(
+                src,
+                PeerPath {
+                    addr: from,
+                    configured: false,
+                },
+            );
         }
     }
 

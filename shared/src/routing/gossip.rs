@@ -249,10 +249,10 @@ impl<N: NodeKey> Gossiper<N> {
                         None if complete => 0,
                         None => continue,
                     };
-                    if seq > their_seq {
-                        if let Some(delta) = db.delta_since(&origin, their_seq) {
-                            deltas.push(delta);
-                        }
+                    if seq > their_seq
+                        && let Some(delta) = db.delta_since(&origin, their_seq)
+                    {
+                        deltas.push(delta);
                     }
                 }
                 for (origin, their_seq) in &versions {

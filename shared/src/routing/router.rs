@@ -603,10 +603,9 @@ impl<N: NodeKey> Router<N> {
             for (path, probed) in self.prober.iter() {
                 if path.destination() == &destination
                     && (probed.class != ProbeClass::Idle || path.is_direct())
+                    && let Some(cost) = graph.path_cost(path, &self.config)
                 {
-                    if let Some(cost) = graph.path_cost(path, &self.config) {
-                        paths.push((path.clone(), cost));
-                    }
+                    paths.push((path.clone(), cost));
                 }
             }
             let mut seen = BTreeSet::new();
@@ -679,16 +678,16 @@ impl<N: NodeKey> Router<N> {
                 standby += 1;
             }
             // And the best path avoiding the active path's relays, for failover.
-            if let Some(active) = &active {
-                if let Some(candidate) = candidates.iter().find(|c| {
+            if let Some(active) = &active
+                && let Some(candidate) = candidates.iter().find(|c| {
                     &c.path != active
                         && !c.path.relays().iter().any(|r| active.relays().contains(r))
                         && (active.is_direct() || c.path.first_hop() != active.first_hop())
-                }) {
-                    wanted
-                        .entry(candidate.path.clone())
-                        .or_insert(ProbeClass::Standby);
-                }
+                })
+            {
+                wanted
+                    .entry(candidate.path.clone())
+                    .or_insert(ProbeClass::Standby);
             }
         }
         self.graph = Some((generation, graph));
@@ -875,15 +874,13 @@ mod tests {
                 }
                 self.now = next;
                 if packet == Some(next) {
-                    if let Some(Reverse((_, _, from, to, bytes))) = self.queue.pop() {
-                        if !self.down[to] && !self.down[from] {
-                            let _ = self.routers[to].handle_datagram(
-                                next,
-                                &PeerIndex(from as u16),
-                                &bytes,
-                            );
-                            self.flush(to);
-                        }
+                    if let Some(Reverse((_, _, from, to, bytes))) = self.queue.pop()
+                        && !self.down[to]
+                        && !self.down[from]
+                    {
+                        let _ =
+                            self.routers[to].handle_datagram(next, &PeerIndex(from as u16), &bytes);
+                        self.flush(to);
                     }
                 } else if let Some((_, i)) = timer {
                     self.routers[i].handle_timeout(next);

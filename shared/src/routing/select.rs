@@ -215,15 +215,15 @@ impl<N: NodeKey> CostGraph<N> {
             best.truncate(k);
         }
         let none = usize::MAX;
-        if let Some(link) = self.alive(s, d) {
-            if accept(&[]) {
-                offer(
-                    &mut best,
-                    k,
-                    PathCost::chain([link], config).smoothed_ms,
-                    [none, none],
-                );
-            }
+        if let Some(link) = self.alive(s, d)
+            && accept(&[])
+        {
+            offer(
+                &mut best,
+                k,
+                PathCost::chain([link], config).smoothed_ms,
+                [none, none],
+            );
         }
         if max_relays >= 1 {
             for r1 in 0..n {
@@ -233,15 +233,15 @@ impl<N: NodeKey> CostGraph<N> {
                 let Some(first) = self.alive(s, r1) else {
                     continue;
                 };
-                if let Some(last) = self.alive(r1, d) {
-                    if accept(&[&self.nodes[r1]]) {
-                        offer(
-                            &mut best,
-                            k,
-                            PathCost::chain([first, last], config).smoothed_ms,
-                            [r1, none],
-                        );
-                    }
+                if let Some(last) = self.alive(r1, d)
+                    && accept(&[&self.nodes[r1]])
+                {
+                    offer(
+                        &mut best,
+                        k,
+                        PathCost::chain([first, last], config).smoothed_ms,
+                        [r1, none],
+                    );
                 }
                 if max_relays < 2 {
                     continue;
