@@ -54,11 +54,11 @@ fn routing_config(plan: &Plan) -> Result<RoutingConfig, VirtualError> {
 fn sub_matrix(plan: &Plan) -> Result<RttMatrix, VirtualError> {
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let mut csv = format!("region,{}\n", names.join(","));
-    for i in 0..plan.nodes.len() {
+    for (i, name) in names.iter().enumerate() {
         let row: Vec<String> = (0..plan.nodes.len())
             .map(|j| format!("{:.2}", if i == j { 0.0 } else { plan.node_rtt_ms(i, j) }))
             .collect();
-        let _ = writeln!(csv, "{},{}", names[i], row.join(","));
+        let _ = writeln!(csv, "{name},{}", row.join(","));
     }
     RttMatrix::parse(&csv).map_err(|e| VirtualError::Matrix(e.to_string()))
 }
@@ -120,6 +120,8 @@ pub fn run(
             edge: plan.nodes[e].region.clone(),
             path_rtt_ms: idx.windows(2).map(|w| plan.node_rtt_ms(w[0], w[1])).sum(),
             path,
+            return_path: Vec::new(),
+            return_path_rtt_ms: f64::NAN,
             direct_rtt_ms: plan.node_rtt_ms(e, 0),
             best_rtt_ms,
             best_path: best.iter().map(|&b| plan.nodes[b].name.clone()).collect(),

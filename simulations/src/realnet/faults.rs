@@ -60,6 +60,8 @@ async fn chat_session(
             .as_secs_f64()
     };
     let mut seq: u64 = 0;
+    // One "reconnect failed" per outage, not one per attempt.
+    let mut failing = false;
     while !stop.is_cancelled() {
         let ws = tokio::select! {
             r = users.open_websocket(addr) => r,
@@ -68,15 +70,19 @@ async fn chat_session(
         let ws = match ws {
             Ok((ws, _)) => ws,
             Err(e) => {
-                lock(&sink)
-                    .breaks
-                    .push((label.clone(), t(), format!("reconnect failed: {e}")));
+                if !failing {
+                    lock(&sink)
+                        .breaks
+                        .push((label.clone(), t(), format!("reconnect failed: {e}")));
+                    failing = true;
+                }
                 if sleep_or_cancel(Duration::from_millis(300), &stop).await {
                     return;
                 }
                 continue;
             }
         };
+        failing = false;
         let (mut tx, mut rx) = ws.split();
         let sent: Arc<Mutex<HashMap<u64, f64>>> = Arc::default();
         let mut tick = tokio::time::interval(interval);
@@ -239,6 +245,8 @@ pub(crate) fn analyse(
     let samples = lock(samples);
     let mut notes = Vec::new();
     let mut timelines = Vec::new();
+    // Nodes down at each point, to tell broken sessions from sessions on a dead edge.
+    let mut down = vec![false; plan.nodes.len()];
     for (fi, f) in plan.faults.iter().enumerate() {
         let Some(&applied) = run.applied_s.get(fi) else {
             notes.push(format!(
@@ -252,12 +260,17 @@ pub(crate) fn analyse(
             Fault::Kill { .. } => f.nodes.first().copied(),
             _ => None,
         };
+        match (&f.fault, f.nodes.first()) {
+            (Fault::Kill { .. }, Some(&n)) => down[n] = true,
+            (Fault::Restart { .. }, Some(&n)) => down[n] = false,
+            _ => {}
+        }
         let mut affected = Vec::new();
         let mut before = Vec::new();
         let mut after = Vec::new();
         let mut moved: Option<f64> = Some(0.0);
         if f.fault.is_disruptive() {
-            for e in (1..plan.nodes.len()).filter(|&e| Some(e) != killed) {
+            for e in (1..plan.nodes.len()).filter(|&e| !down[e]) {
                 let Some(path) = samples
                     .iter()
                     .rev()

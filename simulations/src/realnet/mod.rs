@@ -81,6 +81,9 @@ pub(crate) struct StatusSample {
     pub node: usize,
     /// Route to the connector (edges), node names.
     pub path: Option<Vec<String>>,
+    /// Every route this node holds: (destination, path). The connector's routes are the
+    /// return paths to the edges.
+    pub routes: Vec<(String, Vec<String>)>,
     /// (member, state) as this node sees them.
     pub members: Vec<(String, String)>,
 }
@@ -108,12 +111,24 @@ pub(crate) async fn monitor(
         let mut out = Vec::new();
         for (node, status) in polled.into_iter().enumerate() {
             let Some(status) = status else { continue };
-            let path = status["mesh"]["routes"].as_array().and_then(|routes| {
-                routes
-                    .iter()
-                    .find(|r| r["destination"] == crate::scenario::CONNECTOR)
-                    .and_then(|r| serde_json::from_value::<Vec<String>>(r["path"].clone()).ok())
-            });
+            let routes: Vec<(String, Vec<String>)> = status["mesh"]["routes"]
+                .as_array()
+                .map(|routes| {
+                    routes
+                        .iter()
+                        .filter_map(|r| {
+                            Some((
+                                r["destination"].as_str()?.to_owned(),
+                                serde_json::from_value::<Vec<String>>(r["path"].clone()).ok()?,
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let path = routes
+                .iter()
+                .find(|(d, _)| d == crate::scenario::CONNECTOR)
+                .map(|(_, p)| p.clone());
             let members = status["mesh"]["members"]
                 .as_array()
                 .map(|ms| {
@@ -131,6 +146,7 @@ pub(crate) async fn monitor(
                 t_s,
                 node,
                 path,
+                routes,
                 members,
             });
         }
@@ -255,6 +271,7 @@ async fn run_on(
         routes,
         comparison,
         fault_phase_s: plan.scenario.duration_s,
+        chat_interval_ms: plan.scenario.workload.chat_interval_ms,
         ..Report::default()
     };
 
@@ -296,7 +313,25 @@ fn current_routes(plan: &Plan, samples: &Mutex<Vec<StatusSample>>) -> Vec<RouteR
             let idx: Vec<usize> = path.iter().filter_map(|n| plan.node_index(n)).collect();
             let path_rtt_ms = idx.windows(2).map(|w| plan.node_rtt_ms(w[0], w[1])).sum();
             let (best, best_rtt_ms) = plan.best_path_to_connector(i, &[]);
+            let name = &plan.nodes[i].name;
+            let return_path = samples
+                .iter()
+                .rev()
+                .filter(|s| s.node == 0)
+                .find_map(|s| {
+                    s.routes
+                        .iter()
+                        .find(|(d, _)| d == name)
+                        .map(|(_, p)| p.clone())
+                })
+                .unwrap_or_default();
+            let ridx: Vec<usize> = return_path
+                .iter()
+                .filter_map(|n| plan.node_index(n))
+                .collect();
             RouteRow {
+                return_path_rtt_ms: ridx.windows(2).map(|w| plan.node_rtt_ms(w[0], w[1])).sum(),
+                return_path,
                 edge: plan.nodes[i].region.clone(),
                 path,
                 path_rtt_ms,

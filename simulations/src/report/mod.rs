@@ -121,16 +121,27 @@ fn markdown(r: &Report, charts: &[String]) -> String {
     let _ = writeln!(s, "## Routes when measuring started\n");
     let _ = writeln!(
         s,
-        "| edge | path (from its /status) | path ms | direct ms | best ms (≤ 2 relays) |"
+        "Paths as each node's `/status` reported them; RTTs from the matrix. The return path is \
+         the connector's own route back to the edge: replies take it.\n"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "| edge | path (edge's /status) | path ms | return path (connector's /status) | return ms | direct ms | best ms (≤ 2 relays) |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---|---:|---:|---:|");
     for rr in &r.routes {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} | {:.1} | {:.1} ({}) |",
+            "| {} | {} | {:.1} | {} | {} | {:.1} | {:.1} ({}) |",
             rr.edge,
             rr.path.join(" → "),
             rr.path_rtt_ms,
+            if rr.return_path.is_empty() {
+                "—".into()
+            } else {
+                rr.return_path.join(" → ")
+            },
+            ms(rr.return_path_rtt_ms),
             rr.direct_rtt_ms,
             rr.best_rtt_ms,
             rr.best_path.join(" → ")
@@ -158,8 +169,9 @@ fn markdown(r: &Report, charts: &[String]) -> String {
              shows a route avoiding the fault (polled every 50 ms). *Suspected*: the first node whose \
              SWIM view marks a killed node not alive. *Flowing again*: the chat echo that ended the \
              longest stall of an affected session; *stall*: that longest gap between echoes \
-             (messages every {} ms).\n",
-            "the scenario's interval"
+             (messages every {} ms). *Broken*: sessions of live edges that failed within 10 s \
+             of the fault; sessions on a killed edge cannot survive it and are counted apart.\n",
+            r.chat_interval_ms
         );
         let _ = writeln!(
             s,

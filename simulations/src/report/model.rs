@@ -36,6 +36,8 @@ pub struct Report {
     pub echoes: Vec<EchoSample>,
     /// Length of the fault phase, s.
     pub fault_phase_s: f64,
+    /// Gap between a chat session's messages, ms.
+    pub chat_interval_ms: u64,
     /// Notes (anything that went wrong but did not stop the run).
     pub notes: Vec<String>,
 }
@@ -49,6 +51,10 @@ pub struct RouteRow {
     pub path: Vec<String>,
     /// Matrix RTT of that path, ms.
     pub path_rtt_ms: f64,
+    /// The connector's route back to this edge (its `/status`): replies take it.
+    pub return_path: Vec<String>,
+    /// Matrix RTT of the return path, ms.
+    pub return_path_rtt_ms: f64,
     /// Matrix RTT of the direct path, ms.
     pub direct_rtt_ms: f64,
     /// Best path RTT over the scenario's nodes (≤ 2 relays), ms.
