@@ -105,7 +105,7 @@ pub fn run(
     let mut report = Report {
         scenario: plan.scenario.name.clone(),
         mode: "virtual".into(),
-        matrix: plan.matrix_path.display().to_string(),
+        matrix: plan.matrix_display(),
         origin: plan.scenario.origin.clone(),
         edges: plan.scenario.edges.clone(),
         local_rtt_ms: plan.scenario.local_rtt_ms,

@@ -264,7 +264,7 @@ async fn run_on(
     let mut report = Report {
         scenario: plan.scenario.name.clone(),
         mode: "real".into(),
-        matrix: plan.matrix_path.display().to_string(),
+        matrix: plan.matrix_display(),
         origin: plan.scenario.origin.clone(),
         edges: plan.scenario.edges.clone(),
         local_rtt_ms: plan.scenario.local_rtt_ms,

@@ -102,10 +102,16 @@ pub fn comparison_table(report: &Report) -> String {
 
 fn markdown(r: &Report, charts: &[String]) -> String {
     let mut s = String::new();
+    let virtual_time = r.mode == "virtual";
     let _ = writeln!(
         s,
-        "# Simulation report: {} ({} processes)\n",
-        r.scenario, r.mode
+        "# Simulation report: {} ({})\n",
+        r.scenario,
+        if virtual_time {
+            "virtual time: vnet with the real routing core"
+        } else {
+            "real processes on loopback behind the WAN emulator"
+        }
     );
     let _ = writeln!(s, "- command: `{}`", r.command);
     let _ = writeln!(s, "- machine: {}", r.machine);
@@ -121,8 +127,13 @@ fn markdown(r: &Report, charts: &[String]) -> String {
     let _ = writeln!(s, "## Routes when measuring started\n");
     let _ = writeln!(
         s,
-        "Paths as each node's `/status` reported them; RTTs from the matrix. The return path is \
-         the connector's own route back to the edge: replies take it.\n"
+        "{}\n",
+        if virtual_time {
+            "Each edge's router's chosen path after the warm-up (virtual time); RTTs from the matrix."
+        } else {
+            "Paths as each node's `/status` reported them; RTTs from the matrix. The return path is \
+             the connector's own route back to the edge: replies take it."
+        }
     );
     let _ = writeln!(
         s,
@@ -147,21 +158,61 @@ fn markdown(r: &Report, charts: &[String]) -> String {
             rr.best_path.join(" → ")
         );
     }
-    let _ = writeln!(
-        s,
-        "\n## Straight to the origin vs through the nearest edge\n"
-    );
-    let _ = writeln!(
-        s,
-        "Medians of every sample (all samples in `report.json`). Bounds (DESIGN.md, \"Measuring it\"), \
+    if !r.comparison.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## Straight to the origin vs through the nearest edge\n"
+        );
+        let _ = writeln!(
+            s,
+            "Medians of every sample (all samples in `report.json`). Bounds (DESIGN.md, \"Measuring it\"), \
          with L = users↔edge RTT, P = best edge→connector path RTT, D = users↔origin RTT: websocket \
          and page `2L + 2(L+P)` through the edge vs `4D` direct; dynamic TTFB `2L + (L+P)` vs `3D`.\n"
-    );
-    s.push_str(&comparison_table(r));
-    for c in charts {
-        let _ = writeln!(s, "\n![{c}]({c})");
+        );
+        s.push_str(&comparison_table(r));
+        for c in charts {
+            let _ = writeln!(s, "\n![{c}]({c})");
+        }
     }
-    if !r.faults.is_empty() {
+    if !r.faults.is_empty() && virtual_time {
+        let _ = writeln!(s, "\n## Failover timeline\n");
+        let _ = writeln!(
+            s,
+            "Times are ms of virtual time after the fault. *Moved*: every affected edge's router \
+             holds a route that avoids the fault and works (checked every 10 ms).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| at s | fault | affected edges | paths before → after | moved after ms |"
+        );
+        let _ = writeln!(s, "|---:|---|---|---|---:|");
+        for f in &r.faults {
+            let paths: Vec<String> = f
+                .paths_before
+                .iter()
+                .zip(&f.paths_after)
+                .map(|(b, a)| format!("{} ⇒ {}", b.join("→"), a.join("→")))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {:.2} | {} | {} | {} | {} |",
+                f.applied_at_s,
+                f.description,
+                if f.affected_edges.is_empty() {
+                    "—".into()
+                } else {
+                    f.affected_edges.join(", ")
+                },
+                if paths.is_empty() {
+                    "—".into()
+                } else {
+                    paths.join("<br>")
+                },
+                opt_ms(f.route_moved_after_ms)
+            );
+        }
+    }
+    if !r.faults.is_empty() && !virtual_time {
         let _ = writeln!(s, "\n## Failover timeline\n");
         let _ = writeln!(
             s,

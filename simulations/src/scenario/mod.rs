@@ -294,6 +294,15 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The matrix path for reports: relative to the repository root when it lies below it
+    /// or beside it (`../shared/data/rtt_matrix.csv`), so reports do not name this machine.
+    pub fn matrix_display(&self) -> String {
+        match &self.scenario.matrix {
+            Some(p) => p.display().to_string(),
+            None => "../shared/data/rtt_matrix.csv".into(),
+        }
+    }
+
     /// RTT between two plan nodes, ms (connector at the origin's region).
     pub fn node_rtt_ms(&self, a: usize, b: usize) -> f64 {
         self.matrix
@@ -612,6 +621,9 @@ link = ["Sydney", "connector"]
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
             Scenario::from_file(&path)?.validate(&path.display().to_string())?;
         }
         Ok(())
