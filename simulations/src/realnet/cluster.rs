@@ -147,15 +147,34 @@ impl Cluster {
                 .and_then(|k| k.save(&dir.join(format!("keys/{}.key", node.name))))
                 .map_err(|e| setup("generating a node key", &e))?;
         }
-        let port =
-            |r: Result<SocketAddr, procs::ProcError>| r.map_err(|e| setup("finding a port", &e));
+        // Ports for the nodes, held open until just before the nodes start, so that the
+        // emulator's own sockets (bound to port 0 meanwhile) cannot take them.
+        let mut held_tcp = Vec::new();
+        let mut held_udp = Vec::new();
+        let mut tcp_port = || -> Result<SocketAddr, RealnetError> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(|e| setup("finding a TCP port", &e))?;
+            let a = l
+                .local_addr()
+                .map_err(|e| setup("finding a TCP port", &e))?;
+            held_tcp.push(l);
+            Ok(a)
+        };
         let mut real_udp = Vec::new();
         let mut admin = Vec::new();
         let mut https = Vec::new();
         for _ in 0..n {
-            real_udp.push(port(procs::free_udp())?);
-            admin.push(port(procs::free_tcp())?);
-            https.push(port(procs::free_tcp())?);
+            admin.push(tcp_port()?);
+            https.push(tcp_port()?);
+        }
+        for _ in 0..n {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")
+                .map_err(|e| setup("finding a UDP port", &e))?;
+            real_udp.push(
+                s.local_addr()
+                    .map_err(|e| setup("finding a UDP port", &e))?,
+            );
+            held_udp.push(s);
         }
 
         // The mesh links, one per ordered pair.
@@ -266,6 +285,8 @@ impl Cluster {
             bin_dir: bin_dir.to_owned(),
         };
         progress(&format!("starting {CONNECTOR} and {} edges", n - 1));
+        drop(held_tcp);
+        drop(held_udp);
         for i in 0..n {
             cluster.start_node(i)?;
         }

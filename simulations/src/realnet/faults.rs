@@ -271,37 +271,71 @@ pub(crate) fn analyse(
         let mut moved: Option<f64> = Some(0.0);
         if f.fault.is_disruptive() {
             for e in (1..plan.nodes.len()).filter(|&e| !down[e]) {
-                let Some(path) = samples
-                    .iter()
-                    .rev()
-                    .find(|s| s.node == e && s.t_s <= applied && s.path.is_some())
-                    .and_then(|s| s.path.clone())
-                else {
-                    continue;
+                let name = plan.nodes[e].name.as_str();
+                // The edge's route to the connector, and the connector's route back to it:
+                // a flow uses both.
+                let forward = |s: &StatusSample| (s.node == e).then(|| s.path.clone()).flatten();
+                let back = |s: &StatusSample| {
+                    (s.node == 0)
+                        .then(|| {
+                            s.routes
+                                .iter()
+                                .find(|(d, _)| d == name)
+                                .map(|(_, p)| p.clone())
+                        })
+                        .flatten()
                 };
-                if !uses(&path, plan, &f.nodes, &f.fault) {
+                let broken = |p: &Vec<String>| uses(p, plan, &f.nodes, &f.fault);
+                let mut hit = false;
+                let mut shown = None;
+                let mut moved_at: Option<f64> = Some(applied);
+                for (k, get) in [
+                    &forward as &dyn Fn(&StatusSample) -> Option<Vec<String>>,
+                    &back,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let Some(path) = samples
+                        .iter()
+                        .rev()
+                        .filter(|s| s.t_s <= applied)
+                        .find_map(get)
+                    else {
+                        continue;
+                    };
+                    if !broken(&path) {
+                        continue;
+                    }
+                    hit = true;
+                    let new = samples
+                        .iter()
+                        .filter(|s| s.t_s > applied && s.t_s <= until)
+                        .find_map(|s| get(s).filter(|p| !broken(p)).map(|p| (s.t_s, p)));
+                    match new {
+                        Some((t, p)) => {
+                            moved_at = moved_at.map(|m| m.max(t));
+                            if k == 0 || shown.is_none() {
+                                shown = Some((path, p));
+                            }
+                        }
+                        None => {
+                            moved_at = None;
+                            shown.get_or_insert((path, Vec::new()));
+                        }
+                    }
+                }
+                if !hit {
                     continue;
                 }
                 affected.push(e);
-                before.push(path);
-                let new = samples.iter().find(|s| {
-                    s.node == e
-                        && s.t_s > applied
-                        && s.t_s <= until
-                        && s.path
-                            .as_ref()
-                            .is_some_and(|p| !uses(p, plan, &f.nodes, &f.fault))
-                });
-                match new {
-                    Some(s) => {
-                        after.push(s.path.clone().unwrap_or_default());
-                        moved = moved.map(|m| m.max((s.t_s - applied) * 1000.0));
-                    }
-                    None => {
-                        after.push(Vec::new());
-                        moved = None;
-                    }
-                }
+                let (b, a) = shown.unwrap_or_default();
+                before.push(b);
+                after.push(a);
+                moved = match (moved, moved_at) {
+                    (Some(m), Some(t)) => Some(m.max((t - applied) * 1000.0)),
+                    _ => None,
+                };
             }
         }
         if affected.is_empty() {

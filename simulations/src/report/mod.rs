@@ -216,8 +216,9 @@ fn markdown(r: &Report, charts: &[String]) -> String {
         let _ = writeln!(s, "\n## Failover timeline\n");
         let _ = writeln!(
             s,
-            "Times are ms after the fault was applied. *Route moved*: every affected edge's `/status` \
-             shows a route avoiding the fault (polled every 50 ms). *Suspected*: the first node whose \
+            "Times are ms after the fault was applied. *Affected*: edges whose route to the connector, or the connector's route back to them, \
+             used what broke. *Route moved*: both directions avoid it in the nodes' `/status` (\
+             polled every 50 ms). *Suspected*: the first node whose \
              SWIM view marks a killed node not alive. *Flowing again*: the chat echo that ended the \
              longest stall of an affected session; *stall*: that longest gap between echoes \
              (messages every {} ms). *Broken*: sessions of live edges that failed within 10 s \

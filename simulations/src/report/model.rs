@@ -116,14 +116,15 @@ pub struct FaultTimeline {
     pub applied_at_s: f64,
     /// What.
     pub description: String,
-    /// Edges whose route used what broke.
+    /// Edges whose route to the connector, or the connector's route back to them, used
+    /// what broke.
     pub affected_edges: Vec<String>,
-    /// Their paths just before.
+    /// Their paths just before (the edge's own route when it was hit, else the return).
     pub paths_before: Vec<Vec<String>>,
-    /// Their paths once moved.
+    /// Those paths once moved.
     pub paths_after: Vec<Vec<String>>,
-    /// Fault → every affected edge's `/status` shows a route avoiding it, ms (polled every
-    /// 50 ms, so ± 50 ms).
+    /// Fault → every affected route (both directions) avoids it in the nodes' `/status`,
+    /// ms (polled every 50 ms, so ± 50 ms).
     pub route_moved_after_ms: Option<f64>,
     /// Fault → first node reporting the killed node not `alive` (SWIM), ms.
     pub member_suspected_after_ms: Option<f64>,
