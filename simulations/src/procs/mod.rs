@@ -227,24 +227,36 @@ pub fn status(admin: SocketAddr) -> Option<serde_json::Value> {
 /// The three binaries the real-process simulator starts.
 pub const BINARIES: [&str; 3] = ["mesh-node", "origin-connector", "demo-origin"];
 
-/// Directory holding `mesh-node`, `origin-connector` and `demo-origin`: `dir` if they are
-/// all there; otherwise builds them with `cargo build` from this source tree (release when
-/// `dir` is a `release` directory) and returns `dir`. `dir` is normally the directory of the
-/// running executable (`target/<profile>`), so `cargo run --bin simulate` finds the binaries
-/// cargo built beside it.
+/// Directory holding `mesh-node`, `origin-connector` and `demo-origin`, up to date.
+///
+/// When this source tree is still where the running executable was built from, it runs
+/// `cargo build` for the three (release when `dir` is a `release` directory, into the same
+/// target directory), which takes a moment when they are fresh and a few minutes the first
+/// time; so `cargo run --bin simulate` never runs stale or missing binaries. Without the
+/// source tree (an installed `simulate`), the binaries must already be in `dir`. `dir` is
+/// normally the running executable's directory (`target/<profile>`).
 pub fn ensure_binaries(dir: &Path) -> Result<PathBuf, ProcError> {
-    if BINARIES.iter().all(|b| dir.join(b).is_file()) {
-        return Ok(dir.to_owned());
-    }
     let missing = |detail: String| ProcError::MissingBinary {
         name: BINARIES.join(", "),
         dir: dir.display().to_string(),
         detail,
     };
+    let all_there = || BINARIES.iter().all(|b| dir.join(b).is_file());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     if !manifest.is_file() {
-        return Err(missing(format!("no source tree at {}", manifest.display())));
+        return if all_there() {
+            Ok(dir.to_owned())
+        } else {
+            Err(missing(format!(
+                "no source tree at {} to build them from",
+                manifest.display()
+            )))
+        };
     }
+    eprintln!(
+        "building {} with cargo (quick when up to date)…",
+        BINARIES.join(", ")
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--quiet", "--manifest-path"])
@@ -263,7 +275,7 @@ pub fn ensure_binaries(dir: &Path) -> Result<PathBuf, ProcError> {
     if !status.success() {
         return Err(missing(format!("cargo exited with {status}")));
     }
-    if BINARIES.iter().all(|b| dir.join(b).is_file()) {
+    if all_there() {
         Ok(dir.to_owned())
     } else {
         Err(missing("built, but not found there".into()))
