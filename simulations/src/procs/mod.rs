@@ -267,6 +267,22 @@ pub fn ensure_binaries(dir: &Path) -> Result<PathBuf, ProcError> {
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
+    // `cargo run` and `cargo test` give their child the package's CARGO_* variables
+    // (CARGO_PKG_NAME, CARGO_BIN_NAME, CARGO_MANIFEST_DIR…). Passed on, they change what
+    // some crates see at build time and make cargo rebuild them on every alternation with
+    // a plain build. Only the user's own cargo settings are kept.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let user_setting = key == "CARGO_HOME"
+            || key.starts_with("CARGO_BUILD_")
+            || key.starts_with("CARGO_PROFILE_")
+            || key.starts_with("CARGO_REGISTRIES_")
+            || key.starts_with("CARGO_NET_")
+            || key.starts_with("CARGO_TERM_");
+        if (key.starts_with("CARGO_") && !user_setting) || key == "OUT_DIR" {
+            cmd.env_remove(&key);
+        }
+    }
     // Build into the same target directory as the running executable.
     if let Some(target) = dir.parent() {
         cmd.env("CARGO_TARGET_DIR", target);
