@@ -9,5 +9,10 @@
 //! sockets) that gives real processes on loopback the latency, jitter and loss of a region
 //! pair, for the real-process harness. The demo origin lives beside them.
 
+pub mod procs;
+pub mod realnet;
+pub mod report;
+pub mod scenario;
+pub mod virtual_run;
 pub mod vnet;
 pub mod wan;

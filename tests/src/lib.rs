@@ -5,11 +5,11 @@
 //! never in-process shortcuts, so what passes here is what an operator runs.
 
 use std::io::{BufRead as _, BufReader};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use skylane_shared::identity::NodeKey;
@@ -79,105 +79,16 @@ impl Drop for TempDir {
     }
 }
 
+pub use skylane_simulations::procs::{Proc, http_get, http_get_status, status};
+
 /// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
 pub fn free_tcp() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free tcp port")
+    skylane_simulations::procs::free_tcp().expect("free tcp port")
 }
 
 /// A free UDP port on 127.0.0.1.
 pub fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free udp port")
-}
-
-/// A running child process, killed on drop. Its stderr goes to a log file that is
-/// printed when a test fails (see [`Proc::log`]).
-#[derive(Debug)]
-pub struct Proc {
-    /// Name for messages.
-    pub name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Starts `program args…` with stderr to `<log_dir>/<name>.log`.
-    pub fn spawn(
-        name: &str,
-        program: &Path,
-        args: &[&str],
-        log_dir: &Path,
-    ) -> anyhow::Result<Self> {
-        let log = log_dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .env(
-                "RUST_LOG",
-                std::env::var("SKYLANE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        Ok(Self {
-            name: name.into(),
-            child: Some(child),
-            log,
-        })
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Sends SIGTERM (graceful drain).
-    pub fn terminate(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-    }
-
-    /// Kills the process at once and reaps it.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Waits up to `timeout` for the process to exit; returns its exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                self.child = None;
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    /// The log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    skylane_simulations::procs::free_udp().expect("free udp port")
 }
 
 /// A running demo-origin.
@@ -209,11 +120,7 @@ pub fn start_origin(listen: &str, name: &str, dir: &Path) -> anyhow::Result<Orig
         .and_then(|a| a.parse().ok())
         .with_context(|| format!("unexpected demo-origin banner {line:?}"))?;
     Ok(Origin {
-        proc: Proc {
-            name: format!("origin-{name}"),
-            child: Some(child),
-            log,
-        },
+        proc: Proc::from_child(&format!("origin-{name}"), child, log),
         addr,
     })
 }
@@ -497,31 +404,11 @@ pub fn tls_config(ca_pem: &Path, alpn: &[&[u8]]) -> anyhow::Result<rustls::Clien
 
 /// Polls `http://admin/readyz` until it answers 200.
 pub fn wait_ready(admin: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if http_get_status(admin, "/readyz") == Some(200) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if skylane_simulations::procs::wait_ready(admin, timeout) {
+        Ok(())
+    } else {
+        bail!("{admin}/readyz not ready after {timeout:?}")
     }
-    bail!("{admin}/readyz not ready after {timeout:?}")
-}
-
-/// A tiny blocking HTTP/1.0 GET for admin endpoints; returns the status code.
-pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let text = http_get(addr, path)?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// A tiny blocking HTTP/1.0 GET returning the whole response text.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
 }
 
 /// A TLS connection to edge `i` of `cluster`, for `localhost`, offering `alpn`.
@@ -536,12 +423,6 @@ pub async fn tls_to_edge(
     Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
         .connect(name, tcp)
         .await?)
-}
-
-/// A node's `/status` document.
-pub fn status(admin: SocketAddr) -> Option<serde_json::Value> {
-    let text = http_get(admin, "/status")?;
-    serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
 }
 
 /// The path (node names) a node's route to `destination` takes now, from its `/status`.

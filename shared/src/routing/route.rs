@@ -14,7 +14,8 @@
 //! 4. **Clearly better** — a verified candidate must beat the current path by at least
 //!    `switch_min_gain_ms` *and* `switch_min_gain_percent`, on the smoothed *and* the
 //!    recent measure, continuously for `switch_sustain_ms` plus a random jitter in
-//!    `0..=switch_jitter_ms`, and at least `min_dwell_ms` after the last switch
+//!    `0..=switch_jitter_ms`, and at least `min_dwell_ms` after the last performance switch
+//!    or failover (an initial or settling choice starts no dwell)
 //!    ([`SwitchReason::Better`]).
 
 use std::time::Duration;
@@ -105,7 +106,7 @@ pub struct DestinationRoute<N> {
     challenger_since: Option<Timestamp>,
     /// Sustain time required of the current challenger streak, jitter included.
     required_sustain: Duration,
-    /// Last switch of any kind, for the dwell rule.
+    /// Last performance switch or failover, for the dwell rule.
     last_switch: Option<Timestamp>,
 }
 
@@ -253,7 +254,11 @@ impl<N: NodeKey> DestinationRoute<N> {
             reason,
         });
         self.challenger_since = None;
-        self.last_switch = Some(now);
+        // The dwell protects flows from being moved twice in a row; a first choice or a
+        // settling adjustment, made before flows had time to care, doesn't start it.
+        if matches!(reason, SwitchReason::Better | SwitchReason::Failover) {
+            self.last_switch = Some(now);
+        }
         RouteEvent {
             at: now,
             destination: self.destination.clone(),
@@ -331,9 +336,29 @@ mod tests {
                 break;
             }
         }
-        // Dwell after the initial choice at 0 is 30 s; sustain 5–7 s counted from 20 s.
-        let t = switched_at.expect("switches eventually");
-        assert!((30_000..=30_500).contains(&t), "switched at {t}");
+        // The initial choice starts no dwell: sustain 5–7 s counted from 20 s.
+        let first = switched_at.expect("switches eventually");
+        assert!((25_000..=27_000).contains(&first), "switched at {first}");
+
+        // That switch does start the 30 s dwell, however much better the next path is.
+        let cands = [
+            cand(&[0, 9], 200),
+            cand(&[0, 3, 9], 150),
+            cand(&[0, 4, 9], 100),
+        ];
+        let mut second = None;
+        for t in (first + 500..first + 60_000).step_by(500) {
+            if let Some(e) = route.evaluate(at(t), alive(150), &cands, &config, &mut rng) {
+                assert_eq!(e.reason, SwitchReason::Better);
+                second = Some(t);
+                break;
+            }
+        }
+        let second = second.expect("switches again eventually");
+        assert!(
+            second - first >= config.min_dwell_ms,
+            "{first} then {second}"
+        );
     }
 
     #[test]
@@ -414,7 +439,7 @@ mod tests {
             let config = RoutingConfig::default();
             let mut rng = StdRng::seed_from_u64(seed);
             let mut route = established(&config, &mut rng);
-            let mut last_switch = 0u64;
+            let mut last_switch: Option<u64> = None;
             for (i, (direct, relay_s, relay_r, verified)) in steps.into_iter().enumerate() {
                 let t = 16_000 + i as u64 * 500;
                 let relay = Candidate { path: path(&[0, 3, 9]), cost: cost(relay_s, relay_r), verified };
@@ -424,11 +449,11 @@ mod tests {
                 let status = CurrentStatus { dead: false, cost: Some(cur) };
                 if let Some(e) = route.evaluate(at(t), status, &[direct_c.clone(), relay.clone()], &config, &mut rng) {
                     prop_assert_eq!(e.reason, SwitchReason::Better);
-                    prop_assert!(t - last_switch >= config.min_dwell_ms);
+                    prop_assert!(last_switch.is_none_or(|l| t - l >= config.min_dwell_ms));
                     let winner = if on_direct { &relay } else { &direct_c };
                     prop_assert!(winner.verified);
                     prop_assert!(winner.cost.clearly_beats(&cur, 10, 10));
-                    last_switch = t;
+                    last_switch = Some(t);
                 }
             }
         }

@@ -11,8 +11,9 @@ mod demo_origin;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -43,6 +44,44 @@ struct Args {
     /// While this file exists, `/health` answers 503.
     #[arg(long, value_name = "PATH")]
     fail_health_file: Option<PathBuf>,
+    /// Also serve HTTPS here (needs --tls-cert and --tls-key); prints a second line
+    /// `demo-origin listening on https://ADDR`. The simulator uses it to measure users
+    /// who go straight to the origin.
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for --tls-listen.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
+/// The TLS side of the command line, validated.
+struct TlsArgs {
+    listen: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("bad PEM in --tls-cert {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read --tls-key {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("--tls-cert and --tls-key do not make a usable certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 enum Signal {
@@ -67,6 +106,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let tls = match (&args.tls_listen, &args.tls_cert, &args.tls_key) {
+        (Some(listen), Some(cert), Some(key)) => match tls_acceptor(cert, key) {
+            Ok(acceptor) => Some(TlsArgs {
+                listen: *listen,
+                acceptor,
+            }),
+            Err(e) => {
+                eprintln!("demo-origin: {e:#}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        _ => None,
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -81,7 +133,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(args.listen, config));
+    let result = runtime.block_on(run(args.listen, tls, config));
     // Don't wait for tasks still running after SIGINT or a drain timeout.
     runtime.shutdown_background();
     match result {
@@ -93,22 +145,47 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(listen: SocketAddr, config: OriginConfig) -> anyhow::Result<()> {
+async fn run(listen: SocketAddr, tls: Option<TlsArgs>, config: OriginConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let tls = match tls {
+        Some(tls) => {
+            let listener = TcpListener::bind(tls.listen)
+                .await
+                .with_context(|| format!("cannot listen on --tls-listen {}", tls.listen))?;
+            Some((listener, tls.acceptor))
+        }
+        None => None,
+    };
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "demo-origin listening on http://{addr}")
             .and_then(|()| stdout.flush())
             .context("cannot write the listening line to stdout")?;
+        if let Some((listener, _)) = &tls {
+            let tls_addr = listener
+                .local_addr()
+                .context("cannot read the bound TLS address")?;
+            writeln!(stdout, "demo-origin listening on https://{tls_addr}")
+                .and_then(|()| stdout.flush())
+                .context("cannot write the listening line to stdout")?;
+        }
     }
     info!(%addr, name = config.name(), "demo-origin started");
 
     let shutdown = CancellationToken::new();
+    let tls_server = tls.map(|(listener, acceptor)| {
+        tokio::spawn(demo_origin::serve_with(
+            listener,
+            Some(acceptor),
+            config.clone(),
+            shutdown.clone(),
+        ))
+    });
     let mut server = tokio::spawn(demo_origin::serve(listener, config, shutdown.clone()));
     let signal = tokio::select! {
         signal = wait_for_signal() => signal?,
@@ -118,6 +195,11 @@ async fn run(listen: SocketAddr, config: OriginConfig) -> anyhow::Result<()> {
         }
     };
     shutdown.cancel();
+    if let Some(tls_server) = tls_server {
+        // Drained together with the plain listener below; a TLS server that ends first
+        // has nothing left to wait for.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, tls_server).await;
+    }
     match signal {
         Signal::Interrupt => info!("SIGINT: exiting now"),
         Signal::Terminate => {

@@ -7,7 +7,11 @@
 //! (`skylane_simulations::wan`) in front of a real process, until Ctrl-C, for manual use —
 //! e.g. `simulate wan --listen 127.0.0.1:8081 --target 127.0.0.1:8080 --rtt-ms 100 --tcp`
 //! then `curl http://127.0.0.1:8081/`. The subcommand layout leaves room for later ones
-//! (`demo`, `run SCENARIO`).
+//! `run --scenario FILE --out DIR` runs a scenario (real processes or `--mode virtual`) and
+//! writes a report; `demo` is the README's first command.
+
+#[path = "simulate/run_cmd.rs"]
+mod run_cmd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +46,12 @@ enum Command {
     /// Put an emulated WAN link (latency, jitter, loss) in front of a real process: relay
     /// TCP and/or UDP from --listen to --target until Ctrl-C. Real time, not virtual.
     Wan(WanArgs),
+    /// Run a scenario file (topology, clients, workload, faults) with the real binaries on
+    /// loopback behind emulated WAN links, or in virtual time; write a report.
+    Run(run_cmd::RunArgs),
+    /// The demo: origin in Frankfurt, edges in six regions on emulated links; measures,
+    /// prints the comparison, then serves the chat page through each edge until Ctrl-C.
+    Demo(run_cmd::DemoArgs),
 }
 
 #[derive(Args, Debug)]
@@ -365,9 +375,19 @@ fn main() -> ExitCode {
         Command::Routes(args) => routes(args),
         Command::Evaluate(args) => evaluate(args),
         Command::Wan(args) => wan(args),
+        Command::Run(args) => run_cmd::run(args),
+        Command::Demo(args) => run_cmd::demo(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A scenario or demo run that failed for another reason than its input.
+        Err(err)
+            if matches!(cli.command, Command::Run(_) | Command::Demo(_))
+                && err.downcast_ref::<run_cmd::BadInput>().is_none() =>
+        {
+            eprintln!("simulate: {err:#}");
+            ExitCode::FAILURE
+        }
         Err(err) => {
             eprintln!("simulate: {err:#}");
             ExitCode::from(EXIT_USAGE)

@@ -6,7 +6,8 @@
 //! can predict: a deterministic byte stream, a streaming echo, server-sent
 //! events on a fixed schedule, a delay, static assets and a switchable health
 //! check. Every response carries `X-Origin-Name` so a test can tell which of
-//! several origins answered. It does not do TLS, auth or anything stateful.
+//! several origins answered. [`serve_with`] can also terminate TLS, so the simulator's
+//! clients can reach it "directly" the way a real user would. No auth, nothing stateful.
 
 mod assets;
 mod pattern;
@@ -26,7 +27,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -119,6 +120,21 @@ struct State {
 /// and return once every connection has ended. Callers bound the drain with a
 /// timeout of their own.
 pub async fn serve(listener: TcpListener, config: OriginConfig, shutdown: CancellationToken) {
+    serve_with(listener, None, config, shutdown).await;
+}
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Like [`serve`], but when `tls` is given every accepted connection first completes a
+/// TLS handshake (ALPN `h2` or `http/1.1`), so a client can reach the origin the way a
+/// user without Skylane would: TCP, then TLS, then HTTP.
+pub async fn serve_with(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    config: OriginConfig,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let state = Arc::new(State {
         config,
@@ -153,10 +169,25 @@ pub async fn serve(listener: TcpListener, config: OriginConfig, shutdown: Cancel
                 continue;
             }
         };
-        let (state, builder) = (state.clone(), builder.clone());
+        let (state, builder, tls) = (state.clone(), builder.clone(), tls.clone());
         tracker.spawn(
             async move {
-                serve_connection(stream, &builder, state).await;
+                // Small writes (SSE events, websocket echoes) must not wait for Nagle.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(error = %e, "set_nodelay failed");
+                }
+                match tls {
+                    None => serve_connection(stream, &builder, state).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => serve_connection(stream, &builder, state).await,
+                            Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => debug!("TLS handshake timed out"),
+                        }
+                    }
+                }
                 drop(permit);
             }
             .instrument(debug_span!("conn", %peer)),
@@ -169,15 +200,10 @@ pub async fn serve(listener: TcpListener, config: OriginConfig, shutdown: Cancel
     tracker.wait().await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    builder: &auto::Builder<TokioExecutor>,
-    state: Arc<State>,
-) {
-    // Small writes (SSE events, websocket echoes) must not wait for Nagle.
-    if let Err(e) = stream.set_nodelay(true) {
-        debug!(error = %e, "set_nodelay failed");
-    }
+async fn serve_connection<S>(stream: S, builder: &auto::Builder<TokioExecutor>, state: Arc<State>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let shutdown = state.shutdown.clone();
     let service = service_fn(move |req| {
         let state = state.clone();
