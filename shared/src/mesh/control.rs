@@ -318,14 +318,6 @@ impl MeshControl {
         nodes.iter().map(|n| self.name(n)).collect()
     }
 
-    /// The routing core's counters.
-    pub fn counters(&self) -> RouterCounters {
-        self.core
-            .lock()
-            .map(|c| c.router.counters().clone())
-            .unwrap_or_default()
-    }
-
     /// The node's view of the mesh, with members named, for the admin API and
     /// `mesh-node status`.
     pub fn status(&self) -> MeshStatus {
@@ -525,7 +517,7 @@ pub struct RouteStatus {
     pub since_s: f64,
 }
 
-/// Keeps every member's configured address resolved, re-resolving on TTL expiry.
+/// Keeps members' configured DNS names resolved, re-resolving on TTL expiry.
 async fn resolve_members(socket: Arc<MeshSocket>, stop: CancellationToken) {
     let resolver = Resolver::from_system();
     let me = socket.local_id();
@@ -534,6 +526,8 @@ async fn resolve_members(socket: Arc<MeshSocket>, stop: CancellationToken) {
         .iter()
         .filter(|m| m.id != me)
         .filter_map(|m| Some((m.id, m.name.clone(), m.address.clone()?)))
+        // Literal addresses were set at start and never expire.
+        .filter(|(_, _, address)| address.parse::<std::net::SocketAddr>().is_err())
         .collect();
     if targets.is_empty() {
         return;

@@ -331,16 +331,6 @@ impl MeshSocket {
         }
     }
 
-    /// The relays QUIC datagrams to `destination` go through now (empty: direct).
-    pub fn route_relays(&self, destination: &ShortId) -> Vec<ShortId> {
-        self.routes
-            .read()
-            .ok()
-            .and_then(|r| r.get(destination).copied())
-            .map(|r| r.nodes()[1..r.len - 1].to_vec())
-            .unwrap_or_default()
-    }
-
     /// Takes the stream of authenticated routing and membership datagrams (once; later
     /// calls get `None`).
     pub fn take_control(&self) -> Option<mpsc::Receiver<ControlDatagram>> {

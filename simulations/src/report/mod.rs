@@ -67,6 +67,30 @@ fn ms(v: f64) -> String {
     }
 }
 
+/// The edges a fault affected, or a dash.
+fn affected_cell(f: &model::FaultTimeline) -> String {
+    if f.affected_edges.is_empty() {
+        "—".into()
+    } else {
+        f.affected_edges.join(", ")
+    }
+}
+
+/// Each affected route as "before ⇒ after", one per line, or a dash.
+fn path_changes_cell(f: &model::FaultTimeline) -> String {
+    let paths: Vec<String> = f
+        .paths_before
+        .iter()
+        .zip(&f.paths_after)
+        .map(|(b, a)| format!("{} ⇒ {}", b.join("→"), a.join("→")))
+        .collect();
+    if paths.is_empty() {
+        "—".into()
+    } else {
+        paths.join("<br>")
+    }
+}
+
 fn opt_ms(v: Option<f64>) -> String {
     v.map_or("—".into(), |v| format!("{v:.0}"))
 }
@@ -187,27 +211,13 @@ fn markdown(r: &Report, charts: &[String]) -> String {
         );
         let _ = writeln!(s, "|---:|---|---|---|---:|");
         for f in &r.faults {
-            let paths: Vec<String> = f
-                .paths_before
-                .iter()
-                .zip(&f.paths_after)
-                .map(|(b, a)| format!("{} ⇒ {}", b.join("→"), a.join("→")))
-                .collect();
             let _ = writeln!(
                 s,
                 "| {:.2} | {} | {} | {} | {} |",
                 f.applied_at_s,
                 f.description,
-                if f.affected_edges.is_empty() {
-                    "—".into()
-                } else {
-                    f.affected_edges.join(", ")
-                },
-                if paths.is_empty() {
-                    "—".into()
-                } else {
-                    paths.join("<br>")
-                },
+                affected_cell(f),
+                path_changes_cell(f),
                 opt_ms(f.route_moved_after_ms)
             );
         }
@@ -231,12 +241,6 @@ fn markdown(r: &Report, charts: &[String]) -> String {
         );
         let _ = writeln!(s, "|---:|---|---|---|---:|---:|---:|---:|---:|---|");
         for f in &r.faults {
-            let paths: Vec<String> = f
-                .paths_before
-                .iter()
-                .zip(&f.paths_after)
-                .map(|(b, a)| format!("{} ⇒ {}", b.join("→"), a.join("→")))
-                .collect();
             let mut broken = if f.sessions_broken.is_empty() {
                 "none".to_string()
             } else {
@@ -254,16 +258,8 @@ fn markdown(r: &Report, charts: &[String]) -> String {
                 "| {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 f.applied_at_s,
                 f.description,
-                if f.affected_edges.is_empty() {
-                    "—".into()
-                } else {
-                    f.affected_edges.join(", ")
-                },
-                if paths.is_empty() {
-                    "—".into()
-                } else {
-                    paths.join("<br>")
-                },
+                affected_cell(f),
+                path_changes_cell(f),
                 opt_ms(f.route_moved_after_ms),
                 opt_ms(f.member_suspected_after_ms),
                 opt_ms(f.flowing_again_after_ms),
