@@ -9,6 +9,7 @@ pub mod config;
 pub mod errors;
 pub mod proxy;
 pub mod redirect;
+pub mod request_metrics;
 pub mod routes;
 pub mod server;
 pub mod tcp;

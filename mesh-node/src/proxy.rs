@@ -23,6 +23,7 @@ use skylane_shared::wire::{
 };
 
 use crate::errors::{ErrorKind, error_response};
+use crate::request_metrics::RequestMetrics;
 use crate::routes::Routes;
 use crate::tunnel::TunnelPool;
 
@@ -131,23 +132,24 @@ fn append_header(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     }
 }
 
-/// Builds the head sent to the origin.
+/// Builds the head sent to the origin from the request and its header fields (moved out
+/// of the request, not copied).
 fn origin_head(
     req: &Request<Incoming>,
+    mut headers: HeaderMap,
     host: &str,
     client: SocketAddr,
     scheme: &str,
     request_id: &str,
     upgrade: Option<&HeaderValue>,
 ) -> RequestHead {
-    let mut headers = req.headers().clone();
     strip_hop_by_hop(&mut headers);
     let authority = req
         .uri()
         .authority()
         .map(|a| a.to_string())
         .or_else(|| {
-            req.headers()
+            headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
@@ -204,7 +206,7 @@ fn origin_head(
     RequestHead {
         method,
         path,
-        headers: wire::headers_to_wire(&headers),
+        headers: headers.into(),
         upgrade: upgrade.is_some(),
         has_body: upgrade.is_none() && !req.body().is_end_stream(),
     }
@@ -228,12 +230,13 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let id = request_id(&req);
+    let unrouted = RequestMetrics::unrouted();
     let Some(host) = request_host(&req) else {
         return Ok(finish(
             error_response(ErrorKind::BadRequest, &id),
             &id,
             started,
-            "none",
+            unrouted,
         ));
     };
     let Some(route) = edge.routes.lookup(&host, req.uri().path()) else {
@@ -241,17 +244,19 @@ pub async fn handle(
             error_response(ErrorKind::NoRoute, &id),
             &id,
             started,
-            "none",
+            unrouted,
         ));
     };
-    let service = route.service.clone();
+    let service = route.service();
+    let metrics = route.metrics();
     let upgrade = wants_upgrade(&req);
     let is_h2 = req.version() == Version::HTTP_2;
-    let head = origin_head(&req, &host, client, scheme, &id, upgrade.as_ref());
+    let headers = std::mem::take(req.headers_mut());
+    let head = origin_head(&req, headers, &host, client, scheme, &id, upgrade.as_ref());
     let has_body = head.has_body;
     let header = StreamHeader {
         version: WIRE_VERSION,
-        service: service.clone(),
+        service: service.to_owned(),
         client_addr: Some(client),
         request_id: id.clone(),
         kind: StreamKind::Http(head),
@@ -262,7 +267,7 @@ pub async fn handle(
             error_response(ErrorKind::NoConnector, &id),
             &id,
             started,
-            &service,
+            metrics,
         ));
     };
     let span = tracing::debug_span!("request", request_id = %id, %connector, %service);
@@ -272,7 +277,7 @@ pub async fn handle(
             error_response(ErrorKind::TunnelFailed, &id),
             &id,
             started,
-            &service,
+            metrics,
         ));
     }
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -289,13 +294,13 @@ pub async fn handle(
                 }
             }
         });
-        return Ok(respond(recv, None, is_h2, &id, started, &service).await);
+        return Ok(respond(recv, None, is_h2, &id, started, metrics).await);
     }
     if upgrade.is_none() {
         let _ = send.finish();
     }
     let pending = on_upgrade.map(|u| (u, send));
-    Ok(respond(recv, pending, is_h2, &id, started, &service).await)
+    Ok(respond(recv, pending, is_h2, &id, started, metrics).await)
 }
 
 /// Reads the connector's reply and turns it into the user's response; for a successful
@@ -306,7 +311,7 @@ async fn respond(
     is_h2: bool,
     id: &str,
     started: Instant,
-    service: &str,
+    metrics: &RequestMetrics,
 ) -> Response<ProxyBody> {
     let reply: Reply = match wire::read_frame(&mut recv).await {
         Ok(r) => r,
@@ -316,7 +321,7 @@ async fn respond(
                 error_response(ErrorKind::TunnelFailed, id),
                 id,
                 started,
-                service,
+                metrics,
             );
         }
     };
@@ -331,19 +336,19 @@ async fn respond(
                 RefusalKind::OriginUnreachable => ErrorKind::OriginUnreachable,
                 RefusalKind::BadHeader => ErrorKind::TunnelFailed,
             };
-            return finish(error_response(kind, id), id, started, service);
+            return finish(error_response(kind, id), id, started, metrics);
         }
         Reply::Connected => {
             return finish(
                 error_response(ErrorKind::TunnelFailed, id),
                 id,
                 started,
-                service,
+                metrics,
             );
         }
     };
     let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let (mut headers, _invalid) = wire::headers_from_wire(&head.headers);
+    let mut headers = head.headers.0;
     if let (Some((on_upgrade, send)), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, status) {
         let upgrade_value = headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut headers);
@@ -384,7 +389,7 @@ async fn respond(
                 Err(e) => tracing::debug!(request_id = %id, error = %e, "client upgrade failed"),
             }
         });
-        return finish(resp, id, started, service);
+        return finish(resp, id, started, metrics);
     }
     strip_hop_by_hop(&mut headers);
     let expected = content_length(&headers);
@@ -392,7 +397,7 @@ async fn respond(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
-    finish(resp, id, started, service)
+    finish(resp, id, started, metrics)
 }
 
 /// An empty body.
@@ -407,24 +412,14 @@ fn finish(
     mut resp: Response<ProxyBody>,
     id: &str,
     started: Instant,
-    service: &str,
+    metrics: &RequestMetrics,
 ) -> Response<ProxyBody> {
     if !id.is_empty()
         && let Ok(v) = HeaderValue::from_str(id)
     {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
-    let class = match resp.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    metrics::counter!("skylane_edge_requests_total", "service" => service.to_owned(), "status" => class)
-        .increment(1);
-    metrics::histogram!("skylane_edge_response_head_seconds", "service" => service.to_owned())
-        .record(started.elapsed().as_secs_f64());
+    metrics.record(resp.status(), started.elapsed());
     resp
 }
 

@@ -1,12 +1,38 @@
 //! Host and path routing to connector services.
 
+use std::sync::OnceLock;
+
 use crate::config::Route;
+use crate::request_metrics::RequestMetrics;
 
 /// Routes, matched most-specific first: exact host before `*.parent` before `*`, then the
 /// longest path prefix.
 #[derive(Clone, Debug)]
 pub struct Routes {
-    routes: Vec<Route>,
+    routes: Vec<Routed>,
+}
+
+/// A route with the metric handles of its service.
+#[derive(Clone, Debug)]
+pub struct Routed {
+    /// The configured route.
+    pub route: Route,
+    /// Registered on first use (after the metrics recorder is installed), then reused by
+    /// every request, so a request does not build label sets or look up the registry.
+    metrics: OnceLock<RequestMetrics>,
+}
+
+impl Routed {
+    /// The connector service requests on this route go to.
+    pub fn service(&self) -> &str {
+        &self.route.service
+    }
+
+    /// The request metrics of the route's service.
+    pub fn metrics(&self) -> &RequestMetrics {
+        self.metrics
+            .get_or_init(|| RequestMetrics::new(&self.route.service))
+    }
 }
 
 fn host_rank(pattern: &str, host: &str) -> Option<u8> {
@@ -34,16 +60,24 @@ fn path_matches(prefix: &str, path: &str) -> bool {
 impl Routes {
     /// Wraps validated routes.
     pub fn new(routes: Vec<Route>) -> Self {
+        let routes = routes
+            .into_iter()
+            .map(|route| Routed {
+                route,
+                metrics: OnceLock::new(),
+            })
+            .collect();
         Self { routes }
     }
 
     /// The best route for a host and path.
-    pub fn lookup(&self, host: &str, path: &str) -> Option<&Route> {
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Routed> {
         self.routes
             .iter()
             .filter_map(|r| {
-                let rank = host_rank(&r.host, host)?;
-                path_matches(&r.path_prefix, path).then_some((rank, r.path_prefix.len(), r))
+                let rank = host_rank(&r.route.host, host)?;
+                let prefix = &r.route.path_prefix;
+                path_matches(prefix, path).then_some((rank, prefix.len(), r))
             })
             .max_by_key(|(rank, len, _)| (*rank, *len))
             .map(|(_, _, r)| r)
@@ -70,7 +104,7 @@ mod tests {
             route("app.example.com", "/", "app"),
             route("app.example.com", "/api", "api"),
         ]);
-        let svc = |h: &str, p: &str| r.lookup(h, p).map(|r| r.service.as_str());
+        let svc = |h: &str, p: &str| r.lookup(h, p).map(|r| r.service());
         assert_eq!(svc("app.example.com", "/api/x"), Some("api"));
         assert_eq!(svc("app.example.com", "/apix"), Some("app"));
         assert_eq!(svc("app.example.com", "/"), Some("app"));

@@ -47,12 +47,43 @@ pub struct LinkStatus {
     pub address: Option<String>,
     /// Smoothed RTT of the tunnel.
     pub rtt_ms: Option<f64>,
+    /// QUIC path statistics of the live tunnel (congestion window, losses, packet size):
+    /// what to look at when a tunnel is slower than its RTT explains.
+    pub quic: Option<QuicPathStatus>,
     /// Seconds since it came up.
     pub up_for_s: Option<u64>,
     /// Times it has been re-established.
     pub reconnects: u64,
     /// The last failure, if any.
     pub last_error: Option<String>,
+}
+
+/// A live tunnel's QUIC path, from quinn's statistics.
+#[derive(Debug, serde::Serialize)]
+pub struct QuicPathStatus {
+    /// Congestion window.
+    pub cwnd_bytes: u64,
+    /// Times the congestion controller reduced the window.
+    pub congestion_events: u64,
+    /// Packets sent on the path.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Current packet size (grows from 1200 as path MTU discovery succeeds).
+    pub mtu_bytes: u16,
+}
+
+impl QuicPathStatus {
+    fn of(conn: &quinn::Connection) -> Self {
+        let path = conn.stats().path;
+        Self {
+            cwnd_bytes: path.cwnd,
+            congestion_events: path.congestion_events,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            mtu_bytes: path.current_mtu,
+        }
+    }
 }
 
 /// The tunnels of this edge.
@@ -136,12 +167,13 @@ impl TunnelPool {
             .iter()
             .map(|l| {
                 let s = l.state.read();
-                let (up, rtt, since, reconnects, last_error) = match &s {
+                let (up, rtt, quic, since, reconnects, last_error) = match &s {
                     Ok(s) => {
                         let live = s.conn.as_ref().filter(|c| c.close_reason().is_none());
                         (
                             live.is_some(),
                             live.map(|c| c.rtt().as_secs_f64() * 1000.0),
+                            live.map(QuicPathStatus::of),
                             s.since
                                 .filter(|_| live.is_some())
                                 .map(|t| t.elapsed().as_secs()),
@@ -149,13 +181,14 @@ impl TunnelPool {
                             s.last_error.clone(),
                         )
                     }
-                    Err(_) => (false, None, None, 0, None),
+                    Err(_) => (false, None, None, None, 0, None),
                 };
                 LinkStatus {
                     connector: l.member.name.clone(),
                     up,
                     address: self.socket.peer_addr(&l.member.id).map(|a| a.to_string()),
                     rtt_ms: rtt,
+                    quic,
                     up_for_s: since,
                     reconnects,
                     last_error,

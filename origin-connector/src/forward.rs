@@ -12,6 +12,7 @@ use skylane_shared::wire::{
 
 use crate::config::ServiceKind;
 use crate::origin::{OriginServer, ServicePool, empty_body};
+use crate::stream_metrics;
 
 /// What a stream handler needs.
 #[derive(Clone, Debug)]
@@ -30,7 +31,7 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Handles one stream from an edge, start to finish.
 pub async fn handle_stream(
     ctx: Context,
-    peer: String,
+    peer: Arc<str>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -74,9 +75,8 @@ pub async fn handle_stream(
         let _ = recv.stop(0u32.into());
         return;
     };
-    let kind = match (&header.kind, pool.service.kind) {
-        (StreamKind::Http(_), ServiceKind::Http) => "http",
-        (StreamKind::Tcp, ServiceKind::Tcp) => "tcp",
+    match (&header.kind, pool.service.kind) {
+        (StreamKind::Http(_), ServiceKind::Http) | (StreamKind::Tcp, ServiceKind::Tcp) => {}
         _ => {
             refuse(
                 &mut send,
@@ -90,17 +90,14 @@ pub async fn handle_stream(
             return;
         }
     };
-    metrics::counter!("skylane_connector_streams_total", "service" => header.service.clone(), "kind" => kind)
-        .increment(1);
-    let result = match header.kind.clone() {
+    let metrics = pool.metrics();
+    metrics.stream_started();
+    // A refusal is counted where it is sent (`refuse`), so the result needs no counting.
+    let _ = match header.kind {
         StreamKind::Http(head) => forward_http(&ctx, &pool, head, send, recv).await,
         StreamKind::Tcp => forward_tcp(&ctx, &pool, send, recv).await,
     };
-    if let Err(kind) = result {
-        metrics::counter!("skylane_connector_refused_total", "reason" => kind.label()).increment(1);
-    }
-    metrics::histogram!("skylane_connector_stream_duration_seconds", "kind" => kind)
-        .record(started.elapsed().as_secs_f64());
+    metrics.stream_ended(started.elapsed());
 }
 
 /// The service's healthy servers, or a `NoHealthyOrigin` refusal sent to the edge.
@@ -140,8 +137,9 @@ fn origin_request(
     let mut req = http::Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    let (headers, _invalid) = wire::headers_from_wire(&head.headers);
-    *req.headers_mut() = headers;
+    // A clone, because a bodiless request may be retried on the next server; cloning a
+    // map of shared header values is cheap next to the request itself.
+    *req.headers_mut() = head.headers.0.clone();
     Ok(req)
 }
 
@@ -229,7 +227,7 @@ async fn relay_response(
     let status = response.status();
     let reply = Reply::Response(ResponseHead {
         status: status.as_u16(),
-        headers: wire::headers_to_wire(response.headers()),
+        headers: std::mem::take(response.headers_mut()).into(),
     });
     if wire::write_frame(&mut send, &reply).await.is_err() {
         return Ok(()); // the edge went away
@@ -243,8 +241,8 @@ async fn relay_response(
                 let io = hyper_util::rt::TokioIo::new(upgraded);
                 match splice(recv, send, io).await {
                     Ok((up, down)) => {
-                        metrics::counter!("skylane_connector_bytes_total", "direction" => "to_origin").increment(up);
-                        metrics::counter!("skylane_connector_bytes_total", "direction" => "from_origin").increment(down);
+                        stream_metrics::bytes().to_origin.increment(up);
+                        stream_metrics::bytes().from_origin.increment(down);
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "upgraded connection ended with an error")
@@ -259,10 +257,7 @@ async fn relay_response(
         return Ok(());
     }
     match body_to_stream(response.into_body(), &mut send).await {
-        Ok(n) => {
-            metrics::counter!("skylane_connector_bytes_total", "direction" => "from_origin")
-                .increment(n);
-        }
+        Ok(n) => stream_metrics::bytes().from_origin.increment(n),
         Err(e) => {
             tracing::debug!(error = %e, "response body ended early");
             let _ = send.reset(1u32.into());

@@ -9,3 +9,4 @@ pub mod config;
 pub mod forward;
 pub mod origin;
 pub mod server;
+pub mod stream_metrics;

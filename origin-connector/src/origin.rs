@@ -20,6 +20,7 @@ use skylane_shared::resolve::{ResolveError, Resolver};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthCheck, Service, ServiceKind};
+use crate::stream_metrics::StreamMetrics;
 
 /// The body type sent to origins.
 pub type OriginBody = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -109,6 +110,8 @@ pub struct ServicePool {
     /// Pooled keep-alive connections (HTTP services).
     pub client: OriginClient,
     next: AtomicUsize,
+    /// Registered on first use, after the metrics recorder is installed.
+    metrics: std::sync::OnceLock<StreamMetrics>,
 }
 
 impl ServicePool {
@@ -132,7 +135,14 @@ impl ServicePool {
             servers,
             client,
             next: AtomicUsize::new(0),
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The service's stream metrics.
+    pub fn metrics(&self) -> &StreamMetrics {
+        self.metrics
+            .get_or_init(|| StreamMetrics::new(&self.service.name, self.service.kind))
     }
 
     fn thresholds(&self) -> (u32, u32) {

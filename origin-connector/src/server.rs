@@ -171,15 +171,16 @@ pub async fn serve(
                     return;
                 }
             };
-            let peer = trust::peer_node_id(&conn)
-                .and_then(|id| members.get(&id).map(|m| m.name.clone()))
-                .unwrap_or_else(|| "unknown".into());
+            // Shared by every stream of the tunnel, so a stream does not copy the name.
+            let peer: Arc<str> = trust::peer_node_id(&conn)
+                .and_then(|id| members.get(&id).map(|m| Arc::from(m.name.as_str())))
+                .unwrap_or_else(|| Arc::from("unknown"));
             control.watch_connection(conn.clone());
             tracing::info!(%peer, "tunnel up");
             metrics::gauge!("skylane_tunnels", "role" => "connector").increment(1.0);
             let id = conn.stable_id();
             if let Ok(mut t) = tunnels.by_id.lock() {
-                t.insert(id, (peer.clone(), conn.clone(), Instant::now()));
+                t.insert(id, (peer.to_string(), conn.clone(), Instant::now()));
             }
             loop {
                 let (send, recv) = tokio::select! {

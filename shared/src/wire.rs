@@ -56,8 +56,8 @@ pub struct RequestHead {
     pub method: String,
     /// Path and query, e.g. `/ws?room=1`.
     pub path: String,
-    /// Header fields in order; values are bytes because HTTP allows non-UTF-8 values.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Header fields in order.
+    pub headers: WireHeaders,
     /// The request asks to switch protocols (websocket); no body follows the header.
     pub upgrade: bool,
     /// The request has a body (it follows the header until the edge finishes).
@@ -81,7 +81,7 @@ pub struct ResponseHead {
     /// Status code.
     pub status: u16,
     /// Header fields in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: WireHeaders,
 }
 
 /// Why the connector did not forward a flow.
@@ -185,29 +185,73 @@ pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader
     Ok(header)
 }
 
-/// Converts a header map to the wire form.
-pub fn headers_to_wire(map: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
-    map.iter()
-        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
-        .collect()
+/// Header fields as they travel in a head: a sequence of (name, value) pairs, values as
+/// bytes because HTTP allows non-UTF-8 values.
+///
+/// It is an [`http::HeaderMap`] on both ends: encoding reads the map in place and decoding
+/// builds the map straight from the frame's bytes, so no field is copied into an
+/// intermediate `String`/`Vec` (this runs twice for every request). A field whose name or
+/// value is not valid HTTP is skipped on decoding and counted in
+/// `skylane_wire_invalid_header_fields_total`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WireHeaders(pub http::HeaderMap);
+
+impl From<http::HeaderMap> for WireHeaders {
+    fn from(map: http::HeaderMap) -> Self {
+        Self(map)
+    }
 }
 
-/// Converts wire headers back to a map, skipping (and reporting) invalid fields.
-pub fn headers_from_wire(fields: &[(String, Vec<u8>)]) -> (http::HeaderMap, usize) {
-    let mut map = http::HeaderMap::with_capacity(fields.len());
-    let mut invalid = 0;
-    for (k, v) in fields {
-        match (
-            http::HeaderName::from_bytes(k.as_bytes()),
-            http::HeaderValue::from_bytes(v),
-        ) {
-            (Ok(k), Ok(v)) => {
-                map.append(k, v);
-            }
-            _ => invalid += 1,
+impl Serialize for WireHeaders {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for (name, value) in &self.0 {
+            // Encoded like `(String, Vec<u8>)`: a length-prefixed string, then a
+            // length-prefixed byte sequence (serde writes a slice as a sequence).
+            seq.serialize_element(&(name.as_str(), value.as_bytes()))?;
         }
+        seq.end()
     }
-    (map, invalid)
+}
+
+impl<'de> Deserialize<'de> for WireHeaders {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = WireHeaders;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence of header fields")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<WireHeaders, A::Error> {
+                // The hint comes from the peer: cap it so a lying length can't make us
+                // reserve without bound (the frame itself is capped at MAX_HEADER_LEN).
+                let hint = seq.size_hint().unwrap_or(0).min(256);
+                let mut map = http::HeaderMap::with_capacity(hint);
+                let mut invalid = 0u64;
+                while let Some((name, value)) = seq.next_element::<(&'de str, &'de [u8])>()? {
+                    match (
+                        http::HeaderName::from_bytes(name.as_bytes()),
+                        http::HeaderValue::from_bytes(value),
+                    ) {
+                        (Ok(name), Ok(value)) => {
+                            map.append(name, value);
+                        }
+                        _ => invalid += 1,
+                    }
+                }
+                if invalid > 0 {
+                    metrics::counter!("skylane_wire_invalid_header_fields_total")
+                        .increment(invalid);
+                }
+                Ok(WireHeaders(map))
+            }
+        }
+        d.deserialize_seq(Fields)
+    }
 }
 
 #[cfg(test)]
@@ -224,7 +268,10 @@ mod tests {
             kind: StreamKind::Http(RequestHead {
                 method: "GET".into(),
                 path: "/ws".into(),
-                headers: vec![("host".into(), b"example.com".to_vec())],
+                headers: WireHeaders(http::HeaderMap::from_iter([(
+                    http::header::HOST,
+                    http::HeaderValue::from_static("example.com"),
+                )])),
                 upgrade: true,
                 has_body: false,
             }),
@@ -265,6 +312,36 @@ mod tests {
             read_header(&mut &buf[..]).await,
             Err(WireError::Version(99))
         ));
+    }
+
+    #[test]
+    fn headers_encode_as_name_value_pairs_and_skip_invalid_fields() {
+        let mut map = http::HeaderMap::new();
+        map.append("x-a", http::HeaderValue::from_static("1"));
+        map.append("x-a", http::HeaderValue::from_static("2"));
+        map.append(
+            "x-bin",
+            http::HeaderValue::from_bytes(&[0xff, b'z']).expect("value"),
+        );
+        let ours = postcard::to_stdvec(&WireHeaders(map.clone())).expect("encode");
+        let pairs: Vec<(String, Vec<u8>)> = vec![
+            ("x-a".into(), b"1".to_vec()),
+            ("x-a".into(), b"2".to_vec()),
+            ("x-bin".into(), vec![0xff, b'z']),
+        ];
+        assert_eq!(ours, postcard::to_stdvec(&pairs).expect("encode"));
+        let back: WireHeaders = postcard::from_bytes(&ours).expect("decode");
+        assert_eq!(back.0, map);
+
+        let hostile: Vec<(String, Vec<u8>)> = vec![
+            ("bad name".into(), b"x".to_vec()),
+            ("x-ok".into(), b"fine".to_vec()),
+            ("x-nl".into(), b"a\nb".to_vec()),
+        ];
+        let back: WireHeaders =
+            postcard::from_bytes(&postcard::to_stdvec(&hostile).expect("encode")).expect("decode");
+        assert_eq!(back.0.len(), 1);
+        assert_eq!(back.0.get("x-ok").map(|v| v.as_bytes()), Some(&b"fine"[..]));
     }
 
     proptest! {
