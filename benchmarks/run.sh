@@ -362,6 +362,9 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
+# The tunnel's QUIC path after the load (congestion window, losses, packet size).
+curl -fsS --max-time 2 "http://127.0.0.1:$P_EDGE_ADMIN/status" >"$out/raw/edge-status-after-wrk.json" 2>/dev/null || true
+
 # ---------------------------------------------------------------- 2. websocket echo RTT
 for t in a b c; do
   log "websocket echo $t: $WS_COUNT sequential messages"

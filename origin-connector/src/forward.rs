@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http_body_util::BodyExt as _;
-use skylane_shared::pipe::{TunnelBody, body_to_stream, splice};
+use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, splice};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::wire::{
     self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamKind,
@@ -229,10 +229,18 @@ async fn relay_response(
         status: status.as_u16(),
         headers: std::mem::take(response.headers_mut()).into(),
     });
-    if wire::write_frame(&mut send, &reply).await.is_err() {
-        return Ok(()); // the edge went away
-    }
+    let reply = match wire::encode_frame(&reply) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(server = %server.spec, error = %e, "origin response head not forwarded");
+            refuse(&mut send, RefusalKind::BadHeader, e.to_string()).await;
+            return Err(RefusalKind::BadHeader);
+        }
+    };
     if head.upgrade && status == http::StatusCode::SWITCHING_PROTOCOLS {
+        if send.write_chunk(reply).await.is_err() {
+            return Ok(()); // the edge went away
+        }
         let Some(recv) = recv else {
             return Ok(());
         };
@@ -256,7 +264,7 @@ async fn relay_response(
         }
         return Ok(());
     }
-    match body_to_stream(response.into_body(), &mut send).await {
+    match head_and_body_to_stream(reply, response.into_body(), &mut send).await {
         Ok(n) => stream_metrics::bytes().from_origin.increment(n),
         Err(e) => {
             tracing::debug!(error = %e, "response body ended early");

@@ -97,6 +97,50 @@ where
     Ok(total)
 }
 
+/// Writes `head` (an encoded reply), then every data frame of `body`, then finishes the
+/// stream. Returns the body bytes written.
+///
+/// When the body's first frame is ready at once, as it is for most small responses, head,
+/// data and the end of the stream go to quinn in one call: one packet on the tunnel and one
+/// wake-up of the connection task, where separate writes cost up to three. A body that is
+/// not ready (server-sent events, slow origins) does not hold the head back.
+pub async fn head_and_body_to_stream<B>(
+    head: Bytes,
+    mut body: B,
+    send: &mut quinn::SendStream,
+) -> io::Result<u64>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    // One poll with a no-op waker: if the frame is not there yet, the awaits below
+    // register the task's real waker before anything waits on it.
+    let polled = Pin::new(&mut body).poll_frame(&mut Context::from_waker(std::task::Waker::noop()));
+    let first = match polled {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+        Poll::Ready(Some(Err(e))) => {
+            send.write_chunk(head).await.map_err(io::Error::other)?;
+            return Err(io::Error::other(e.to_string()));
+        }
+        Poll::Ready(None) => {
+            send.write_chunk(head).await.map_err(io::Error::other)?;
+            send.finish().map_err(io::Error::other)?;
+            return Ok(0);
+        }
+        Poll::Pending => None,
+    };
+    let sent = first.as_ref().map_or(0, |d| d.len() as u64);
+    let mut chunks = [head, first.unwrap_or_default()];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(io::Error::other)?;
+    if body.is_end_stream() {
+        send.finish().map_err(io::Error::other)?;
+        return Ok(sent);
+    }
+    Ok(sent + body_to_stream(body, send).await?)
+}
+
 /// Copies bytes both ways between a tunnel stream pair and `io` (an upgraded HTTP
 /// connection or a TCP socket) until both directions end. A direction ends when its reader
 /// reaches EOF; the writer on the other side is then shut down (half-close carries over).

@@ -141,12 +141,8 @@ pub enum WireError {
     Version(u16),
 }
 
-/// Writes one length-prefixed frame.
-pub async fn write_frame<W, T>(w: &mut W, value: &T) -> Result<(), WireError>
-where
-    W: AsyncWrite + Unpin,
-    T: Serialize,
-{
+/// Encodes one length-prefixed frame.
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<bytes::Bytes, WireError> {
     // Encode after a placeholder for the length prefix, then fill it in: one buffer, no
     // copy (this runs for every stream).
     let mut buf = postcard::to_extend(value, vec![0u8; 4])?;
@@ -155,7 +151,16 @@ where
         return Err(WireError::TooLarge(len));
     }
     buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    w.write_all(&buf).await?;
+    Ok(buf.into())
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame<W, T>(w: &mut W, value: &T) -> Result<(), WireError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    w.write_all(&encode_frame(value)?).await?;
     Ok(())
 }
 
