@@ -1139,6 +1139,7 @@ mod tests {
     #[derive(Debug, PartialEq, Eq)]
     struct Got {
         from: SocketAddr,
+        ecn: Option<EcnCodepoint>,
         data: Vec<u8>,
     }
 
@@ -1235,6 +1236,7 @@ mod tests {
                     );
                     got.push(Got {
                         from: m.addr,
+                        ecn: m.ecn,
                         data: chunk.to_vec(),
                     });
                 }
@@ -1312,6 +1314,9 @@ mod tests {
             .into_iter()
             .map(|data| Got {
                 from: mesh.vaddr(0),
+                // The mark quinn asked for, read back by the receiver (and passed on by
+                // the relay).
+                ecn: Some(EcnCodepoint::Ect0),
                 data,
             })
             .collect();
@@ -1344,6 +1349,9 @@ mod tests {
             .into_iter()
             .map(|data| Got {
                 from: mesh.vaddr(0),
+                // The mark quinn asked for, read back by the receiver (and passed on by
+                // the relay).
+                ecn: Some(EcnCodepoint::Ect0),
                 data,
             })
             .collect();
@@ -1428,26 +1436,32 @@ mod tests {
         let expected = vec![
             Got {
                 from: mesh.vaddr(a),
+                ecn: None,
                 data: payload(&frames[0], frame::QUIC_OVERHEAD, 0),
             },
             Got {
                 from: mesh.vaddr(a),
+                ecn: None,
                 data: payload(&frames[1], frame::QUIC_OVERHEAD, 0),
             },
             Got {
                 from: mesh.vaddr(c),
+                ecn: None,
                 data: payload(&frames[3], frame::QUIC_OVERHEAD, 0),
             },
             Got {
                 from: mesh.vaddr(a),
+                ecn: None,
                 data: payload(&frames[4], relay_skip, TAG_LEN),
             },
             Got {
                 from: mesh.vaddr(a),
+                ecn: None,
                 data: payload(&frames[6], frame::QUIC_OVERHEAD, 0),
             },
             Got {
                 from: mesh.vaddr(a),
+                ecn: None,
                 data: payload(&frames[7], frame::QUIC_OVERHEAD, 0),
             },
         ];
