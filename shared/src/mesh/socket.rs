@@ -1075,9 +1075,9 @@ impl AsyncUdpSocket for MeshSocket {
     }
 
     fn may_fragment(&self) -> bool {
-        // Without DF set we can't promise the path won't fragment; quinn then keeps to
-        // its conservative initial MTU instead of probing.
-        true
+        // quinn-udp sets don't-fragment where the platform lets it; only then may quinn
+        // probe for a larger MTU, as a fragmented probe would prove nothing.
+        self.state.may_fragment()
     }
 
     fn max_transmit_segments(&self) -> usize {
