@@ -8,6 +8,17 @@
 //! It streams `SKYLANE_BENCH_MIB` MiB (default 256) from the connector to the edge, once on
 //! the direct path and once through a relay, and prints MB/s, the QUIC datagrams the sender
 //! handed to the socket per MiB, and the path MTU quinn settled on.
+//!
+//! Measured on the shared 2-core dev VM (Linux 6.18), the binary built before batching
+//! (commit e9f00d7) and after (GSO/GRO + PLPMTUD), run alternately three times each:
+//!
+//! | | before | after |
+//! |---|---|---|
+//! | direct MB/s | 197–202 | 723–767 |
+//! | relayed MB/s | 151–159 | 351–359 |
+//! | QUIC datagrams / MiB | 973–976 direct, 900 relayed | 790–804 direct, 784 relayed |
+//! | path MTU | 1200 | 1376 |
+//! | UDP syscalls, 32 MiB direct + 32 MiB relayed (`strace -f -c`) | 193 038 | 12 673 |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
