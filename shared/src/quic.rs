@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::identity::{NodeId, NodeKey};
 use crate::membership::Members;
-use crate::mesh::MeshSocket;
+use crate::mesh::{MeshSocket, frame};
 use crate::trust::{self, TrustError};
 
 /// How often an idle tunnel sends a keep-alive. Short, so a restarted peer (which answers
@@ -16,6 +16,10 @@ pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent streams a peer may open: one per user request, websocket or TCP connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
+
+/// The largest QUIC packet path MTU discovery tries: an Ethernet MTU minus IPv6 and UDP
+/// headers minus the largest mesh frame overhead (1500 − 40 − 8 − 76 = 1376).
+pub const MTU_UPPER_BOUND: u16 = (1500 - 40 - 8 - frame::MAX_OVERHEAD) as u16;
 
 /// Transport settings shared by both ends of a tunnel.
 pub fn transport_config() -> quinn::TransportConfig {
@@ -32,11 +36,18 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
     t.send_window(64 * 1024 * 1024);
-    // QUIC's smallest packet size: the mesh frame header (9 bytes direct, up to 76 on a
-    // relayed path) rides in front, so a relayed datagram needs a path MTU of about 1330.
+    // Start at QUIC's smallest packet size: the mesh frame header (9 bytes direct, up to
+    // 76 on a relayed path) rides in front, so a relayed datagram needs a path MTU of about
+    // 1330. Then probe upwards (PLPMTUD; the mesh socket sets don't-fragment, so a probe
+    // too big is lost, not fragmented) to at most what leaves room for the largest mesh
+    // header on a 1500-byte path, so a route change to a relay never outgrows a path that
+    // carried the direct packets. A smaller hop on the new path is a black hole quinn
+    // detects, falling back to 1200.
     t.initial_mtu(1200);
     t.min_mtu(1200);
-    t.mtu_discovery_config(None);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtud));
     // Datagrams are only used as nudges after a path change (see `nudge`); nobody reads
     // them, so keep the buffer that holds them small.
     t.datagram_receive_buffer_size(Some(NUDGE_BUFFER));

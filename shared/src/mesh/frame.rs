@@ -35,6 +35,14 @@ pub const QUIC_OVERHEAD: usize = 1 + 8;
 pub const AUTH_HEADER_LEN: usize = 1 + 8 + 8 + 8 + 1;
 /// Most nodes a relayed path may name.
 pub const MAX_RELAY_PATH: usize = 4;
+/// Bytes a RELAY frame adds around the QUIC packet on a path of `path_len` nodes: the
+/// authenticated header, hop and length bytes, the path, and the tag.
+pub const fn relay_overhead(path_len: usize) -> usize {
+    AUTH_HEADER_LEN + 2 + path_len * 8 + TAG_LEN
+}
+/// The most any frame adds around a QUIC packet (a RELAY frame on the longest path); QUIC's
+/// packet size must leave this much room below the path MTU.
+pub const MAX_OVERHEAD: usize = relay_overhead(MAX_RELAY_PATH);
 
 /// What an authenticated frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,6 +240,12 @@ pub fn decode_relay(body: &[u8]) -> Result<RelayBody<'_>, FrameError> {
 /// Writes the QUIC frame header for `src` into `out` (cleared first), ready for the packet.
 pub fn encode_quic_header(out: &mut Vec<u8>, src: ShortId) {
     out.clear();
+    append_quic_header(out, src);
+}
+
+/// Appends a QUIC frame header to `out`, for building several frames back to back (one
+/// segmentation-offload send).
+pub fn append_quic_header(out: &mut Vec<u8>, src: ShortId) {
     out.push(KIND_QUIC);
     out.extend_from_slice(&src.0);
 }
@@ -246,6 +260,18 @@ pub fn encode_auth_header(
     body_type: BodyType,
 ) {
     out.clear();
+    append_auth_header(out, src, dst, counter, body_type);
+}
+
+/// Appends an authenticated frame's header to `out`, for building several frames back to
+/// back; the tag then covers everything from this header on.
+pub fn append_auth_header(
+    out: &mut Vec<u8>,
+    src: ShortId,
+    dst: ShortId,
+    counter: u64,
+    body_type: BodyType,
+) {
     out.push(KIND_AUTH);
     out.extend_from_slice(&src.0);
     out.extend_from_slice(&dst.0);
@@ -302,6 +328,16 @@ mod tests {
         assert_eq!(relay.hop, 1);
         assert_eq!(relay.path(), &path);
         assert_eq!(relay.payload, b"quic");
+    }
+
+    #[test]
+    fn relay_overhead_matches_the_encoding() {
+        let path = [ShortId([1; 8]); MAX_RELAY_PATH];
+        let mut buf = Vec::new();
+        encode_auth_header(&mut buf, path[0], path[1], 1, BodyType::Relay);
+        encode_relay_header(&mut buf, 1, &path);
+        assert_eq!(buf.len() + TAG_LEN, MAX_OVERHEAD);
+        assert_eq!(MAX_OVERHEAD, 76);
     }
 
     #[test]
