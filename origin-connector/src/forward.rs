@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http_body_util::BodyExt as _;
-use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, splice};
+use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, read_end_if_there, splice};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::wire::{
     self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamKind,
@@ -264,7 +264,12 @@ async fn relay_response(
         }
         return Ok(());
     }
-    match head_and_body_to_stream(reply, response.into_body(), &mut send).await {
+    let sent = head_and_body_to_stream(reply, response.into_body(), &mut send).await;
+    if let Some(mut recv) = recv {
+        // A bodiless request: its end came right after the header.
+        read_end_if_there(&mut recv);
+    }
+    match sent {
         Ok(n) => stream_metrics::bytes().from_origin.increment(n),
         Err(e) => {
             tracing::debug!(error = %e, "response body ended early");

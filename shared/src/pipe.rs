@@ -20,6 +20,8 @@ pub struct TunnelBody {
     done: bool,
     /// Known total length, when the head carried `Content-Length`, for the size hint.
     expected: Option<u64>,
+    /// Bytes handed out so far.
+    received: u64,
 }
 
 impl TunnelBody {
@@ -29,7 +31,31 @@ impl TunnelBody {
             recv,
             done: false,
             expected,
+            received: 0,
         }
+    }
+}
+
+/// Reads the end of a stream whose data has all been read, if it is already there, and
+/// says whether it was.
+///
+/// A `RecvStream` dropped before its end was read makes quinn send STOP_SENDING, even when
+/// the end had arrived: one spurious frame per stream, and often a packet of its own, each
+/// way, for every request. Polled once with a no-op waker: it never waits.
+pub fn read_end_if_there(recv: &mut quinn::RecvStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let fut = recv.read_chunk(1, true);
+    tokio::pin!(fut);
+    match fut.poll(&mut cx) {
+        Poll::Ready(Ok(None)) => true,
+        Poll::Ready(Ok(Some(extra))) => {
+            tracing::debug!(
+                bytes = extra.bytes.len(),
+                "data past the announced end of a stream ignored"
+            );
+            false
+        }
+        Poll::Ready(Err(_)) | Poll::Pending => false,
     }
 }
 
@@ -53,7 +79,15 @@ impl Body for TunnelBody {
         };
         match polled {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(chunk))) => Poll::Ready(Some(Ok(Frame::data(chunk.bytes)))),
+            Poll::Ready(Ok(Some(chunk))) => {
+                self.received += chunk.bytes.len() as u64;
+                // hyper stops polling once `Content-Length` bytes came; take the end of the
+                // stream now if it came with them, so dropping the body sends nothing.
+                if self.expected == Some(self.received) && read_end_if_there(&mut self.recv) {
+                    self.done = true;
+                }
+                Poll::Ready(Some(Ok(Frame::data(chunk.bytes))))
+            }
             Poll::Ready(Ok(None)) => {
                 self.done = true;
                 Poll::Ready(None)
@@ -66,7 +100,7 @@ impl Body for TunnelBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.expected == Some(0)
+        self.done || self.expected == Some(self.received)
     }
 
     fn size_hint(&self) -> SizeHint {

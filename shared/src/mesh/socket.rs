@@ -51,6 +51,8 @@ use crate::membership::Members;
 const VIRTUAL_PREFIX: [u8; 8] = [0xfd, 0x53, 0x6b, 0x79, 0x6c, 0x61, 0x6e, 0x65];
 /// Port of every virtual address; the address bytes alone name the node.
 const VIRTUAL_PORT: u16 = 1;
+/// Socket buffer size asked of the kernel, each way.
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Control datagrams waiting for the control loop; beyond this they are dropped (routing
 /// and membership tolerate loss).
 const CONTROL_QUEUE: usize = 4096;
@@ -429,6 +431,15 @@ impl MeshSocket {
             tracing::warn!(member = %name, "member's public key is not usable for link keys; it can't relay or be relayed to");
         }
         let state = UdpSocketState::new((&io).into())?;
+        // The kernel's default buffers (about 200 KiB here) overflow during bursts: one
+        // dropped datagram costs the tunnel a congestion-window cut for every flow on it.
+        // The kernel caps the request at net.core.[rw]mem_max; a smaller grant is fine.
+        let enlarged = state
+            .set_recv_buffer_size((&io).into(), SOCKET_BUFFER_BYTES)
+            .and_then(|()| state.set_send_buffer_size((&io).into(), SOCKET_BUFFER_BYTES));
+        if let Err(e) = enlarged {
+            tracing::debug!(error = %e, "could not enlarge the mesh socket's buffers");
+        }
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
