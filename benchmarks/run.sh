@@ -19,7 +19,7 @@
 # BENCH_PORT_BASE [28080] (seven consecutive ports from here, TCP and UDP, on 127.0.0.1),
 # BENCH_HALF_CONNECTIONS [2 x BENCH_CONNECTIONS] for the fixed-rate run, BENCH_KEEP_LOGS [0]
 # (1 keeps h2load's per-request logs, several MB each), BENCH_SKYLANE_WORKER_THREADS [unset:
-# tokio's default, one per core] for the edge and connector runtimes,
+# one per core] sets node.worker_threads of the edge and the connector,
 # BENCH_OUT [benchmarks/results/<UTC timestamp>].
 #
 # Everything listens on 127.0.0.1 only and sends traffic to loopback only. Every load step
@@ -102,7 +102,8 @@ fi
 
 # ---------------------------------------------------------------- binaries
 if [[ -n "${SKYLANE_BIN_DIR:-}" ]]; then
-  bin="$SKYLANE_BIN_DIR"
+  # Absolute, because the servers are started from the run directory.
+  bin="$(cd "$SKYLANE_BIN_DIR" && pwd)" || die "SKYLANE_BIN_DIR=$SKYLANE_BIN_DIR is not a directory"
   log "using prebuilt binaries in $bin"
 else
   log "building release binaries"
@@ -165,6 +166,12 @@ region = "Frankfurt"
 EOF
 }
 
+# BENCH_SKYLANE_WORKER_THREADS sets `node.worker_threads` of the edge and the connector.
+worker_threads_line=""
+if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then
+  worker_threads_line="worker_threads = $BENCH_SKYLANE_WORKER_THREADS"
+fi
+
 cat >"$run_dir/connector.toml" <<EOF
 shutdown_grace_ms = 1000
 
@@ -173,6 +180,7 @@ name = "bench-connector"
 region = "Frankfurt"
 key_file = "conn.key"
 listen = "127.0.0.1:$P_CONN_MESH"
+$worker_threads_line
 
 $(members)
 
@@ -205,6 +213,7 @@ name = "bench-edge"
 region = "Frankfurt"
 key_file = "edge.key"
 listen = "127.0.0.1:$P_EDGE_MESH"
+$worker_threads_line
 
 $(members)
 
@@ -288,13 +297,9 @@ nginx -p "$run_dir" -c "$run_dir/nginx.conf" >"$run_dir/nginx.log" 2>&1 &
 pids+=($!); PID_NGINX=$!
 wait_for "https://127.0.0.1:$P_NGINX/health" -k || die "nginx did not start (see $run_dir/nginx-error.log)"
 
-# BENCH_SKYLANE_WORKER_THREADS sets tokio's worker count (TOKIO_WORKER_THREADS, which
-# tokio's default runtime builder reads) for the edge and the connector only.
-skylane_env=()
-if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then skylane_env=(TOKIO_WORKER_THREADS="$BENCH_SKYLANE_WORKER_THREADS"); fi
-(cd "$run_dir" && exec env "${skylane_env[@]}" "$bin/origin-connector" --config connector.toml) >"$run_dir/connector.log" 2>&1 &
+(cd "$run_dir" && exec "$bin/origin-connector" --config connector.toml) >"$run_dir/connector.log" 2>&1 &
 pids+=($!); PID_CONN=$!
-(cd "$run_dir" && exec env "${skylane_env[@]}" "$bin/mesh-node" --config edge.toml) >"$run_dir/edge.log" 2>&1 &
+(cd "$run_dir" && exec "$bin/mesh-node" --config edge.toml) >"$run_dir/edge.log" 2>&1 &
 pids+=($!); PID_EDGE=$!
 wait_for "http://127.0.0.1:$P_EDGE_ADMIN/readyz" || die "edge tunnel not ready (see logs)"
 wait_for "https://127.0.0.1:$P_EDGE/health" -k || die "no answer through the tunnel"

@@ -144,6 +144,8 @@ pub struct Config {
     pub tunnel: Tunnel,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Runtime worker threads (`node.worker_threads`); `None`: one per CPU.
+    pub worker_threads: Option<usize>,
     /// Path probing, route selection and gossip.
     pub routing: RoutingConfig,
     /// Membership (SWIM) timing.
@@ -301,6 +303,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file.tunnel.reconnect_min_ms..=3_600_000,
     )?;
     v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
+    let worker_threads = match file.node.worker_threads {
+        Some(n) => Some(v.in_range("node.worker_threads", n, 1..=1024)? as usize),
+        None => None,
+    };
     v.mesh_sections(&file.routing, &file.membership)?;
     Ok(Config {
         identity,
@@ -325,6 +331,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             reconnect_max: Duration::from_millis(file.tunnel.reconnect_max_ms),
         },
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
+        worker_threads,
         routing: file.routing,
         membership: file.membership,
     })

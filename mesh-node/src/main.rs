@@ -93,9 +93,14 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         return Ok(());
     }
     let log = config.log.clone();
-    skylane_shared::cli::run(&log, |metrics, shutdown| async move {
-        let socket = skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
-        let listeners = mesh_node::server::Listeners::bind(&config).await?;
-        mesh_node::server::serve(config, socket, listeners, metrics, shutdown).await
-    })
+    skylane_shared::cli::run(
+        &log,
+        config.worker_threads,
+        |metrics, shutdown| async move {
+            let socket =
+                skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
+            let listeners = mesh_node::server::Listeners::bind(&config).await?;
+            mesh_node::server::serve(config, socket, listeners, metrics, shutdown).await
+        },
+    )
 }

@@ -68,15 +68,19 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         return Ok(());
     }
     let log = config.log.clone();
-    skylane_shared::cli::run(&log, |metrics, shutdown| async move {
-        let socket = skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
-        let admin =
-            match config.admin {
+    skylane_shared::cli::run(
+        &log,
+        config.worker_threads,
+        |metrics, shutdown| async move {
+            let socket =
+                skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
+            let admin = match config.admin {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}")
                 })?),
                 None => None,
             };
-        origin_connector::server::serve(config, socket, admin, metrics, shutdown).await
-    })
+            origin_connector::server::serve(config, socket, admin, metrics, shutdown).await
+        },
+    )
 }

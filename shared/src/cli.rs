@@ -27,15 +27,21 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
     Ok(())
 }
 
-/// Sets up logging, a multi-threaded runtime, the metrics recorder and signal handling,
-/// then runs `serve` to completion. An error is logged, printed, and becomes exit code 1.
-pub fn run<F, Fut>(log: &LogSection, serve: F) -> Result<(), i32>
+/// Sets up logging, a multi-threaded runtime (`worker_threads` of them, or one per CPU),
+/// the metrics recorder and signal handling, then runs `serve` to completion. An error is
+/// logged, printed, and becomes exit code 1.
+pub fn run<F, Fut>(log: &LogSection, worker_threads: Option<usize>, serve: F) -> Result<(), i32>
 where
     F: FnOnce(Option<PrometheusHandle>, Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
-    let rt = tokio::runtime::Runtime::new().map_err(|e| {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    let rt = builder.build().map_err(|e| {
         eprintln!("error: cannot start the runtime: {e}");
         1
     })?;

@@ -14,9 +14,18 @@ use crate::config::LogFormat;
 
 /// Sets up `tracing` to stderr. `RUST_LOG` overrides `level`.
 pub fn init_tracing(format: LogFormat, level: Option<&str>) {
+    let configured = level.unwrap_or("info");
+    // rustls warns about every client that bends the handshake (curl, wrk and h2load send
+    // an IP address as SNI): that is the client's business, not the node's health, and it
+    // would let anyone fill the log. A configured `rustls=…` directive still wins.
+    let directives = if configured.contains("rustls") {
+        configured.to_owned()
+    } else {
+        format!("{configured},rustls=error")
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(&directives))
+        .unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -95,6 +95,11 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
             "node.name",
         ),
         (
+            "mesh-node",
+            edge.replace("# worker_threads = 1 ", "worker_threads = 0 "),
+            "node.worker_threads",
+        ),
+        (
             "origin-connector",
             connector.replace("interval_ms = 1000", "interval_ms = 0"),
             "services.web.health_check.interval_ms",
