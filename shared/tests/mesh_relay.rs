@@ -2,73 +2,21 @@
 //! connection rides a relay, moves between paths mid-stream without noticing, and the
 //! relay refuses strangers, forged headers and replays.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use skylane_shared::identity::{NodeKey, ShortId};
-use skylane_shared::membership::{Member, Members, Role};
+use skylane_shared::identity::NodeKey;
 use skylane_shared::mesh::auth::TAG_LEN;
 use skylane_shared::mesh::frame::{self, BodyType};
-use skylane_shared::mesh::{MeshSocket, virtual_addr};
+use skylane_shared::mesh::virtual_addr;
 use skylane_shared::{quic, trust};
 
-struct Node {
-    key: NodeKey,
-    socket: Arc<MeshSocket>,
-    endpoint: quinn::Endpoint,
-}
+mod support;
 
-impl Node {
-    fn id(&self) -> ShortId {
-        self.key.id().short()
-    }
-    fn udp(&self) -> SocketAddr {
-        self.socket.udp_addr().expect("udp addr")
-    }
-}
+use support::{Node, count, mesh, spawn_echo};
 
 /// Edge `a`, relay edge `r`, connector `d`, all knowing each other's addresses.
 async fn three_nodes() -> (Node, Node, Node) {
-    let keys: Vec<NodeKey> = (0..3).map(|_| NodeKey::generate().expect("key")).collect();
-    let roles = [Role::Edge, Role::Edge, Role::Connector];
-    let members = Members::new(
-        keys.iter()
-            .zip(roles)
-            .enumerate()
-            .map(|(i, (k, role))| Member {
-                id: k.id(),
-                name: ["a", "r", "d"][i].into(),
-                role,
-                address: None,
-                region: None,
-            })
-            .collect(),
-    )
-    .expect("members");
-    let mut nodes = Vec::new();
-    for (key, role) in keys.into_iter().zip(roles) {
-        let socket = MeshSocket::bind("127.0.0.1:0".parse().expect("addr"), &key, members.clone())
-            .await
-            .expect("bind");
-        let server_members = (role == Role::Connector).then(|| members.clone());
-        let endpoint = quic::endpoint(socket.clone(), &key, server_members).expect("endpoint");
-        nodes.push(Node {
-            key,
-            socket,
-            endpoint,
-        });
-    }
-    for i in 0..3 {
-        for j in 0..3 {
-            if i != j {
-                nodes[i]
-                    .socket
-                    .set_peer_addr(&nodes[j].key.id(), nodes[j].udp());
-            }
-        }
-    }
+    let mut nodes = mesh(&["a", "r", "d"]).await.expect("mesh");
     let d = nodes.pop().expect("d");
     let r = nodes.pop().expect("r");
     let a = nodes.pop().expect("a");
@@ -76,16 +24,11 @@ async fn three_nodes() -> (Node, Node, Node) {
 }
 
 fn relay_via(from: &Node, relay: &Node, to: &Node) {
-    from.socket
-        .set_route(to.id(), Some(&[from.id(), relay.id(), to.id()]));
+    from.relay_via(relay, to);
 }
 
 fn direct(from: &Node, to: &Node) {
     from.socket.set_route(to.id(), None);
-}
-
-fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
 }
 
 #[tokio::test]
@@ -93,32 +36,8 @@ async fn quic_rides_a_relay_and_survives_path_changes_and_the_relays_death() {
     let (a, r, d) = three_nodes().await;
     relay_via(&a, &r, &d);
     relay_via(&d, &r, &a);
-    let server = d.endpoint.clone();
-    let echo = tokio::spawn(async move {
-        let conn = server
-            .accept()
-            .await
-            .expect("incoming")
-            .await
-            .expect("conn");
-        let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
-        let mut buf = vec![0u8; 4096];
-        while let Some(n) = recv.read(&mut buf).await.expect("read") {
-            send.write_all(&buf[..n]).await.expect("write");
-        }
-        send.finish().expect("finish");
-        let _ = conn.closed().await;
-    });
-    let conn = a
-        .endpoint
-        .connect_with(
-            quic::client_config(&a.key, d.key.id()).expect("cfg"),
-            virtual_addr(&d.key.id()),
-            trust::MESH_SERVER_NAME,
-        )
-        .expect("connect")
-        .await
-        .expect("handshake over the relay");
+    let echo = spawn_echo(d.endpoint.clone(), 4096);
+    let conn = a.connect(&d).await.expect("handshake over the relay");
     assert!(count(&r.socket.counters().relayed_forwarded) > 0);
     assert!(count(&d.socket.counters().relayed_received) > 0);
 

@@ -20,71 +20,18 @@
 //! | path MTU | 1200 | 1376 |
 //! | UDP syscalls, 32 MiB direct + 32 MiB relayed (`strace -f -c`) | 193 038 | 12 673 |
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use skylane_shared::identity::NodeKey;
-use skylane_shared::membership::{Member, Members, Role};
-use skylane_shared::mesh::{MeshSocket, virtual_addr};
-use skylane_shared::{quic, trust};
 
 const CHUNK: usize = 64 * 1024;
 /// Far beyond what a run takes; a hang fails instead of blocking the shared machine.
 const LIMIT: Duration = Duration::from_secs(120);
 
-struct Node {
-    key: NodeKey,
-    socket: Arc<MeshSocket>,
-    endpoint: quinn::Endpoint,
-}
+mod support;
 
-async fn nodes(n: usize) -> anyhow::Result<Vec<Node>> {
-    let keys: Vec<NodeKey> = (0..n)
-        .map(|_| NodeKey::generate())
-        .collect::<Result<_, _>>()?;
-    // The last node is the connector; the others are edges.
-    let role = |i: usize| {
-        if i + 1 == n {
-            Role::Connector
-        } else {
-            Role::Edge
-        }
-    };
-    let members = Members::new(
-        keys.iter()
-            .enumerate()
-            .map(|(i, k)| Member {
-                id: k.id(),
-                name: format!("n{i}"),
-                role: role(i),
-                address: None,
-                region: None,
-            })
-            .collect(),
-    )?;
-    let mut nodes = Vec::new();
-    for (i, key) in keys.into_iter().enumerate() {
-        let socket = MeshSocket::bind("127.0.0.1:0".parse()?, &key, members.clone()).await?;
-        let accept = (role(i) == Role::Connector).then(|| members.clone());
-        let endpoint = quic::endpoint(socket.clone(), &key, accept)?;
-        nodes.push(Node {
-            key,
-            socket,
-            endpoint,
-        });
-    }
-    for i in 0..n {
-        for j in 0..n {
-            if i != j {
-                let addr = nodes[j].socket.udp_addr()?;
-                nodes[i].socket.set_peer_addr(&nodes[j].key.id(), addr);
-            }
-        }
-    }
-    Ok(nodes)
-}
+use support::{Node, mesh};
 
 /// Streams `mib` MiB from the last node to the first and prints what it took.
 async fn stream(label: &str, nodes: &[Node], mib: usize) -> anyhow::Result<()> {
@@ -106,14 +53,7 @@ async fn stream(label: &str, nodes: &[Node], mib: usize) -> anyhow::Result<()> {
         let _ = conn.closed().await;
         anyhow::Ok(())
     });
-    let conn = edge
-        .endpoint
-        .connect_with(
-            quic::client_config(&edge.key, conn_node.key.id())?,
-            virtual_addr(&conn_node.key.id()),
-            trust::MESH_SERVER_NAME,
-        )?
-        .await?;
+    let conn = edge.connect(conn_node).await?;
     let before = conn_node
         .socket
         .counters()
@@ -158,10 +98,10 @@ fn bench_mib() -> usize {
 #[ignore = "a measurement; run in release with --ignored --nocapture"]
 async fn throughput_direct_and_relayed() -> anyhow::Result<()> {
     let mib = bench_mib();
-    let direct = nodes(2).await?;
+    let direct = mesh(&["edge", "connector"]).await?;
     tokio::time::timeout(LIMIT, stream("direct", &direct, mib)).await??;
 
-    let relayed = nodes(3).await?;
+    let relayed = mesh(&["edge", "relay", "connector"]).await?;
     let (a, r, d) = (&relayed[0], &relayed[1], &relayed[2]);
     let (ai, ri, di) = (a.key.id().short(), r.key.id().short(), d.key.id().short());
     a.socket.set_route(di, Some(&[ai, ri, di]));

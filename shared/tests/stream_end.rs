@@ -10,47 +10,22 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use skylane_shared::identity::NodeKey;
-use skylane_shared::membership::{Member, Members, Role};
-use skylane_shared::mesh::{MeshSocket, virtual_addr};
 use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, read_end_if_there};
-use skylane_shared::{quic, trust};
 
 /// Bounds every wait, so a hang fails instead of blocking the machine.
 const LIMIT: Duration = Duration::from_secs(20);
 
+mod support;
+
 /// A connected pair: (edge side, connector side).
 async fn pair() -> anyhow::Result<(quinn::Connection, quinn::Connection)> {
-    let edge_key = NodeKey::generate()?;
-    let conn_key = NodeKey::generate()?;
-    let member = |key: &NodeKey, name: &str, role| Member {
-        id: key.id(),
-        name: name.into(),
-        role,
-        address: None,
-        region: None,
-    };
-    let members = Members::new(vec![
-        member(&edge_key, "edge", Role::Edge),
-        member(&conn_key, "conn", Role::Connector),
-    ])?;
-    let local = "127.0.0.1:0".parse()?;
-    let conn_sock = MeshSocket::bind(local, &conn_key, members.clone()).await?;
-    let edge_sock = MeshSocket::bind(local, &edge_key, members.clone()).await?;
-    edge_sock.set_peer_addr(&conn_key.id(), conn_sock.udp_addr()?);
-    let server = quic::endpoint(conn_sock, &conn_key, Some(members))?;
-    let client = quic::endpoint(edge_sock, &edge_key, None)?;
+    let nodes = support::mesh(&["edge", "connector"]).await?;
+    let server = nodes[1].endpoint.clone();
     let accept = tokio::spawn(async move {
         let incoming = server.accept().await.context("no incoming connection")?;
         anyhow::Ok(incoming.await?)
     });
-    let edge = client
-        .connect_with(
-            quic::client_config(&edge_key, conn_key.id())?,
-            virtual_addr(&conn_key.id()),
-            trust::MESH_SERVER_NAME,
-        )?
-        .await?;
+    let edge = nodes[0].connect(&nodes[1]).await?;
     let connector = accept.await??;
     Ok((edge, connector))
 }
