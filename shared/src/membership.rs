@@ -127,3 +127,23 @@ impl Members {
         self.inner.by_id.is_empty()
     }
 }
+
+/// Members `n0`, `n1`, … holding these keys, all edges: the mesh of unit tests.
+#[cfg(test)]
+pub(crate) fn test_members<'a>(
+    keys: impl IntoIterator<Item = &'a crate::identity::NodeKey>,
+) -> Members {
+    Members::new(
+        keys.into_iter()
+            .enumerate()
+            .map(|(i, k)| Member {
+                id: k.id(),
+                name: format!("n{i}"),
+                role: Role::Edge,
+                address: None,
+                region: None,
+            })
+            .collect(),
+    )
+    .expect("test members")
+}

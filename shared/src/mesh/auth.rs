@@ -223,22 +223,9 @@ impl ReplayWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::{Member, Role};
 
     fn members(keys: &[&NodeKey]) -> Members {
-        Members::new(
-            keys.iter()
-                .enumerate()
-                .map(|(i, k)| Member {
-                    id: k.id(),
-                    name: format!("n{i}"),
-                    role: Role::Edge,
-                    address: None,
-                    region: None,
-                })
-                .collect(),
-        )
-        .expect("members")
+        crate::membership::test_members(keys.iter().copied())
     }
 
     #[test]

@@ -1136,7 +1136,7 @@ impl UdpPoller for WritablePoller {
 mod tests {
     use super::*;
     use crate::identity::NodeKey;
-    use crate::membership::{Member, Role};
+
     use std::time::Duration;
 
     #[test]
@@ -1159,6 +1159,18 @@ mod tests {
         data: Vec<u8>,
     }
 
+    /// How packets `sent` by the node at `from` should come up at their destination: in
+    /// order, with the ECN mark quinn asked for (passed on by any relay).
+    fn sent_from(from: SocketAddr, sent: Vec<Vec<u8>>) -> Vec<Got> {
+        sent.into_iter()
+            .map(|data| Got {
+                from,
+                ecn: Some(EcnCodepoint::Ect0),
+                data,
+            })
+            .collect()
+    }
+
     struct Mesh {
         keys: Vec<NodeKey>,
         members: Members,
@@ -1169,19 +1181,7 @@ mod tests {
         /// `n` member sockets on loopback, each knowing the others' addresses.
         async fn new(n: usize) -> Self {
             let keys: Vec<NodeKey> = (0..n).map(|_| NodeKey::generate().expect("key")).collect();
-            let members = Members::new(
-                keys.iter()
-                    .enumerate()
-                    .map(|(i, k)| Member {
-                        id: k.id(),
-                        name: format!("n{i}"),
-                        role: Role::Edge,
-                        address: None,
-                        region: None,
-                    })
-                    .collect(),
-            )
-            .expect("members");
+            let members = crate::membership::test_members(&keys);
             let mut sockets = Vec::new();
             for key in &keys {
                 let addr = "127.0.0.1:0".parse().expect("addr");
@@ -1326,16 +1326,7 @@ mod tests {
             receive(b, want)
         );
         assert_eq!(count(&a.counters().quic_sent), sent.len() as u64);
-        let expected: Vec<Got> = sent
-            .into_iter()
-            .map(|data| Got {
-                from: mesh.vaddr(0),
-                // The mark quinn asked for, read back by the receiver (and passed on by
-                // the relay).
-                ecn: Some(EcnCodepoint::Ect0),
-                data,
-            })
-            .collect();
+        let expected = sent_from(mesh.vaddr(0), sent);
         assert_eq!(got, expected);
         assert_eq!(count(&b.counters().quic_received), expected.len() as u64);
     }
@@ -1374,16 +1365,7 @@ mod tests {
             Err(e) if e.is_cancelled() => {}
             other => panic!("the relay's receive loop ended: {other:?}"),
         }
-        let expected: Vec<Got> = sent
-            .into_iter()
-            .map(|data| Got {
-                from: mesh.vaddr(0),
-                // The mark quinn asked for, read back by the receiver (and passed on by
-                // the relay).
-                ecn: Some(EcnCodepoint::Ect0),
-                data,
-            })
-            .collect();
+        let expected = sent_from(mesh.vaddr(0), sent);
         assert_eq!(got, expected);
         let n = expected.len() as u64;
         assert_eq!(count(&a.counters().relayed_sent), n);
