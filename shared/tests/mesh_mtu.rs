@@ -2,14 +2,12 @@
 //! and packets of that size still fit, whole, through the longest relayed path (two relays,
 //! the largest mesh overhead) into the buffers quinn receives into.
 
-use std::time::Duration;
-
 use quinn::AsyncUdpSocket;
 use skylane_shared::quic;
 
 mod support;
 
-use support::{count, mesh, spawn_echo};
+use support::{count, echo_round, mesh, spawn_echo};
 
 #[test]
 fn the_mtu_ceiling_leaves_room_for_the_largest_mesh_header() {
@@ -41,17 +39,7 @@ async fn mtu_discovery_reaches_the_ceiling_through_two_relays() {
     let mut echoed = Vec::new();
     // Keep data flowing (full-size packets both ways) until discovery has settled.
     for round in 0..2000u32 {
-        let msg: Vec<u8> = (0..20_000u32)
-            .map(|i| ((i * 7 + round) % 251) as u8)
-            .collect();
-        send.write_all(&msg).await.expect("write");
-        sent.extend_from_slice(&msg);
-        let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut got))
-            .await
-            .unwrap_or_else(|_| panic!("echo stalled at round {round}"))
-            .expect("read");
-        echoed.extend_from_slice(&got);
+        echo_round(&mut send, &mut recv, round, 20_000, &mut sent, &mut echoed).await;
         if conn.stats().path.current_mtu == quic::MTU_UPPER_BOUND && round >= 20 {
             break;
         }

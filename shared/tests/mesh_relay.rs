@@ -12,7 +12,7 @@ use skylane_shared::{quic, trust};
 
 mod support;
 
-use support::{Node, count, mesh, spawn_echo};
+use support::{Node, count, echo_round, mesh, spawn_echo};
 
 /// Edge `a`, relay edge `r`, connector `d`, all knowing each other's addresses.
 async fn three_nodes() -> (Node, Node, Node) {
@@ -63,17 +63,7 @@ async fn quic_rides_a_relay_and_survives_path_changes_and_the_relays_death() {
             }
             _ => {}
         }
-        let msg: Vec<u8> = (0..1000u32)
-            .map(|i| ((i * 7 + round) % 251) as u8)
-            .collect();
-        send.write_all(&msg).await.expect("write");
-        sent.extend_from_slice(&msg);
-        let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut got))
-            .await
-            .unwrap_or_else(|_| panic!("echo stalled at round {round}"))
-            .expect("read");
-        echoed.extend_from_slice(&got);
+        echo_round(&mut send, &mut recv, round, 1000, &mut sent, &mut echoed).await;
     }
     assert_eq!(
         sent, echoed,

@@ -117,6 +117,27 @@ pub fn spawn_echo(endpoint: quinn::Endpoint, buf_len: usize) -> tokio::task::Joi
     })
 }
 
+/// Sends one round's message of `len` bytes (its content depends on `round`) on an echo
+/// stream and waits for it to come back; appends both to the transcripts.
+pub async fn echo_round(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    round: u32,
+    len: u32,
+    sent: &mut Vec<u8>,
+    echoed: &mut Vec<u8>,
+) {
+    let msg: Vec<u8> = (0..len).map(|i| ((i * 7 + round) % 251) as u8).collect();
+    send.write_all(&msg).await.expect("write");
+    sent.extend_from_slice(&msg);
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(5), recv.read_exact(&mut got))
+        .await
+        .unwrap_or_else(|_| panic!("echo stalled at round {round}"))
+        .expect("read");
+    echoed.extend_from_slice(&got);
+}
+
 /// A counter's value.
 pub fn count(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
