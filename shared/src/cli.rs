@@ -27,18 +27,25 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
     Ok(())
 }
 
-/// Sets up logging, a multi-threaded runtime (`worker_threads` of them, or one per CPU),
-/// the metrics recorder and signal handling, then runs `serve` to completion. An error is
-/// logged, printed, and becomes exit code 1.
+/// Sets up logging, the runtime, the metrics recorder and signal handling, then runs
+/// `serve` to completion. An error is logged, printed, and becomes exit code 1.
+///
+/// The runtime has `worker_threads` threads, or one per CPU. One thread means tokio's
+/// single-threaded runtime, not a multi-threaded one with one worker: no work-stealing
+/// queues and no wake-ups handed between threads (on the benchmark machine 38 instead of
+/// 47 µs of CPU per request, see `docs/benchmarks.md`).
 pub fn run<F, Fut>(log: &LogSection, worker_threads: Option<usize>, serve: F) -> Result<(), i32>
 where
     F: FnOnce(Option<PrometheusHandle>, Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all();
-    if let Some(n) = worker_threads {
+    if let Some(n) = worker_threads.filter(|&n| n > 1) {
         builder.worker_threads(n);
     }
     let rt = builder.build().map_err(|e| {

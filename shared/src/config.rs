@@ -145,7 +145,8 @@ pub struct NodeSection {
     pub region: Option<String>,
     /// Threads that run the node's tasks; default: one per CPU. On a machine whose few
     /// cores are shared with other busy processes, fewer threads mean fewer wake-ups
-    /// handed between them, and lower latency (see `docs/benchmarks.md`).
+    /// handed between them, and lower latency; 1 runs the node on a single thread (see
+    /// `docs/benchmarks.md`).
     pub worker_threads: Option<u64>,
 }
 

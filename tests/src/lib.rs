@@ -142,6 +142,8 @@ pub struct ClusterOptions {
     pub connector_addr_for_edge: Vec<Option<SocketAddr>>,
     /// TOML appended to every node's config (a `[routing]` section, say).
     pub extra_config: String,
+    /// `node.worker_threads` of the connector and every edge; `None`: the default.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ClusterOptions {
@@ -153,6 +155,7 @@ impl Default for ClusterOptions {
             connector_udp: None,
             connector_addr_for_edge: Vec::new(),
             extra_config: String::new(),
+            worker_threads: None,
         }
     }
 }
@@ -258,11 +261,15 @@ impl Cluster {
         };
         let members = members_with(connector_udp);
         let extra = &opts.extra_config;
+        let threads = opts
+            .worker_threads
+            .map(|n| format!("worker_threads = {n}\n"))
+            .unwrap_or_default();
         let connector_config = d.join("connector.toml");
         std::fs::write(
             &connector_config,
             format!(
-                "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n\n\
+                "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n{threads}\n\
                  {members}[admin]\nlisten = \"{connector_admin}\"\n\n\
                  [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n\n\
                  [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
@@ -292,7 +299,7 @@ impl Cluster {
             std::fs::write(
                 &config,
                 format!(
-                    "shutdown_grace_ms = 2000\n\n[node]\nname = \"edge-{i}\"\nkey_file = \"keys/edge-{i}.key\"\nlisten = \"{udp}\"\n\n\
+                    "shutdown_grace_ms = 2000\n\n[node]\nname = \"edge-{i}\"\nkey_file = \"keys/edge-{i}.key\"\nlisten = \"{udp}\"\n{threads}\n\
                      {members}[https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\nserver_names = [\"localhost\"]\n\n\
                      [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
                      [[routes]]\nhost = \"*\"\npath_prefix = \"/unknown-service\"\nservice = \"no-such-service\"\n\n\

@@ -411,3 +411,69 @@ async fn websocket_over_http2_extended_connect() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `node.worker_threads = 1` runs each node on a single-threaded runtime: bodies, many
+/// concurrent HTTP/2 streams and a websocket all still flow through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_threaded_nodes_serve_the_whole_data_path() -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    let c = Cluster::start(ClusterOptions {
+        worker_threads: Some(1),
+        ..ClusterOptions::default()
+    })?;
+    let client = c.client(0)?;
+    let len = 5 * MB;
+    let resp = client
+        .get(c.url(0, &format!("/bytes/{len}")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200, "{}", c.logs());
+    let body = resp.bytes().await?;
+    assert_eq!(
+        hex::encode(sha2::Sha256::digest(&body)),
+        pattern_sha256(len)
+    );
+    let upload: Vec<u8> = (0..len as usize).map(|i| (i % 241) as u8).collect();
+    let resp = client
+        .post(c.url(0, "/echo"))
+        .body(upload.clone())
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await? == upload, "the echo came back changed");
+
+    let requests = (0..200u64).map(|i| {
+        let client = client.clone();
+        let url = c.url(0, &format!("/bytes/{}", 100 + i));
+        async move {
+            let body = client
+                .get(url)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            anyhow::ensure!(body.len() as u64 == 100 + i, "length {}", body.len());
+            anyhow::Ok(())
+        }
+    });
+    for result in futures_util::future::join_all(requests).await {
+        result?;
+    }
+
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
+        stream,
+    )
+    .await?;
+    for i in 0..200u32 {
+        let msg = Message::Binary(i.to_be_bytes().to_vec().into());
+        ws.send(msg.clone()).await?;
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("websocket closed"))??;
+        assert_eq!(back, msg);
+    }
+    Ok(())
+}
