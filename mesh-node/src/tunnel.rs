@@ -13,7 +13,7 @@ use skylane_shared::lifecycle::Backoff;
 use skylane_shared::membership::Member;
 use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::mesh::{MeshSocket, virtual_addr};
-use skylane_shared::quic;
+use skylane_shared::quic::{self, PathStats};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::trust::MESH_SERVER_NAME;
 use tokio_util::sync::CancellationToken;
@@ -49,41 +49,13 @@ pub struct LinkStatus {
     pub rtt_ms: Option<f64>,
     /// QUIC path statistics of the live tunnel (congestion window, losses, packet size):
     /// what to look at when a tunnel is slower than its RTT explains.
-    pub quic: Option<QuicPathStatus>,
+    pub quic: Option<PathStats>,
     /// Seconds since it came up.
     pub up_for_s: Option<u64>,
     /// Times it has been re-established.
     pub reconnects: u64,
     /// The last failure, if any.
     pub last_error: Option<String>,
-}
-
-/// A live tunnel's QUIC path, from quinn's statistics.
-#[derive(Debug, serde::Serialize)]
-pub struct QuicPathStatus {
-    /// Congestion window.
-    pub cwnd_bytes: u64,
-    /// Times the congestion controller reduced the window.
-    pub congestion_events: u64,
-    /// Packets sent on the path.
-    pub sent_packets: u64,
-    /// Packets declared lost.
-    pub lost_packets: u64,
-    /// Current packet size (grows from 1200 as path MTU discovery succeeds).
-    pub mtu_bytes: u16,
-}
-
-impl QuicPathStatus {
-    fn of(conn: &quinn::Connection) -> Self {
-        let path = conn.stats().path;
-        Self {
-            cwnd_bytes: path.cwnd,
-            congestion_events: path.congestion_events,
-            sent_packets: path.sent_packets,
-            lost_packets: path.lost_packets,
-            mtu_bytes: path.current_mtu,
-        }
-    }
 }
 
 /// The tunnels of this edge.
@@ -173,7 +145,7 @@ impl TunnelPool {
                         (
                             live.is_some(),
                             live.map(|c| c.rtt().as_secs_f64() * 1000.0),
-                            live.map(QuicPathStatus::of),
+                            live.map(PathStats::of),
                             s.since
                                 .filter(|_| live.is_some())
                                 .map(|t| t.elapsed().as_secs()),

@@ -49,7 +49,7 @@ impl AdminRoutes for Status {
                             "peer": peer,
                             "rtt_ms": conn.rtt().as_secs_f64() * 1000.0,
                             "up_for_s": since.elapsed().as_secs(),
-                            "lost_packets": conn.stats().path.lost_packets,
+                            "quic": quic::PathStats::of(conn),
                         })
                     })
                     .collect()

@@ -67,6 +67,36 @@ pub fn nudge(conn: &quinn::Connection) {
     }
 }
 
+/// A live connection's QUIC path, from quinn's statistics, for status pages: what to look
+/// at when a tunnel is slower than its RTT explains.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct PathStats {
+    /// Congestion window.
+    pub cwnd_bytes: u64,
+    /// Times the congestion controller reduced the window.
+    pub congestion_events: u64,
+    /// Packets sent on the path.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Current packet size (grows from 1200 as path MTU discovery succeeds).
+    pub mtu_bytes: u16,
+}
+
+impl PathStats {
+    /// The path statistics of `conn` now.
+    pub fn of(conn: &quinn::Connection) -> Self {
+        let path = conn.stats().path;
+        Self {
+            cwnd_bytes: path.cwnd,
+            congestion_events: path.congestion_events,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            mtu_bytes: path.current_mtu,
+        }
+    }
+}
+
 /// Errors creating an endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {

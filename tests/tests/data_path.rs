@@ -9,13 +9,9 @@ use skylane_tests::{Cluster, ClusterOptions, metric, pattern_sha256};
 
 const MB: u64 = 1024 * 1024;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_megabyte_bodies_stream_both_ways() -> anyhow::Result<()> {
-    let c = Cluster::start(ClusterOptions::default())?;
-    let client = c.client(0)?;
-
-    // Download: hash as it arrives, never holding the body.
-    let len = 50 * MB;
+/// Downloads `/bytes/{len}` through edge 0 and checks length and checksum, hashing the
+/// body as it arrives, never holding it.
+async fn download_pattern(c: &Cluster, client: &reqwest::Client, len: u64) -> anyhow::Result<()> {
     let resp = client
         .get(c.url(0, &format!("/bytes/{len}")))
         .send()
@@ -31,6 +27,16 @@ async fn fifty_megabyte_bodies_stream_both_ways() -> anyhow::Result<()> {
     }
     assert_eq!(got, len);
     assert_eq!(hex::encode(h.finalize()), pattern_sha256(len));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabyte_bodies_stream_both_ways() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+
+    // Download: hash as it arrives, never holding the body.
+    download_pattern(&c, &client, 50 * MB).await?;
 
     // Upload and echo: the request body is produced in chunks as it is sent.
     let chunk_len = 256 * 1024;
@@ -423,16 +429,7 @@ async fn single_threaded_nodes_serve_the_whole_data_path() -> anyhow::Result<()>
     })?;
     let client = c.client(0)?;
     let len = 5 * MB;
-    let resp = client
-        .get(c.url(0, &format!("/bytes/{len}")))
-        .send()
-        .await?;
-    assert_eq!(resp.status(), 200, "{}", c.logs());
-    let body = resp.bytes().await?;
-    assert_eq!(
-        hex::encode(sha2::Sha256::digest(&body)),
-        pattern_sha256(len)
-    );
+    download_pattern(&c, &client, len).await?;
     let upload: Vec<u8> = (0..len as usize).map(|i| (i % 241) as u8).collect();
     let resp = client
         .post(c.url(0, "/echo"))

@@ -22,6 +22,11 @@ fn age(seconds: f64) -> String {
 }
 
 /// Lays out rows in columns, the first row being the header.
+/// A table's header row.
+fn header(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
 fn table(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
         .map(|c| {
@@ -46,13 +51,9 @@ fn table(rows: &[Vec<String>]) -> String {
 /// The node's view as text: members, routes, probed paths, and the gossiped links.
 pub fn render(status: &MeshStatus) -> String {
     let mut out = format!("node {}\n\nMEMBERS\n", status.node);
-    let mut rows = vec![
-        [
-            "name", "role", "region", "state", "address", "direct", "rtt ms",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut rows = vec![header(&[
+        "name", "role", "region", "state", "address", "direct", "rtt ms",
+    ])];
     for m in &status.members {
         rows.push(vec![
             if m.this_node {
@@ -74,19 +75,15 @@ pub fn render(status: &MeshStatus) -> String {
     if status.routes.is_empty() {
         out.push_str("  (none yet)\n");
     } else {
-        let mut rows = vec![
-            [
-                "destination",
-                "path",
-                "rtt ms",
-                "loss",
-                "cost ms",
-                "reason",
-                "since",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ];
+        let mut rows = vec![header(&[
+            "destination",
+            "path",
+            "rtt ms",
+            "loss",
+            "cost ms",
+            "reason",
+            "since",
+        ])];
         for r in &status.routes {
             let preferred = status.preferred_destination.as_deref() == Some(&r.destination);
             rows.push(vec![
@@ -108,19 +105,15 @@ pub fn render(status: &MeshStatus) -> String {
     }
 
     out.push_str("\nPROBED PATHS\n");
-    let mut rows = vec![
-        [
-            "path",
-            "class",
-            "state",
-            "srtt ms",
-            "rttvar ms",
-            "recent ms",
-            "loss",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut rows = vec![header(&[
+        "path",
+        "class",
+        "state",
+        "srtt ms",
+        "rttvar ms",
+        "recent ms",
+        "loss",
+    ])];
     for p in &status.paths {
         rows.push(vec![
             p.path.join(" → "),
@@ -135,20 +128,16 @@ pub fn render(status: &MeshStatus) -> String {
     out.push_str(&table(&rows));
 
     out.push_str("\nMESH LINKS (gossiped)\n");
-    let mut rows = vec![
-        [
-            "from",
-            "to",
-            "srtt ms",
-            "recent ms",
-            "loss",
-            "alive",
-            "version",
-            "age",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
+    let mut rows = vec![header(&[
+        "from",
+        "to",
+        "srtt ms",
+        "recent ms",
+        "loss",
+        "alive",
+        "version",
+        "age",
+    ])];
     for l in &status.links {
         rows.push(vec![
             l.from.clone(),
