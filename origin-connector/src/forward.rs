@@ -92,19 +92,19 @@ pub async fn handle_stream(
     };
     let metrics = pool.metrics();
     metrics.stream_started();
-    // A refusal is counted where it is sent (`refuse`), so the result needs no counting.
-    let _ = match header.kind {
+    match header.kind {
         StreamKind::Http(head) => forward_http(&ctx, &pool, head, send, recv).await,
         StreamKind::Tcp => forward_tcp(&ctx, &pool, send, recv).await,
     };
     metrics.stream_ended(started.elapsed());
 }
 
-/// The service's healthy servers, or a `NoHealthyOrigin` refusal sent to the edge.
+/// The service's healthy servers, or `None` after a `NoHealthyOrigin` refusal was sent to
+/// the edge.
 async fn healthy_candidates(
     pool: &ServicePool,
     send: &mut quinn::SendStream,
-) -> Result<Vec<std::sync::Arc<OriginServer>>, RefusalKind> {
+) -> Option<Vec<std::sync::Arc<OriginServer>>> {
     let candidates = pool.candidates();
     if candidates.is_empty() {
         let message = format!(
@@ -112,9 +112,9 @@ async fn healthy_candidates(
             pool.service.name
         );
         refuse(send, RefusalKind::NoHealthyOrigin, message).await;
-        return Err(RefusalKind::NoHealthyOrigin);
+        return None;
     }
-    Ok(candidates)
+    Some(candidates)
 }
 
 async fn refuse(send: &mut quinn::SendStream, kind: RefusalKind, message: String) {
@@ -149,8 +149,10 @@ async fn forward_http(
     head: RequestHead,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-) -> Result<(), RefusalKind> {
-    let candidates = healthy_candidates(pool, &mut send).await?;
+) {
+    let Some(candidates) = healthy_candidates(pool, &mut send).await else {
+        return;
+    };
     // A request whose body has started streaming can't be replayed on another server; one
     // without a body can, when the first server refuses the connection.
     let mut recv = Some(recv);
@@ -176,7 +178,7 @@ async fn forward_http(
             Ok(r) => r,
             Err(message) => {
                 refuse(&mut send, RefusalKind::BadHeader, message).await;
-                return Err(RefusalKind::BadHeader);
+                return;
             }
         };
         let sent = tokio::time::timeout(pool.service.response_timeout, pool.client.request(req));
@@ -192,7 +194,7 @@ async fn forward_http(
                     ),
                 )
                 .await;
-                return Err(RefusalKind::OriginTimeout);
+                return;
             }
             Ok(Err(e)) => {
                 last_error = e.to_string();
@@ -206,7 +208,8 @@ async fn forward_http(
             }
             Ok(Ok(r)) => r,
         };
-        return relay_response(&server, &head, response, send, recv).await;
+        relay_response(&server, &head, response, send, recv).await;
+        return;
     }
     refuse(
         &mut send,
@@ -214,7 +217,6 @@ async fn forward_http(
         format!("no origin server answered: {last_error}"),
     )
     .await;
-    Err(RefusalKind::OriginUnreachable)
 }
 
 async fn relay_response(
@@ -223,7 +225,7 @@ async fn relay_response(
     mut response: http::Response<hyper::body::Incoming>,
     mut send: quinn::SendStream,
     recv: Option<quinn::RecvStream>,
-) -> Result<(), RefusalKind> {
+) {
     let status = response.status();
     let reply = Reply::Response(ResponseHead {
         status: status.as_u16(),
@@ -234,15 +236,15 @@ async fn relay_response(
         Err(e) => {
             tracing::warn!(server = %server.spec, error = %e, "origin response head not forwarded");
             refuse(&mut send, RefusalKind::BadHeader, e.to_string()).await;
-            return Err(RefusalKind::BadHeader);
+            return;
         }
     };
     if head.upgrade && status == http::StatusCode::SWITCHING_PROTOCOLS {
         if send.write_chunk(reply).await.is_err() {
-            return Ok(()); // the edge went away
+            return; // the edge went away
         }
         let Some(recv) = recv else {
-            return Ok(());
+            return;
         };
         match hyper::upgrade::on(&mut response).await {
             Ok(upgraded) => {
@@ -262,7 +264,7 @@ async fn relay_response(
                 let _ = send.reset(1u32.into());
             }
         }
-        return Ok(());
+        return;
     }
     let sent = head_and_body_to_stream(reply, response.into_body(), &mut send).await;
     if let Some(mut recv) = recv {
@@ -276,7 +278,6 @@ async fn relay_response(
             let _ = send.reset(1u32.into());
         }
     }
-    Ok(())
 }
 
 async fn forward_tcp(
@@ -284,8 +285,10 @@ async fn forward_tcp(
     pool: &ServicePool,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-) -> Result<(), RefusalKind> {
-    let candidates = healthy_candidates(pool, &mut send).await?;
+) {
+    let Some(candidates) = healthy_candidates(pool, &mut send).await else {
+        return;
+    };
     for server in candidates {
         let Ok(addr) = server.addr(&ctx.resolver).await else {
             pool.record_failure(&server);
@@ -299,12 +302,12 @@ async fn forward_tcp(
                     .await
                     .is_err()
                 {
-                    return Ok(());
+                    return;
                 }
                 if let Err(e) = splice(recv, send, tcp).await {
                     tracing::debug!(error = %e, "tcp flow ended with an error");
                 }
-                return Ok(());
+                return;
             }
             _ => pool.record_failure(&server),
         }
@@ -315,5 +318,4 @@ async fn forward_tcp(
         "no origin server accepted the connection".into(),
     )
     .await;
-    Err(RefusalKind::OriginUnreachable)
 }
