@@ -150,25 +150,21 @@ where
     // One poll with a no-op waker: if the frame is not there yet, the awaits below
     // register the task's real waker before anything waits on it.
     let polled = Pin::new(&mut body).poll_frame(&mut Context::from_waker(std::task::Waker::noop()));
-    let first = match polled {
-        Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
-        Poll::Ready(Some(Err(e))) => {
-            send.write_chunk(head).await.map_err(io::Error::other)?;
-            return Err(io::Error::other(e.to_string()));
-        }
-        Poll::Ready(None) => {
-            send.write_chunk(head).await.map_err(io::Error::other)?;
-            send.finish().map_err(io::Error::other)?;
-            return Ok(0);
-        }
-        Poll::Pending => None,
+    let (first, ended, failed) = match polled {
+        Poll::Ready(Some(Ok(frame))) => (frame.into_data().ok(), false, None),
+        Poll::Ready(Some(Err(e))) => (None, false, Some(e.to_string())),
+        Poll::Ready(None) => (None, true, None),
+        Poll::Pending => (None, false, None),
     };
     let sent = first.as_ref().map_or(0, |d| d.len() as u64);
     let mut chunks = [head, first.unwrap_or_default()];
     send.write_all_chunks(&mut chunks)
         .await
         .map_err(io::Error::other)?;
-    if body.is_end_stream() {
+    if let Some(e) = failed {
+        return Err(io::Error::other(e));
+    }
+    if ended || body.is_end_stream() {
         send.finish().map_err(io::Error::other)?;
         return Ok(sent);
     }
