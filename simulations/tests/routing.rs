@@ -1,15 +1,13 @@
 //! Deterministic virtual-time tests of the routing core on the 30-city matrix and a
 //! synthetic 100-node mesh. Every run is seeded; a failure message names the seed.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use skylane_simulations::vnet::experiments;
 use skylane_simulations::vnet::{NetConfig, RttMatrix};
 
 fn cities() -> (RttMatrix, usize) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/rtt_matrix.csv");
-    let matrix = RttMatrix::from_file(&path).expect("the 30-city matrix beside the repo");
+    let matrix = RttMatrix::builtin();
     let origin = matrix
         .index_of("Frankfurt")
         .expect("Frankfurt is in the matrix");

@@ -86,14 +86,25 @@ struct WanArgs {
 #[derive(Args, Debug)]
 struct MeshArgs {
     /// RTT matrix CSV: header `region,<names>`, one row per region, symmetric, ms.
+    /// Default: the measured 30-city matrix built into `simulate`.
     #[arg(long, value_name = "FILE")]
-    matrix: PathBuf,
+    matrix: Option<PathBuf>,
     /// Region that hosts the origin connector; every other region is an edge.
     #[arg(long, value_name = "NAME")]
     origin: String,
     /// Seed of every random choice; the same seed replays the same run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+}
+
+impl MeshArgs {
+    /// The matrix as reports and errors name it.
+    fn matrix_name(&self) -> String {
+        match &self.matrix {
+            Some(p) => p.display().to_string(),
+            None => skylane_simulations::vnet::matrix::BUILTIN_NAME.into(),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -143,13 +154,13 @@ struct RoutesReport {
 }
 
 fn load(mesh: &MeshArgs) -> anyhow::Result<(RttMatrix, usize)> {
-    let matrix = RttMatrix::from_file(&mesh.matrix)
-        .with_context(|| format!("loading matrix {}", mesh.matrix.display()))?;
+    let matrix = RttMatrix::from_file_or_builtin(mesh.matrix.as_deref())
+        .with_context(|| format!("loading matrix {}", mesh.matrix_name()))?;
     let Some(origin) = matrix.index_of(&mesh.origin) else {
         bail!(
             "--origin: `{}` is not a region of {} (regions: {})",
             mesh.origin,
-            mesh.matrix.display(),
+            mesh.matrix_name(),
             matrix.names().join(", ")
         );
     };
@@ -242,7 +253,7 @@ fn routes(args: &RoutesArgs) -> anyhow::Result<()> {
     write_json(
         &args.report,
         &RoutesReport {
-            matrix: args.mesh.matrix.display().to_string(),
+            matrix: args.mesh.matrix_name(),
             origin: args.mesh.origin.clone(),
             seed: args.mesh.seed,
             settle_s: args.settle_s,

@@ -1,5 +1,5 @@
 //! The comparison: per client region, the same three user actions straight to the origin
-//! and through the region's edge, next to their lower bounds (DESIGN.md, "Measuring it").
+//! and through the region's edge, next to their lower bounds (docs/architecture.md, "Measuring it").
 //!
 //! Bounds, with `L` the users↔edge RTT, `P` the best edge→connector path RTT over the
 //! scenario's nodes (≤ 2 relays, from the matrix) and `D` the users↔origin RTT. The
@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bounds_follow_design_md() {
+    fn bounds_follow_the_architecture_doc() {
         // Sydney: 5 ms to the edge, 243.7 ms best path, 274.0 ms direct.
         let (e, d) = Action::Websocket.bounds(5.0, 243.7, 274.0);
         assert!((e - 507.4).abs() < 1e-9 && (d - 1096.0).abs() < 1e-9);

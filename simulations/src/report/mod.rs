@@ -189,7 +189,7 @@ fn markdown(r: &Report, charts: &[String]) -> String {
         );
         let _ = writeln!(
             s,
-            "Medians of every sample (all samples in `report.json`). Bounds (DESIGN.md, \"Measuring it\"), \
+            "Medians of every sample (all samples in `report.json`). Bounds (docs/architecture.md, \"Measuring it\"), \
          with L = users↔edge RTT, P = best edge→connector path RTT, D = users↔origin RTT: websocket \
          and page `2L + 2(L+P)` through the edge vs `4D` direct; dynamic TTFB `2L + (L+P)` vs `3D`.\n"
         );

@@ -63,9 +63,9 @@ pub struct Scenario {
     /// A short name for reports.
     #[serde(default = "default_name")]
     pub name: String,
-    /// RTT matrix CSV (`region,<names>` header, symmetric, ms). Relative paths are
-    /// relative to the repository root (the parent of `simulations/`); default
-    /// `../shared/data/rtt_matrix.csv`, the project's shared data beside the repository.
+    /// RTT matrix CSV (`region,<names>` header, symmetric, ms). A relative path starts at
+    /// the scenario file's directory. Default: the measured 30-city matrix built into the
+    /// binary (`simulations/data/rtt_matrix.csv`).
     #[serde(default)]
     pub matrix: Option<PathBuf>,
     /// Region of the origin; the connector runs beside it (no added latency).
@@ -279,8 +279,8 @@ pub struct PlannedFault {
 pub struct Plan {
     /// The scenario as written.
     pub scenario: Scenario,
-    /// The matrix file used.
-    pub matrix_path: PathBuf,
+    /// The matrix file used; `None`: the built-in one.
+    pub matrix_path: Option<PathBuf>,
     /// The matrix.
     pub matrix: RttMatrix,
     /// The origin region's matrix index.
@@ -294,12 +294,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The matrix path for reports: relative to the repository root when it lies below it
-    /// or beside it (`../shared/data/rtt_matrix.csv`), so reports do not name this machine.
+    /// The matrix for reports, as the scenario names it (so reports do not name this
+    /// machine's directories), or the built-in one.
     pub fn matrix_display(&self) -> String {
         match &self.scenario.matrix {
             Some(p) => p.display().to_string(),
-            None => "../shared/data/rtt_matrix.csv".into(),
+            None => crate::vnet::matrix::BUILTIN_NAME.into(),
         }
     }
 
@@ -345,23 +345,22 @@ fn find_node(nodes: &[PlanNode], name: &str) -> Option<usize> {
     })
 }
 
-/// The repository root (parent of the `simulations` crate), where relative matrix paths
-/// start.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 impl Scenario {
-    /// Reads a scenario file.
+    /// Reads a scenario file. A relative `matrix` path in it is made relative to the
+    /// file's directory here, so the plan does not depend on the current directory.
     pub fn from_file(path: &Path) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Scenario::parse(&text, &path.display().to_string())
+        let mut scenario = Scenario::parse(&text, &path.display().to_string())?;
+        if let Some(m) = &scenario.matrix
+            && m.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            scenario.matrix = Some(dir.join(m));
+        }
+        Ok(scenario)
     }
 
     /// Parses TOML text; `origin` names the source in errors.
@@ -379,14 +378,12 @@ impl Scenario {
             key: key.into(),
             message,
         };
-        let matrix_path = match &self.matrix {
-            Some(p) if p.is_absolute() => p.clone(),
-            Some(p) => repo_root().join(p),
-            None => repo_root().join("../shared/data/rtt_matrix.csv"),
-        };
-        let matrix = RttMatrix::from_file(&matrix_path).map_err(|e| ScenarioError::Matrix {
-            path: source.into(),
-            source: e,
+        let matrix_path = self.matrix.clone();
+        let matrix = RttMatrix::from_file_or_builtin(matrix_path.as_deref()).map_err(|e| {
+            ScenarioError::Matrix {
+                path: source.into(),
+                source: e,
+            }
         })?;
         let region = |key: &str, name: &str| {
             matrix.index_of(name).ok_or_else(|| {
@@ -614,6 +611,28 @@ link = ["Sydney", "connector"]
                 Err(e) => assert!(e.to_string().contains(key), "{e} should name {key}"),
             }
         }
+    }
+
+    #[test]
+    fn matrix_defaults_to_the_builtin_and_a_named_file_wins() -> anyhow::Result<()> {
+        let plan = Scenario::parse(GOOD, "good.toml")?.validate("good.toml")?;
+        assert_eq!(plan.matrix.len(), 30);
+        assert!(plan.matrix_display().contains("built in"));
+        // A scenario's relative matrix path starts at the scenario file's directory.
+        let dir = std::env::temp_dir().join(format!("skylane-scenario-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("data"))?;
+        std::fs::write(dir.join("data/tiny.csv"), "region,A,B\nA,0,40\nB,40,0\n")?;
+        let file = dir.join("tiny.toml");
+        std::fs::write(
+            &file,
+            "matrix = \"data/tiny.csv\"\norigin = \"A\"\nedges = [\"B\"]\n",
+        )?;
+        let plan = Scenario::from_file(&file)?.validate("tiny.toml");
+        std::fs::remove_dir_all(&dir)?;
+        let plan = plan?;
+        assert_eq!(plan.matrix.names(), ["A", "B"]);
+        assert_eq!(plan.node_rtt_ms(0, 1), 40.0);
+        Ok(())
     }
 
     #[test]

@@ -124,7 +124,31 @@ pub enum MatrixError {
 /// Tolerance for symmetry, in ms: the published matrix has two decimals.
 const SYMMETRY_TOLERANCE_MS: f64 = 0.01;
 
+/// The measured 30-city matrix (WonderProxy, July 2020; `simulations/data/README.md`),
+/// carried inside the binary so the simulator needs no file beside it.
+const BUILTIN_CSV: &str = include_str!("../../data/rtt_matrix.csv");
+
+/// How reports name the built-in matrix.
+pub const BUILTIN_NAME: &str = "simulations/data/rtt_matrix.csv (built in)";
+
 impl RttMatrix {
+    /// The measured 30-city matrix the simulator uses when no other is named.
+    pub fn builtin() -> Self {
+        // The file is checked by a unit test below, so this cannot fail in a built binary.
+        match RttMatrix::parse(BUILTIN_CSV) {
+            Ok(m) => m,
+            Err(e) => unreachable!("the built-in matrix is invalid: {e}"),
+        }
+    }
+
+    /// The matrix at `path`, or the built-in one when `path` is `None`.
+    pub fn from_file_or_builtin(path: Option<&Path>) -> Result<Self, MatrixError> {
+        match path {
+            Some(p) => RttMatrix::from_file(p),
+            None => Ok(RttMatrix::builtin()),
+        }
+    }
+
     /// Reads and validates a matrix file.
     pub fn from_file(path: &Path) -> Result<Self, MatrixError> {
         let text = std::fs::read_to_string(path).map_err(|source| MatrixError::Io {
@@ -331,6 +355,18 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "region,A,B,C\nA,0,10,50\nB,10,0,20\nC,50,20,0\n";
+
+    #[test]
+    fn builtin_matrix_is_the_measured_30_cities() {
+        let m = RttMatrix::parse(BUILTIN_CSV).expect("the built-in matrix parses");
+        assert_eq!(m.len(), 30);
+        let (fra, syd) = (m.index_of("Frankfurt"), m.index_of("Sydney"));
+        let (Some(fra), Some(syd)) = (fra, syd) else {
+            panic!("Frankfurt and Sydney are in the built-in matrix");
+        };
+        assert!((m.rtt_ms(fra, syd) - 274.02).abs() < 0.01);
+        assert_eq!(RttMatrix::builtin(), m);
+    }
 
     #[test]
     fn parses_and_finds_relays() {

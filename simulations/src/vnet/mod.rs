@@ -1,6 +1,6 @@
 //! Virtual-time network for the routing core.
 //!
-//! - [`matrix`]: RTT matrices (CSV in the format of `shared/data/rtt_matrix.csv`, or
+//! - [`matrix`]: RTT matrices (CSV in the format of `simulations/data/rtt_matrix.csv`, or
 //!   synthesized), and the true optimal ≤ 2-relay paths they imply;
 //! - [`net`]: the event-driven network — seeded RNG, event queue, per-link latency (one
 //!   way = RTT / 2), jitter, loss, cut links, crashed nodes — with one real

@@ -37,6 +37,9 @@ pub struct RunArgs {
     /// Engine.
     #[arg(long, value_enum, default_value_t = Mode::Real)]
     mode: Mode,
+    /// RTT matrix CSV instead of the scenario's (or the built-in 30-city one).
+    #[arg(long, value_name = "FILE")]
+    matrix: Option<PathBuf>,
     /// Virtual mode only: also run a synthetic mesh of this many nodes (random points on a
     /// sphere) with the scenario's routing, and time failovers at that scale.
     #[arg(long, value_name = "N")]
@@ -55,6 +58,13 @@ pub struct DemoArgs {
     /// Also write the full report here.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// RTT matrix CSV instead of the built-in 30-city one; name its regions with --origin
+    /// and --edges.
+    #[arg(long, value_name = "FILE")]
+    matrix: Option<PathBuf>,
+    /// Origin region instead of Frankfurt.
+    #[arg(long, value_name = "NAME")]
+    origin: Option<String>,
     /// Edge regions instead of the demo's six (comma-separated matrix names).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     edges: Option<Vec<String>>,
@@ -98,10 +108,15 @@ fn command_line() -> String {
     format!("simulate {}", rest.join(" "))
 }
 
-fn load_plan(path: &Path) -> anyhow::Result<Plan> {
+fn load_plan(path: &Path, matrix: Option<&Path>) -> anyhow::Result<Plan> {
     let source = path.display().to_string();
     Scenario::from_file(path)
-        .and_then(|s| s.validate(&source))
+        .and_then(|mut s| {
+            if let Some(m) = matrix {
+                s.matrix = Some(m.to_owned());
+            }
+            s.validate(&source)
+        })
         .map_err(|e| BadInput(e.to_string()).into())
 }
 
@@ -167,7 +182,7 @@ fn finish(mut report: Report, out: &Path) -> anyhow::Result<()> {
 
 /// `simulate run`.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let plan = load_plan(&args.scenario)?;
+    let plan = load_plan(&args.scenario, args.matrix.as_deref())?;
     let progress = Progress::new(args.quiet);
     let started = utc_now();
     match args.mode {
@@ -207,6 +222,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let mut scenario =
         Scenario::parse(DEMO_SCENARIO, "demo.toml").map_err(|e| BadInput(e.to_string()))?;
+    if let Some(m) = &args.matrix {
+        scenario.matrix = Some(m.clone());
+    }
+    if let Some(origin) = &args.origin {
+        scenario.origin = origin.clone();
+    }
     if let Some(edges) = &args.edges {
         scenario.edges = edges.clone();
         scenario.client_regions = None;
