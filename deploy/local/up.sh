@@ -20,6 +20,8 @@ for n in fra-connector edge-a edge-b; do
   [[ -f "$here/keys/$n.key" ]] || "$bin/mesh-node" keygen --out "$here/keys/$n.key" >/dev/null
 done
 [[ -f "$here/certs/edge.pem" ]] || "$bin/mesh-node" dev-cert --out-dir "$here/certs" >/dev/null
+# The mesh-wide secret of the "under attack" challenge (the same for every edge).
+[[ -f "$here/keys/challenge.secret" ]] || ( umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$here/keys/challenge.secret" )
 
 pids=()
 stop() {

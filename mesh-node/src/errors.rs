@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 
-use crate::proxy::ProxyBody;
+use crate::body::ProxyBody;
 
 /// What went wrong, from the user's side of the edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +25,18 @@ pub enum ErrorKind {
     OriginUnreachable,
     /// The origin did not answer in time.
     OriginTimeout,
+    /// The request body is larger than the route allows.
+    PayloadTooLarge,
+    /// A rate limit refused the request (send `Retry-After`).
+    RateLimited,
+    /// The client holds its share of the tunnel (send `Retry-After`).
+    ClientBusy,
+    /// The edge or the tunnel is saturated (send `Retry-After`).
+    Overloaded,
+    /// A websocket to a host under attack, without clearance.
+    ClearanceNeeded,
+    /// A challenge solution that is wrong, forged or too old.
+    BadChallenge,
 }
 
 impl ErrorKind {
@@ -79,6 +91,42 @@ impl ErrorKind {
                 "Gateway timeout",
                 "The origin server did not answer in time.",
             ),
+            ErrorKind::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+                "The request body is larger than this site accepts.",
+            ),
+            ErrorKind::RateLimited => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+                "You are sending requests too fast. Please wait a moment and try again.",
+            ),
+            ErrorKind::ClientBusy => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "client_busy",
+                "Too many requests",
+                "You have too many requests in progress. Please wait for some to finish.",
+            ),
+            ErrorKind::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Service unavailable",
+                "This edge is too busy right now. Please try again in a moment.",
+            ),
+            ErrorKind::ClearanceNeeded => (
+                StatusCode::FORBIDDEN,
+                "clearance_needed",
+                "Forbidden",
+                "This site is under attack; load a page in your browser first to pass its check.",
+            ),
+            ErrorKind::BadChallenge => (
+                StatusCode::FORBIDDEN,
+                "bad_challenge",
+                "Forbidden",
+                "The browser check could not be verified. Please reload the page.",
+            ),
         }
     }
 
@@ -86,6 +134,14 @@ impl ErrorKind {
     pub fn label(self) -> &'static str {
         self.parts().1
     }
+}
+
+/// [`error_response`] with `Retry-After: <seconds>`.
+pub fn retry_later(kind: ErrorKind, request_id: &str, after_s: u64) -> Response<ProxyBody> {
+    let mut resp = error_response(kind, request_id);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(after_s.max(1)));
+    resp
 }
 
 /// A small HTML page for `kind`, counted in `skylane_edge_errors_total`.

@@ -5,8 +5,10 @@
 //! It does not talk to origin servers itself (the connector does), and it never forwards
 //! a flow anywhere but a mesh member.
 
+pub mod body;
 pub mod config;
 pub mod errors;
+pub mod phases;
 pub mod proxy;
 pub mod redirect;
 pub mod request_metrics;

@@ -47,6 +47,85 @@ enum Command {
     /// Show a running node's view of the mesh: members, routes, probed paths and the
     /// gossiped links, read from its admin API.
     Status(skylane_shared::cli::StatusArgs),
+    /// Switch "under attack" mode (the browser challenge) on or off for a host, on every
+    /// edge of the mesh, through this edge's admin API; or list the switches.
+    UnderAttack(UnderAttackArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UnderAttackArgs {
+    /// `on`, `off` or `list`.
+    #[arg(value_enum)]
+    action: UnderAttackVerb,
+    /// Host name or pattern (`chat.example.com`, `*.example.com`, `*`); not for `list`.
+    host: Option<String>,
+    /// How long the switch holds, in seconds (default: until switched again, at most 30
+    /// days).
+    #[arg(long = "for", value_name = "SECS")]
+    for_s: Option<u64>,
+    /// Which edge to ask.
+    #[command(flatten)]
+    target: skylane_shared::cli::AdminArgs,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum UnderAttackVerb {
+    On,
+    Off,
+    List,
+}
+
+fn under_attack(args: UnderAttackArgs, config: Option<&std::path::Path>) -> Result<(), i32> {
+    let admin = args.target.resolve(config, |path| {
+        mesh_node::config::load(path).map(|c| c.admin)
+    })?;
+    let fail = |e: anyhow::Error| {
+        eprintln!("error: {e:#}");
+        1
+    };
+    let on = match args.action {
+        UnderAttackVerb::List => {
+            let body =
+                skylane_shared::cli::admin_call(&admin, "GET", "/status", None).map_err(fail)?;
+            let status: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| fail(e.into()))?;
+            let switches = status["under_attack"]["switches"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if switches.is_empty() {
+                println!("no switches (hosts named in [under_attack] hosts are on)");
+            }
+            for s in switches {
+                println!(
+                    "{:<32} {:<4} set by {:<7} on {:<16} expires in {} s",
+                    s["host"].as_str().unwrap_or("?"),
+                    if s["on"].as_bool().unwrap_or(false) {
+                        "on"
+                    } else {
+                        "off"
+                    },
+                    s["by"].as_str().unwrap_or("?"),
+                    s["written_by"].as_str().unwrap_or("?"),
+                    s["expires_in_s"]
+                );
+            }
+            return Ok(());
+        }
+        UnderAttackVerb::On => true,
+        UnderAttackVerb::Off => false,
+    };
+    let Some(host) = args.host else {
+        eprintln!("error: name the host (or pattern) to switch");
+        return Err(skylane_shared::config::EXIT_CONFIG);
+    };
+    let body = serde_json::json!({"host": host, "on": on, "for_s": args.for_s}).to_string();
+    skylane_shared::cli::admin_call(&admin, "POST", "/under-attack", Some(&body)).map_err(fail)?;
+    println!(
+        "under attack {} for {host} on every edge of the mesh",
+        if on { "on" } else { "off" }
+    );
+    Ok(())
 }
 
 fn main() {
@@ -57,6 +136,7 @@ fn main() {
 fn real_main(cli: Cli) -> Result<(), i32> {
     match cli.command {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
+        Some(Command::UnderAttack(args)) => return under_attack(args, cli.config.as_deref()),
         Some(Command::Status(args)) => {
             return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
                 mesh_node::config::load(path).map(|c| c.admin)

@@ -1,12 +1,18 @@
 //! The plain-HTTP listener: every request is redirected to HTTPS (308 keeps the method).
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
+
+use crate::phases::accept::Admission;
+use crate::phases::connection::{self, ConnWatch, Watched};
+use crate::proxy::Edge;
 
 /// The redirect for one request.
 pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes>> {
@@ -42,22 +48,54 @@ pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes
     r
 }
 
-/// Serves redirects until `stop`.
-pub async fn serve(listener: tokio::net::TcpListener, https_port: u16, stop: CancellationToken) {
+/// Serves redirects until `stop`, under the same admission and head timeouts as HTTPS.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    https_port: u16,
+    edge: Arc<Edge>,
+    admission: Arc<Admission>,
+    stop: CancellationToken,
+) {
     loop {
-        let Some((tcp, _)) =
+        let Some((tcp, tcp_peer)) =
             skylane_shared::lifecycle::accept_until(&listener, &stop, "http redirect").await
         else {
             return;
         };
+        let edge = edge.clone();
+        let admission = admission.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                    Ok::<_, Infallible>(redirect_for(&req, https_port))
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let Some((tcp, _, permit)) =
+                crate::server::admit(tcp, tcp_peer, &edge, &admission, "http").await
+            else {
+                return;
+            };
+            let watch = ConnWatch::new(Some(permit));
+            let svc = {
+                let watch = watch.clone();
+                hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let in_flight = watch.request_started(false);
+                    async move {
+                        let resp = redirect_for(&req, https_port);
+                        drop(in_flight);
+                        Ok::<_, Infallible>(resp)
+                    }
+                })
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(edge.policy.limits.max_request_head_bytes.max(8192))
+                .serve_connection(TokioIo::new(Watched::new(tcp, watch.clone())), svc);
+            tokio::pin!(conn);
+            let _ = connection::supervise(
+                conn.as_mut(),
+                &watch,
+                &edge.policy.timeouts,
+                |c| c.graceful_shutdown(),
+                Duration::from_secs(1),
+                &stop,
+            )
+            .await;
         });
     }
 }

@@ -3,23 +3,26 @@
 use std::sync::OnceLock;
 
 use crate::config::Route;
+use crate::phases::under_attack::RouteLoad;
 use crate::request_metrics::RequestMetrics;
 
 /// Routes, matched most-specific first: exact host before `*.parent` before `*`, then the
 /// longest path prefix.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Routes {
     routes: Vec<Routed>,
 }
 
 /// A route with the metric handles of its service.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Routed {
     /// The configured route.
     pub route: Route,
     /// Registered on first use (after the metrics recorder is installed), then reused by
     /// every request, so a request does not build label sets or look up the registry.
     metrics: OnceLock<RequestMetrics>,
+    /// Requests and origin errors of the current window, for automatic "under attack".
+    pub load: RouteLoad,
 }
 
 impl Routed {
@@ -33,6 +36,11 @@ impl Routed {
         self.metrics
             .get_or_init(|| RequestMetrics::new(&self.route.service))
     }
+}
+
+/// Whether `host` matches `pattern` (exact, `*.example.com`, or `*`).
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    host_rank(pattern, host).is_some()
 }
 
 fn host_rank(pattern: &str, host: &str) -> Option<u8> {
@@ -65,9 +73,15 @@ impl Routes {
             .map(|route| Routed {
                 route,
                 metrics: OnceLock::new(),
+                load: RouteLoad::default(),
             })
             .collect();
         Self { routes }
+    }
+
+    /// Every route, in config order.
+    pub fn all(&self) -> &[Routed] {
+        &self.routes
     }
 
     /// The best route for a host and path.
@@ -93,6 +107,10 @@ mod tests {
             host: host.into(),
             path_prefix: prefix.into(),
             service: service.into(),
+            api: false,
+            rate_limits: Vec::new(),
+            max_body_bytes: 1 << 20,
+            under_attack: false,
         }
     }
 

@@ -1,11 +1,11 @@
 //! The edge's listeners and lifecycle: HTTPS (HTTP/1.1 + HTTP/2), the plain-HTTP
-//! redirect, raw TCP, the admin API, and graceful drain.
+//! redirect, raw TCP, the admin API, the policy's background tasks, and graceful drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use skylane_shared::lifecycle::Shutdown;
@@ -14,17 +14,28 @@ use skylane_shared::mesh::MeshSocket;
 use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::quic;
 use skylane_shared::telemetry::{self, AdminRoutes};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::proxy::{self, Edge};
+use crate::phases::accept::{Admission, ConnPermit};
+use crate::phases::challenge::Challenger;
+use crate::phases::client_addr::{Peer, read_proxy_header};
+use crate::phases::connection::{self, ConnWatch, Watched};
+use crate::phases::flows::Flows;
+use crate::phases::rate_limit::Zones;
+use crate::phases::under_attack::{self, AutoWatch, UnderAttackState};
+use crate::proxy::{self, Edge, Policy};
 use crate::routes::Routes;
 use crate::tunnel::TunnelPool;
 
-/// How long a client may take to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Descriptors kept back from `max_connections` when it comes from the open-file limit:
+/// tunnels, DNS, the admin listener, logs.
+const RESERVED_FILES: u64 = 512;
+
+/// How often limiter state of quiet clients is dropped.
+const HOUSEKEEPING: Duration = Duration::from_secs(10);
 
 /// Already-bound listeners, so tests can bind port 0 and read the ports back.
 #[derive(Debug, Default)]
@@ -57,8 +68,8 @@ impl Listeners {
         for t in &config.tcp {
             l.tcp.push((bind(t.listen).await?, t.service.clone()));
         }
-        if let Some(addr) = config.admin {
-            l.admin = Some(bind(addr).await?);
+        if let Some(admin) = &config.admin {
+            l.admin = Some(bind(admin.listen).await?);
         }
         Ok(l)
     }
@@ -68,28 +79,190 @@ struct Status {
     name: String,
     id: String,
     socket: Arc<MeshSocket>,
-    tunnels: Arc<TunnelPool>,
+    edge: Arc<Edge>,
+    admission: Arc<Admission>,
     control: Arc<MeshControl>,
     draining: CancellationToken,
 }
 
+/// `POST /under-attack`: `{"host": "chat.example.com", "on": true, "for_s": 3600}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnderAttackAction {
+    host: String,
+    on: bool,
+    /// How long the switch holds (default: 30 days, i.e. until switched again).
+    for_s: Option<u64>,
+}
+
 impl AdminRoutes for Status {
     fn status(&self) -> serde_json::Value {
+        let policy = &self.edge.policy;
         json!({
             "node": self.name,
             "id": self.id,
             "role": "edge",
             "mesh_socket": self.socket.udp_addr().map(|a| a.to_string()).unwrap_or_default(),
             "draining": self.draining.is_cancelled(),
-            "tunnels": self.tunnels.status(),
+            "tunnels": self.edge.tunnels.status(),
+            "connections": {
+                "open": self.admission.open(),
+                "max": self.admission.max_total(),
+                "open_file_limit": skylane_shared::cli::open_file_limit(),
+            },
+            "flows": {
+                "open": policy.flows.open_now(),
+                "max": policy.limits.max_flows,
+            },
+            "under_attack": {
+                "available": policy.challenger.is_some(),
+                "switches": policy.under_attack.switches(),
+            },
             "frames": self.socket.counters().snapshot(),
             "mesh": self.control.status(),
         })
     }
 
     fn ready(&self) -> bool {
-        !self.draining.is_cancelled() && self.tunnels.any_up()
+        !self.draining.is_cancelled() && self.edge.tunnels.any_up()
     }
+
+    fn action(&self, path: &str, body: &[u8]) -> Option<Result<serde_json::Value, String>> {
+        match path {
+            "/under-attack" => Some(self.under_attack(body)),
+            _ => None,
+        }
+    }
+}
+
+impl Status {
+    fn under_attack(&self, body: &[u8]) -> Result<serde_json::Value, String> {
+        let action: UnderAttackAction =
+            serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))?;
+        let host = action
+            .host
+            .trim()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let valid_host = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*'));
+        if !valid_host {
+            return Err(format!("{:?} is not a host name or pattern", action.host));
+        }
+        if action.on && self.edge.policy.challenger.is_none() {
+            return Err(
+                "this edge has no [under_attack] secret_file, so it cannot challenge anyone".into(),
+            );
+        }
+        let ttl = Duration::from_secs(action.for_s.unwrap_or(30 * 86_400).clamp(1, 30 * 86_400));
+        let key = format!("{}{host}", under_attack::KEY_PREFIX);
+        self.control
+            .post(&key, under_attack::manual_switch(action.on), ttl)
+            .map_err(|e| e.to_string())?;
+        refresh_switches(&self.control, &self.edge.policy.under_attack);
+        tracing::warn!(%host, on = action.on, for_s = ttl.as_secs(), "under-attack switch set by an operator");
+        Ok(json!({
+            "host": host,
+            "on": action.on,
+            "for_s": ttl.as_secs(),
+            "switches": self.edge.policy.under_attack.switches(),
+        }))
+    }
+}
+
+/// Reads the switches off the bulletin into `state`.
+fn refresh_switches(control: &MeshControl, state: &UnderAttackState) {
+    let switches = control.read_bulletin(|b, now| {
+        under_attack::switches_from(
+            b.entries_with_prefix(under_attack::KEY_PREFIX, now)
+                .map(|e| {
+                    (
+                        e.key.as_str(),
+                        e.value.as_slice(),
+                        control.member_name(&e.stamp.origin),
+                        e.expires_unix_ms,
+                    )
+                }),
+            now,
+        )
+    });
+    if let Some(s) = switches {
+        state.set_switches(s);
+    }
+}
+
+/// Keeps the switches current: on every bulletin change, and every second (expiry).
+async fn follow_switches(control: Arc<MeshControl>, edge: Arc<Edge>, stop: CancellationToken) {
+    let mut changes = control.bulletin_changes();
+    loop {
+        refresh_switches(&control, &edge.policy.under_attack);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The automatic trigger: every window, each route's counts are judged, and a route
+/// over its threshold switches its host on mesh-wide for the cool-down.
+async fn auto_trigger(
+    control: Arc<MeshControl>,
+    edge: Arc<Edge>,
+    auto: crate::config::policy::AutoTrigger,
+    stop: CancellationToken,
+) {
+    let watch = AutoWatch::new(edge.routes.all().len());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(auto.window) => {}
+        }
+        for (i, routed) in edge.routes.all().iter().enumerate() {
+            let (requests, errors) = routed.load.take();
+            if routed.route.api {
+                continue;
+            }
+            let Some(why) = under_attack::should_trigger(&auto, requests, errors, auto.window)
+            else {
+                continue;
+            };
+            if !watch.should_post(i, connection::now_ms(), auto.cool_down) {
+                continue;
+            }
+            let key = format!("{}{}", under_attack::KEY_PREFIX, routed.route.host);
+            match control.post(&key, under_attack::auto_switch(), auto.cool_down) {
+                Ok(_) => {
+                    tracing::warn!(host = %routed.route.host, trigger = ?why, cool_down_s = auto.cool_down.as_secs(), "under attack: switched on automatically");
+                    metrics::counter!("skylane_edge_under_attack_auto_total").increment(1);
+                }
+                Err(e) => tracing::warn!(error = %e, "automatic under-attack switch not posted"),
+            }
+        }
+    }
+}
+
+/// Drops limiter state of clients gone quiet.
+async fn housekeeping(edge: Arc<Edge>, admission: Arc<Admission>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HOUSEKEEPING) => {}
+        }
+        edge.policy.zones.housekeeping();
+        admission.housekeeping();
+    }
+}
+
+/// `max_connections`, or the open-file limit less a reserve.
+fn max_connections(config: &Config) -> usize {
+    config.limits.max_connections.unwrap_or_else(|| {
+        let files = skylane_shared::cli::open_file_limit().unwrap_or(1024);
+        files.saturating_sub(RESERVED_FILES).max(64) as usize
+    })
 }
 
 /// Runs the edge until shutdown.
@@ -119,17 +292,56 @@ pub async fn serve(
         config.tunnel.clone(),
         stop_tunnels.clone(),
     );
+    let ua = &config.under_attack;
+    let challenger = ua
+        .secret
+        .as_ref()
+        .map(|s| Challenger::new(s, ua.difficulty_bits, ua.clearance_ttl, ua.challenge_ttl));
     let edge = Arc::new(Edge {
         routes: Routes::new(config.routes.clone()),
         tunnels: tunnels.clone(),
+        policy: Policy {
+            timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
+            client_address: config.client_address.clone(),
+            zones: Zones::new(&config.rate_limits),
+            flows: Flows::new(&config.limits),
+            challenger,
+            under_attack: UnderAttackState::new(ua.hosts.clone()),
+        },
     });
+    let admission = Admission::new(config.limits.clone(), max_connections(&config));
+    tracing::info!(
+        max_connections = admission.max_total(),
+        max_flows = config.limits.max_flows,
+        "edge limits"
+    );
     let draining = shutdown.drain.clone();
+    tokio::spawn(follow_switches(
+        control.clone(),
+        edge.clone(),
+        stop_tunnels.clone(),
+    ));
+    tokio::spawn(housekeeping(
+        edge.clone(),
+        admission.clone(),
+        stop_tunnels.clone(),
+    ));
+    if let Some(auto) = config.under_attack.auto.clone() {
+        tokio::spawn(auto_trigger(
+            control.clone(),
+            edge.clone(),
+            auto,
+            stop_tunnels.clone(),
+        ));
+    }
     if let Some(admin) = listeners.admin {
         let status = Arc::new(Status {
             name: identity.me.name.clone(),
             id: identity.key.id().to_string(),
             socket: socket.clone(),
-            tunnels: tunnels.clone(),
+            edge: edge.clone(),
+            admission: admission.clone(),
             control,
             draining: draining.clone(),
         });
@@ -137,6 +349,7 @@ pub async fn serve(
             admin,
             metrics,
             status,
+            config.admin.as_ref().and_then(|a| a.token.clone()),
             shutdown.now.clone(),
         ));
     }
@@ -151,6 +364,7 @@ pub async fn serve(
             listener,
             tls,
             edge.clone(),
+            admission.clone(),
             connections.clone(),
             draining.clone(),
         ));
@@ -160,6 +374,8 @@ pub async fn serve(
         tracker.spawn(crate::redirect::serve(
             listener,
             https_port,
+            edge.clone(),
+            admission.clone(),
             draining.clone(),
         ));
     }
@@ -168,7 +384,8 @@ pub async fn serve(
         tracker.spawn(crate::tcp::serve(
             listener,
             service,
-            tunnels.clone(),
+            edge.clone(),
+            admission.clone(),
             draining.clone(),
         ));
     }
@@ -195,58 +412,120 @@ pub async fn serve(
     Ok(())
 }
 
+/// The accept phase shared by every listener: admission, then (from a trusted proxy that
+/// speaks it) the PROXY header. `None`: the connection was refused and is closed.
+pub async fn admit(
+    tcp: TcpStream,
+    tcp_peer: SocketAddr,
+    edge: &Edge,
+    admission: &Arc<Admission>,
+    listener: &'static str,
+) -> Option<(TcpStream, Peer, ConnPermit)> {
+    let permit = admission.admit(tcp_peer.ip(), listener).ok()?;
+    let _ = tcp.set_nodelay(true);
+    let policy = &edge.policy.client_address;
+    let mut peer = Peer::direct(tcp_peer);
+    if policy.proxy_protocol && policy.is_trusted(tcp_peer.ip()) {
+        match read_proxy_header(&tcp, edge.policy.timeouts.request_head).await {
+            Ok(client) => peer.proxied = client,
+            Err(e) => {
+                metrics::counter!("skylane_edge_proxy_header_errors_total").increment(1);
+                tracing::debug!(%tcp_peer, error = %e, "bad PROXY header; closing");
+                return None;
+            }
+        }
+    }
+    Some((tcp, peer, permit))
+}
+
+/// An HTTP server builder configured by the edge policy.
+pub fn http_builder(edge: &Edge) -> auto::Builder<TokioExecutor> {
+    let limits = &edge.policy.limits;
+    let timeouts = &edge.policy.timeouts;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Head size: HTTP/1's read buffer (the head must fit; bodies stream through it) and
+    // HTTP/2's header list. The head timeout is the connection watchdog's, not hyper's.
+    builder
+        .http1()
+        .max_buf_size(limits.max_request_head_bytes.max(8192))
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        // A header block (HEADERS and its CONTINUATIONs) larger than this ends the
+        // connection: the bound against CONTINUATION floods.
+        .max_header_list_size(limits.max_request_head_bytes as u32)
+        // Streams a client opens and resets before the server takes them (rapid reset,
+        // CVE-2023-44487): past this many pending, the connection gets GOAWAY.
+        .max_pending_accept_reset_streams(Some(50))
+        // Streams the server had to reset because the client misbehaved.
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(timeouts.http2_ping_interval))
+        .keep_alive_timeout(timeouts.http2_ping_timeout);
+    builder
+}
+
 async fn accept_https(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     edge: Arc<Edge>,
+    admission: Arc<Admission>,
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let builder = Arc::new(http_builder(&edge));
     loop {
-        let Some((tcp, client)) =
+        let Some((tcp, tcp_peer)) =
             skylane_shared::lifecycle::accept_until(&listener, &stop, "https").await
         else {
             return;
         };
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let edge = edge.clone();
+        let admission = admission.clone();
+        let builder = builder.clone();
         let stop = stop.clone();
         connections.spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let Some((tcp, peer, permit)) = admit(tcp, tcp_peer, &edge, &admission, "https").await else {
+                return;
+            };
+            let timeouts = &edge.policy.timeouts;
+            let tls = match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    metrics::counter!("skylane_edge_tls_handshake_failures_total").increment(1);
-                    tracing::debug!(%client, error = %e, "tls handshake failed");
+                    metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "error").increment(1);
+                    tracing::debug!(%tcp_peer, error = %e, "tls handshake failed");
                     return;
                 }
                 Err(_) => {
-                    metrics::counter!("skylane_edge_tls_handshake_failures_total").increment(1);
+                    metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "timeout").increment(1);
                     return;
                 }
             };
-            let service = hyper::service::service_fn(move |req| {
-                proxy::handle(edge.clone(), req, client, "https")
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http2()
-                .enable_connect_protocol()
-                .max_concurrent_streams(1000);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            // On drain, finish in-flight requests, refuse new ones, then close.
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let watch = ConnWatch::new(Some(permit));
+            let service = {
+                let (edge, watch) = (edge.clone(), watch.clone());
+                hyper::service::service_fn(move |req| {
+                    proxy::handle(edge.clone(), watch.clone(), req, peer, "https")
+                })
             };
-            if let Err(e) = result {
-                tracing::debug!(%client, error = %e, "connection ended with an error");
+            let io = TokioIo::new(Watched::new(tls, watch.clone()));
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            tokio::pin!(conn);
+            let result = connection::supervise(
+                conn.as_mut(),
+                &watch,
+                timeouts,
+                |c| c.graceful_shutdown(),
+                Duration::from_secs(1),
+                &stop,
+            )
+            .await;
+            if let Some(Err(e)) = result {
+                tracing::debug!(%tcp_peer, error = %e, "connection ended with an error");
             }
         });
     }

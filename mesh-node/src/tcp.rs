@@ -1,41 +1,69 @@
-//! Raw TCP services: each accepted connection becomes one tunnel stream.
+//! Raw TCP services: each accepted connection becomes one tunnel stream, under the same
+//! admission as HTTPS, a place in the tunnel, and the TCP idle timeout.
 
 use std::sync::Arc;
 
-use skylane_shared::pipe::splice;
+use skylane_shared::pipe::{IdleTimeout, Splice};
 use skylane_shared::wire::{self, Reply, StreamHeader, StreamKind, WIRE_VERSION};
 use tokio_util::sync::CancellationToken;
 
-use crate::tunnel::TunnelPool;
+use crate::phases::accept::Admission;
+use crate::proxy::Edge;
+use crate::tunnel::OpenError;
 
 /// Accepts connections on `listener` and tunnels them to `service` until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: String,
-    tunnels: Arc<TunnelPool>,
+    edge: Arc<Edge>,
+    admission: Arc<Admission>,
     stop: CancellationToken,
 ) {
     loop {
-        let Some((tcp, client)) =
+        let Some((tcp, tcp_peer)) =
             skylane_shared::lifecycle::accept_until(&listener, &stop, "tcp").await
         else {
             return;
         };
-        let _ = tcp.set_nodelay(true);
         let service = service.clone();
-        let tunnels = tunnels.clone();
+        let edge = edge.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let Some((_, mut send, mut recv)) = tunnels.open_stream().await else {
-                metrics::counter!("skylane_edge_errors_total", "kind" => "no_connector")
-                    .increment(1);
-                tracing::warn!(%client, %service, "no connector reachable; closing tcp connection");
+            let Some((tcp, peer, _permit)) =
+                crate::server::admit(tcp, tcp_peer, &edge, &admission, "tcp").await
+            else {
                 return;
             };
+            let client = edge
+                .policy
+                .client_address
+                .client(&peer, &http::HeaderMap::new());
+            let Ok(_flow) = edge.policy.flows.open(client) else {
+                metrics::counter!("skylane_edge_errors_total", "kind" => "overloaded").increment(1);
+                return;
+            };
+            let stream = match edge
+                .tunnels
+                .open_stream(edge.policy.timeouts.tunnel_open)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let kind = match e {
+                        OpenError::NoTunnel => "no_connector",
+                        OpenError::Saturated => "overloaded",
+                    };
+                    metrics::counter!("skylane_edge_errors_total", "kind" => kind).increment(1);
+                    tracing::warn!(%client, %service, error = ?e, "no tunnel stream; closing tcp connection");
+                    return;
+                }
+            };
+            let (mut send, mut recv, _slot) = (stream.send, stream.recv, stream.slot);
             let n: u128 = rand::random();
             let header = StreamHeader {
                 version: WIRE_VERSION,
                 service: service.clone(),
-                client_addr: Some(client),
+                client_addr: Some(std::net::SocketAddr::new(client, peer.tcp.port())),
                 request_id: format!("{n:032x}"),
                 kind: StreamKind::Tcp,
             };
@@ -45,7 +73,8 @@ pub async fn serve(
             match wire::read_frame::<_, Reply>(&mut recv).await {
                 Ok(Reply::Connected) => {
                     metrics::counter!("skylane_edge_tcp_connections_total", "service" => service.clone()).increment(1);
-                    if let Err(e) = splice(recv, send, tcp).await {
+                    let idle = IdleTimeout::new(edge.policy.timeouts.tcp_idle);
+                    if let Err(e) = Splice::new(recv, send, tcp, idle).await {
                         tracing::debug!(%client, error = %e, "tcp flow ended with an error");
                     }
                 }

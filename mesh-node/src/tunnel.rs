@@ -1,10 +1,18 @@
 //! Persistent tunnels from this edge to the connectors.
 //!
 //! One task per connector keeps a QUIC connection up: resolve the connector's address
-//! (again when the DNS answer expires or a connection fails), connect, wait until the
-//! connection dies, back off with jitter, repeat. Flows take the live tunnel with the
+//! (before every dial, since a dial follows a failure and the connector may have moved),
+//! connect, wait until the connection dies, back off with jitter, repeat. Flows take the live tunnel with the
 //! lowest round-trip time.
+//!
+//! A QUIC connection carries a bounded number of concurrent streams, so each connector
+//! has a *pool* of connections: when every connection holds `[tunnel]
+//! streams_per_connection` flows (default [`STREAMS_PER_CONNECTION`]), another one is opened (up to [`MAX_CONNECTIONS_PER_CONNECTOR`]), and extra
+//! connections that have carried nothing for [`EXTRA_IDLE`] are closed again. An edge is
+//! thus limited by its file descriptors and memory, not by a stream limit; a flow that
+//! finds no room within the open timeout is refused with 503 instead of waiting.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,24 +24,122 @@ use skylane_shared::mesh::{MeshSocket, virtual_addr};
 use skylane_shared::quic::{self, PathStats};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::trust::MESH_SERVER_NAME;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Tunnel;
 
-/// One connector and its tunnel, if up.
+/// Flows one connection carries before another is opened, by default: below the peer's
+/// stream limit ([`quic::MAX_CONCURRENT_STREAMS`]), so opening a stream never waits for
+/// credit.
+pub const STREAMS_PER_CONNECTION: usize = 8_000;
+/// Connections to one connector at most (over 250 000 concurrent flows).
+pub const MAX_CONNECTIONS_PER_CONNECTOR: usize = 32;
+/// An extra connection idle this long is closed.
+pub const EXTRA_IDLE: Duration = Duration::from_secs(60);
+
+/// One QUIC connection of a connector's pool, and the flows it carries.
+#[derive(Clone, Debug)]
+struct Pooled {
+    conn: quinn::Connection,
+    open: Arc<AtomicUsize>,
+    /// Consecutive idle checks that found it carrying nothing.
+    quiet_checks: u8,
+}
+
+impl Pooled {
+    fn new(conn: quinn::Connection) -> Self {
+        Self {
+            conn,
+            open: Arc::new(AtomicUsize::new(0)),
+            quiet_checks: 0,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+}
+
+/// A flow's stream slot on a pooled connection, given back when the flow ends.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream opened for one flow.
+#[derive(Debug)]
+pub struct TunnelStream {
+    /// The connector it goes to.
+    pub connector: String,
+    /// Its sending half.
+    pub send: quinn::SendStream,
+    /// Its receiving half.
+    pub recv: quinn::RecvStream,
+    /// Its place on the connection: keep it as long as the flow.
+    pub slot: StreamSlot,
+}
+
+/// Why no stream could be opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenError {
+    /// No tunnel to any connector is up.
+    NoTunnel,
+    /// Tunnels are up but full, and no room came within the open timeout.
+    Saturated,
+}
+
+/// One connector and its tunnels, if up.
 #[derive(Debug)]
 pub struct ConnectorLink {
     /// The connector.
     pub member: Member,
     state: RwLock<LinkState>,
+    /// Asks the pool task for another connection.
+    grow: Notify,
+    /// Told when a connection was added.
+    grown: Notify,
+    /// Flows per connection before the pool grows.
+    per_connection: usize,
 }
 
 #[derive(Debug, Default)]
 struct LinkState {
-    conn: Option<quinn::Connection>,
+    /// The live connections; the first is the one the dial loop keeps up.
+    conns: Vec<Pooled>,
     since: Option<Instant>,
     last_error: Option<String>,
     reconnects: u64,
+}
+
+impl ConnectorLink {
+    /// A connection with room for one more flow, with that place taken.
+    fn take_slot(&self) -> Option<(quinn::Connection, StreamSlot)> {
+        let s = self.state.read().ok()?;
+        let p = s
+            .conns
+            .iter()
+            .filter(|p| p.alive())
+            .find(|p| p.open.load(Ordering::Relaxed) < self.per_connection)?;
+        p.open.fetch_add(1, Ordering::Relaxed);
+        Some((p.conn.clone(), StreamSlot(p.open.clone())))
+    }
+
+    fn primary(&self) -> Option<quinn::Connection> {
+        let s = self.state.read().ok()?;
+        s.conns.iter().find(|p| p.alive()).map(|p| p.conn.clone())
+    }
+
+    fn flows(&self) -> usize {
+        self.state
+            .read()
+            .map(|s| s.conns.iter().map(|p| p.open.load(Ordering::Relaxed)).sum())
+            .unwrap_or(0)
+    }
 }
 
 /// A snapshot of one tunnel for the status page.
@@ -56,6 +162,10 @@ pub struct LinkStatus {
     pub reconnects: u64,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// QUIC connections in the pool.
+    pub connections: usize,
+    /// Flows it carries now.
+    pub flows: usize,
 }
 
 /// The tunnels of this edge.
@@ -66,7 +176,7 @@ pub struct TunnelPool {
 }
 
 impl TunnelPool {
-    /// Starts one reconnecting task per connector.
+    /// Starts one reconnecting task and one pool task per connector.
     pub fn start(
         endpoint: quinn::Endpoint,
         socket: Arc<MeshSocket>,
@@ -82,6 +192,9 @@ impl TunnelPool {
                 Arc::new(ConnectorLink {
                     member,
                     state: RwLock::new(LinkState::default()),
+                    grow: Notify::new(),
+                    grown: Notify::new(),
+                    per_connection: timing.streams_per_connection,
                 })
             })
             .collect();
@@ -95,37 +208,64 @@ impl TunnelPool {
         });
         for link in &links {
             tokio::spawn(keep_up(link.clone(), dialer.clone(), stop.clone()));
+            tokio::spawn(grow_pool(link.clone(), dialer.clone(), stop.clone()));
         }
         Arc::new(Self { links, socket })
     }
 
-    /// Live tunnels, lowest RTT first.
-    fn live(&self) -> Vec<(String, quinn::Connection)> {
+    /// Connectors with a live tunnel, lowest RTT first.
+    fn live(&self) -> Vec<(&Arc<ConnectorLink>, Duration)> {
         let mut v: Vec<_> = self
             .links
             .iter()
-            .filter_map(|l| {
-                let s = l.state.read().ok()?;
-                let c = s.conn.as_ref().filter(|c| c.close_reason().is_none())?;
-                Some((l.member.name.clone(), c.clone()))
-            })
+            .filter_map(|l| l.primary().map(|c| (l, c.rtt())))
             .collect();
-        v.sort_by_key(|(_, c)| c.rtt());
+        v.sort_by_key(|(_, rtt)| *rtt);
         v
     }
 
-    /// Opens a stream on the best tunnel, falling back to the others in RTT order when a
-    /// connection turns out to be gone. Returns the connector's name with the stream.
-    pub async fn open_stream(&self) -> Option<(String, quinn::SendStream, quinn::RecvStream)> {
-        for (name, conn) in self.live() {
-            match conn.open_bi().await {
-                Ok((send, recv)) => return Some((name, send, recv)),
-                Err(e) => {
-                    tracing::debug!(connector = %name, error = %e, "stream open failed; trying another tunnel")
+    /// Opens a stream on the best tunnel with room, falling back to the others in RTT
+    /// order. When every connection is full it asks for another one and waits for it, at
+    /// most `timeout`.
+    pub async fn open_stream(&self, timeout: Duration) -> Result<TunnelStream, OpenError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let live = self.live();
+            if live.is_empty() {
+                return Err(OpenError::NoTunnel);
+            }
+            for (link, _) in &live {
+                let Some((conn, slot)) = link.take_slot() else {
+                    link.grow.notify_one();
+                    continue;
+                };
+                match tokio::time::timeout_at(deadline, conn.open_bi()).await {
+                    Ok(Ok((send, recv))) => {
+                        return Ok(TunnelStream {
+                            connector: link.member.name.clone(),
+                            send,
+                            recv,
+                            slot,
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(connector = %link.member.name, error = %e, "stream open failed; trying another tunnel")
+                    }
+                    Err(_) => return Err(OpenError::Saturated),
                 }
             }
+            // Every pool is full: wait for one to grow (or a flow to end), not past the
+            // deadline.
+            let grown = futures_util::future::select_all(
+                live.iter().map(|(l, _)| Box::pin(l.grown.notified())),
+            );
+            let wait = tokio::time::sleep(Duration::from_millis(20));
+            tokio::select! {
+                _ = grown => {}
+                _ = wait => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(OpenError::Saturated),
+            }
         }
-        None
     }
 
     /// Whether any tunnel is up.
@@ -138,10 +278,11 @@ impl TunnelPool {
         self.links
             .iter()
             .map(|l| {
+                let flows = l.flows();
                 let s = l.state.read();
-                let (up, rtt, quic, since, reconnects, last_error) = match &s {
+                let (up, rtt, quic, since, reconnects, last_error, connections) = match &s {
                     Ok(s) => {
-                        let live = s.conn.as_ref().filter(|c| c.close_reason().is_none());
+                        let live = s.conns.iter().find(|p| p.alive()).map(|p| &p.conn);
                         (
                             live.is_some(),
                             live.map(|c| c.rtt().as_secs_f64() * 1000.0),
@@ -151,9 +292,10 @@ impl TunnelPool {
                                 .map(|t| t.elapsed().as_secs()),
                             s.reconnects,
                             s.last_error.clone(),
+                            s.conns.iter().filter(|p| p.alive()).count(),
                         )
                     }
-                    Err(_) => (false, None, None, None, 0, None),
+                    Err(_) => (false, None, None, None, 0, None, 0),
                 };
                 LinkStatus {
                     connector: l.member.name.clone(),
@@ -164,6 +306,8 @@ impl TunnelPool {
                     up_for_s: since,
                     reconnects,
                     last_error,
+                    connections,
+                    flows,
                 }
             })
             .collect()
@@ -180,18 +324,114 @@ struct Dialer {
     resolver: Resolver,
 }
 
+/// Why a dial failed.
+enum DialError {
+    /// The TLS config could not be built: retrying will not help.
+    Config(String),
+    /// The handshake failed or timed out.
+    Failed(String),
+}
+
+impl Dialer {
+    /// Opens one QUIC connection to `member` (its address must be known to the socket).
+    async fn connect(&self, member: &Member) -> Result<quinn::Connection, DialError> {
+        let config = quic::client_config(&self.key, member.id)
+            .map_err(|e| DialError::Config(e.to_string()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, virtual_addr(&member.id), MESH_SERVER_NAME)
+            .map_err(|e| DialError::Failed(e.to_string()))?;
+        match tokio::time::timeout(self.timing.connect_timeout, connecting).await {
+            Ok(Ok(c)) => {
+                self.control.watch_connection(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => Err(DialError::Failed(e.to_string())),
+            Err(_) => Err(DialError::Failed("handshake timed out".into())),
+        }
+    }
+}
+
+/// Opens extra connections to a connector when its pool is full, and closes extra ones
+/// that sat idle.
+async fn grow_pool(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: CancellationToken) {
+    let name = link.member.name.clone();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = link.grow.notified() => {}
+            _ = tokio::time::sleep(EXTRA_IDLE / 4) => {
+                close_idle_extras(&link);
+                continue;
+            }
+        }
+        let (count, full) = match link.state.read() {
+            Ok(s) => {
+                let live: Vec<&Pooled> = s.conns.iter().filter(|p| p.alive()).collect();
+                let full = !live.is_empty()
+                    && live
+                        .iter()
+                        .all(|p| p.open.load(Ordering::Relaxed) >= link.per_connection);
+                (live.len(), full)
+            }
+            Err(_) => continue,
+        };
+        if !full || count >= MAX_CONNECTIONS_PER_CONNECTOR {
+            continue;
+        }
+        match dialer.connect(&link.member).await {
+            Ok(conn) => {
+                tracing::info!(connector = %name, connections = count + 1, "tunnel pool grew");
+                metrics::counter!("skylane_tunnel_pool_grown_total", "connector" => name.clone())
+                    .increment(1);
+                if let Ok(mut s) = link.state.write() {
+                    s.conns.push(Pooled::new(conn));
+                }
+                link.grown.notify_waiters();
+            }
+            Err(DialError::Config(e) | DialError::Failed(e)) => {
+                tracing::warn!(connector = %name, error = %e, "extra tunnel connection failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Closes extra (not first) connections that carried nothing for [`EXTRA_IDLE`] (four
+/// checks in a row), keeping the pool as small as the load.
+fn close_idle_extras(link: &ConnectorLink) {
+    let Ok(mut s) = link.state.write() else {
+        return;
+    };
+    let mut index = 0;
+    s.conns.retain_mut(|p| {
+        let first = index == 0;
+        index += 1;
+        if !p.alive() {
+            return false;
+        }
+        if first || p.open.load(Ordering::Relaxed) > 0 {
+            p.quiet_checks = 0;
+            return true;
+        }
+        p.quiet_checks += 1;
+        if p.quiet_checks < 4 {
+            return true;
+        }
+        p.conn.close(0u32.into(), b"idle extra connection");
+        false
+    });
+}
+
 async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: CancellationToken) {
     let Dialer {
-        endpoint,
         socket,
-        control,
-        key,
         timing,
         resolver,
+        ..
     } = &*dialer;
     let name = link.member.name.clone();
     let mut backoff = Backoff::new(timing.reconnect_min, timing.reconnect_max);
-    let mut dns_valid_until: Option<Option<Instant>> = None;
     let mut first = true;
     loop {
         if !first {
@@ -203,70 +443,44 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
             }
         }
         first = false;
-        // Resolve the connector's address when we have none or it expired.
-        let expired = match dns_valid_until {
-            None => true,
-            Some(None) => false,
-            Some(Some(t)) => Instant::now() >= t,
-        };
-        if expired {
-            let target = link.member.address.clone().unwrap_or_default();
-            match resolver.resolve(&target).await {
-                Ok(r) => {
-                    socket.set_peer_addr(&link.member.id, r.addrs[0]);
-                    dns_valid_until = Some(r.valid_until);
-                }
-                Err(e) => {
-                    set_error(&link, e.to_string());
-                    tracing::warn!(connector = %name, error = %e, "cannot resolve connector");
-                    continue;
-                }
+        // Resolve the connector's address before every dial: a dial follows a failure,
+        // and a failed tunnel may mean the connector moved.
+        let target = link.member.address.clone().unwrap_or_default();
+        match resolver.resolve(&target).await {
+            Ok(r) => socket.set_peer_addr(&link.member.id, r.addrs[0]),
+            Err(e) => {
+                set_error(&link, e.to_string());
+                tracing::warn!(connector = %name, error = %e, "cannot resolve connector");
+                continue;
             }
         }
-        let config = match quic::client_config(key, link.member.id) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(connector = %name, error = %e, "bad tunnel TLS config");
-                return;
-            }
-        };
-        let connecting =
-            match endpoint.connect_with(config, virtual_addr(&link.member.id), MESH_SERVER_NAME) {
-                Ok(c) => c,
-                Err(e) => {
-                    set_error(&link, e.to_string());
-                    continue;
-                }
-            };
         let conn = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(timing.connect_timeout, connecting) => match r {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    set_error(&link, e.to_string());
-                    tracing::warn!(connector = %name, error = %e, "tunnel handshake failed");
-                    dns_valid_until = None;
-                    continue;
+            r = dialer.connect(&link.member) => match r {
+                Ok(c) => c,
+                Err(DialError::Config(e)) => {
+                    tracing::error!(connector = %name, error = %e, "bad tunnel TLS config");
+                    return;
                 }
-                Err(_) => {
-                    set_error(&link, "handshake timed out".into());
-                    tracing::warn!(connector = %name, "tunnel handshake timed out");
-                    dns_valid_until = None;
+                Err(DialError::Failed(e)) => {
+                    tracing::warn!(connector = %name, error = %e, "tunnel handshake failed");
+                    set_error(&link, e);
                     continue;
                 }
             },
         };
         backoff.reset();
-        control.watch_connection(conn.clone());
         tracing::info!(connector = %name, rtt_ms = conn.rtt().as_millis() as u64, "tunnel up");
         metrics::gauge!("skylane_tunnel_up", "connector" => name.clone()).set(1.0);
         if let Ok(mut s) = link.state.write() {
             if s.since.is_some() {
                 s.reconnects += 1;
             }
-            s.conn = Some(conn.clone());
+            s.conns.retain(Pooled::alive);
+            s.conns.insert(0, Pooled::new(conn.clone()));
             s.since = Some(Instant::now());
         }
+        link.grown.notify_waiters();
         let reason = tokio::select! {
             _ = stop.cancelled() => {
                 conn.close(0u32.into(), b"edge shutting down");
@@ -279,10 +493,9 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
         tracing::warn!(connector = %name, reason = %reason, "tunnel down");
         set_error(&link, reason.to_string());
         if let Ok(mut s) = link.state.write() {
-            s.conn = None;
+            s.conns
+                .retain(|p| p.alive() && p.conn.stable_id() != conn.stable_id());
         }
-        // A failed tunnel may mean the connector moved: ask DNS again.
-        dns_valid_until = None;
         // Reconnect at once the first time; back off if it keeps failing.
         first = true;
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -123,7 +123,7 @@ pub struct Config {
     /// UDP address of the mesh socket.
     pub listen: SocketAddr,
     /// Admin listener, if any.
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<skylane_shared::config::Admin>,
     /// Logging.
     pub log: LogSection,
     /// Drain time on SIGTERM.
@@ -253,7 +253,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     Ok(Config {
         identity,
         listen: file.node.listen,
-        admin: file.admin.map(|a| a.listen),
+        admin: v.admin(file.admin.as_ref())?,
         log: file.log,
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
         worker_threads,

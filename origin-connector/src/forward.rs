@@ -9,6 +9,7 @@ use skylane_shared::resolve::Resolver;
 use skylane_shared::wire::{
     self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamKind,
 };
+use tracing::Instrument as _;
 
 use crate::config::ServiceKind;
 use crate::origin::{OriginServer, ServicePool, empty_body};
@@ -54,7 +55,21 @@ pub async fn handle_stream(
         }
     };
     let span = tracing::debug_span!("stream", %peer, service = %header.service, request_id = %header.request_id);
-    let _enter = span.enter();
+    // `.instrument`, not `span.enter()`: a guard held across an await would put this
+    // stream's span on whatever else the thread runs meanwhile.
+    serve_stream(ctx, peer, header, send, recv, started)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_stream(
+    ctx: Context,
+    peer: Arc<str>,
+    header: wire::StreamHeader,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    started: Instant,
+) {
     if ctx.draining.is_cancelled() {
         refuse(
             &mut send,

@@ -74,7 +74,7 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         |metrics, shutdown| async move {
             let socket =
                 skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
-            let admin = match config.admin {
+            let admin = match config.admin.as_ref().map(|a| a.listen) {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}")
                 })?),

@@ -138,6 +138,7 @@ pub async fn serve(
             listener,
             metrics,
             status,
+            config.admin.as_ref().and_then(|a| a.token.clone()),
             shutdown.now.clone(),
         ));
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::config::{Identity, LogSection};
+use crate::config::{Admin, Identity, LogSection};
 use crate::identity::NodeKey;
 use crate::lifecycle::Shutdown;
 
@@ -40,6 +40,7 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
+    raise_open_file_limit();
     let mut builder = match worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
@@ -65,6 +66,31 @@ where
     })
 }
 
+/// Raises the soft open-file limit to the hard one (every client connection, websocket
+/// and origin connection is a descriptor; the usual soft default of 1024 would cap a node
+/// far below what the machine allows), logs it, and returns the limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::info!(open_files = limit, "open-file limit");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        }
+    }
+}
+
+/// The open-file limit in force now (soft), if it can be read.
+pub fn open_file_limit() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
 /// Binds the node's mesh socket for `identity`, with an error naming the address.
 pub async fn bind_mesh_socket(
     listen: std::net::SocketAddr,
@@ -83,12 +109,71 @@ pub fn exit(outcome: Result<(), i32>) -> ! {
     })
 }
 
-/// Arguments of the `status` subcommand both binaries have.
+/// Which admin listener a command talks to: `--admin` (and `--token-file`), or else the
+/// `[admin]` section of `--config`.
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {
+pub struct AdminArgs {
     /// Admin listener to ask (default: `[admin] listen` from --config).
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+    /// File with the admin bearer token (default: `[admin] token_file` from --config).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl AdminArgs {
+    /// The admin listener to use. `admin_of` is the binary's own config loader.
+    pub fn resolve<E: std::fmt::Display>(
+        &self,
+        config: Option<&Path>,
+        admin_of: impl FnOnce(&Path) -> Result<Option<Admin>, E>,
+    ) -> Result<Admin, i32> {
+        let from_config = match config {
+            Some(path) => match admin_of(path) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Err(crate::config::EXIT_CONFIG);
+                }
+            },
+            None => None,
+        };
+        let token = match &self.token_file {
+            Some(f) => match std::fs::read(f) {
+                Ok(b) => Some(crate::config::Secret(b.trim_ascii().to_vec())),
+                Err(e) => {
+                    eprintln!("error: --token-file {}: {e}", f.display());
+                    return Err(crate::config::EXIT_CONFIG);
+                }
+            },
+            None => from_config.as_ref().and_then(|a| a.token.clone()),
+        };
+        match (self.admin, from_config) {
+            (Some(listen), _) => Ok(Admin { listen, token }),
+            (None, Some(a)) => Ok(Admin {
+                listen: a.listen,
+                token,
+            }),
+            (None, None) => {
+                match config {
+                    Some(path) => eprintln!(
+                        "error: {} has no [admin] listener; pass --admin ADDR",
+                        path.display()
+                    ),
+                    None => eprintln!("error: --config FILE or --admin ADDR is required"),
+                }
+                Err(crate::config::EXIT_CONFIG)
+            }
+        }
+    }
+}
+
+/// Arguments of the `status` subcommand both binaries have.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Which node to ask.
+    #[command(flatten)]
+    pub target: AdminArgs,
     /// Print the raw /status JSON instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -100,30 +185,11 @@ pub struct StatusArgs {
 pub fn status<E: std::fmt::Display>(
     args: StatusArgs,
     config: Option<&Path>,
-    admin_of: impl FnOnce(&Path) -> Result<Option<std::net::SocketAddr>, E>,
+    admin_of: impl FnOnce(&Path) -> Result<Option<Admin>, E>,
 ) -> Result<(), i32> {
-    let addr = match (args.admin, config) {
-        (Some(addr), _) => addr,
-        (None, None) => {
-            eprintln!("error: --config FILE or --admin ADDR is required");
-            return Err(crate::config::EXIT_CONFIG);
-        }
-        (None, Some(path)) => match admin_of(path) {
-            Ok(Some(addr)) => addr,
-            Ok(None) => {
-                eprintln!(
-                    "error: {} has no [admin] listener; pass --admin ADDR",
-                    path.display()
-                );
-                return Err(crate::config::EXIT_CONFIG);
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Err(crate::config::EXIT_CONFIG);
-            }
-        },
-    };
-    let body = fetch_status(addr).map_err(|e| {
+    let admin = args.target.resolve(config, admin_of)?;
+    let addr = admin.listen;
+    let body = admin_call(&admin, "GET", "/status", None).map_err(|e| {
         eprintln!("error: cannot read the status from the admin API at {addr}: {e:#}");
         1
     })?;
@@ -144,15 +210,36 @@ pub fn status<E: std::fmt::Display>(
     Ok(())
 }
 
-/// GET `/status` over plain HTTP/1.0 with a short timeout.
-fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+/// One request to an admin listener over plain HTTP/1.0 with a short timeout; the body
+/// of a 200 answer, or an error carrying the status and the node's reason.
+pub fn admin_call(
+    admin: &Admin,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+) -> anyhow::Result<String> {
     use anyhow::Context as _;
     use std::io::{Read as _, Write as _};
+    let addr = admin.listen;
     let timeout = std::time::Duration::from_secs(5);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .context("connect (is the node running with [admin] enabled?)")?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(token) = &admin.token {
+        head.push_str(&format!(
+            "Authorization: Bearer {}\r\n",
+            String::from_utf8_lossy(&token.0)
+        ));
+    }
+    let body = json_body.unwrap_or("");
+    if json_body.is_some() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    write!(stream, "{head}\r\n{body}")?;
     let mut response = String::new();
     stream
         .take(16 << 20)
@@ -163,7 +250,7 @@ fn fetch_status(addr: std::net::SocketAddr) -> anyhow::Result<String> {
         .context("malformed HTTP response")?;
     let code = head.split_whitespace().nth(1).unwrap_or_default();
     if code != "200" {
-        anyhow::bail!("HTTP status {code}");
+        anyhow::bail!("HTTP status {code}: {}", body.trim());
     }
     Ok(body.to_owned())
 }

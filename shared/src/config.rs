@@ -109,6 +109,54 @@ impl Validator {
             .map_err(|e| self.invalid("membership", e.to_string()))
     }
 
+    /// Reads a secret file (trimmed), at least `min_len` bytes, naming `key` on error.
+    pub fn secret_file(
+        &self,
+        key: &str,
+        file: &Path,
+        min_len: usize,
+    ) -> Result<Secret, ConfigError> {
+        let path = self.relative(file);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| self.invalid(key, format!("{}: {e}", path.display())))?;
+        let trimmed = bytes.trim_ascii().to_vec();
+        if trimmed.len() < min_len {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "{} holds {} bytes; use at least {min_len} random bytes (e.g. `openssl rand -hex 32`)",
+                    path.display(),
+                    trimmed.len()
+                ),
+            ));
+        }
+        Ok(Secret(trimmed))
+    }
+
+    /// Checks `[admin]`: a listener off loopback needs a token.
+    pub fn admin(&self, section: Option<&AdminSection>) -> Result<Option<Admin>, ConfigError> {
+        let Some(a) = section else {
+            return Ok(None);
+        };
+        let token = match &a.token_file {
+            Some(f) => Some(self.secret_file("admin.token_file", f, 16)?),
+            None => None,
+        };
+        if token.is_none() && !a.listen.ip().is_loopback() {
+            return Err(self.invalid(
+                "admin.token_file",
+                format!(
+                    "the admin listener {} is not on loopback; set a token_file so only operators can use it",
+                    a.listen
+                ),
+            ));
+        }
+        Ok(Some(Admin {
+            listen: a.listen,
+            token,
+        }))
+    }
+
     /// Checks `value` is in `range`, naming `key` otherwise.
     pub fn in_range(
         &self,
@@ -178,12 +226,36 @@ pub struct MeshSection {
     pub members: Vec<MemberSection>,
 }
 
-/// `[admin]`: the admin listener (metrics, status, health).
+/// `[admin]`: the admin listener (metrics, status, health, operator actions).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
-    /// TCP address for `/metrics`, `/status` and `/healthz`. Keep it private.
+    /// TCP address for `/metrics`, `/status`, `/healthz` and the operator's actions.
+    /// Keep it on loopback (`127.0.0.1:9101`); any other address needs `token_file`.
     pub listen: SocketAddr,
+    /// A file holding the bearer token every admin request must carry
+    /// (`Authorization: Bearer <token>`), except `/healthz` and `/readyz`. Required when
+    /// `listen` is not a loopback address.
+    pub token_file: Option<PathBuf>,
+}
+
+/// A secret from a file: never printed (`Debug` says `MASKED`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(MASKED)")
+    }
+}
+
+/// The validated admin listener.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The bearer token requests must carry, if any.
+    pub token: Option<Secret>,
 }
 
 /// `[log]`: logging.

@@ -1,6 +1,7 @@
 //! Moving bytes between a tunnel stream and the other side of a proxy, with back-pressure
 //! and without buffering whole bodies.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,7 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Largest chunk read from a tunnel stream at once. quinn hands out what it has received,
 /// so this only bounds one frame of the body, not latency.
@@ -171,46 +172,278 @@ where
     Ok(sent + body_to_stream(body, send).await?)
 }
 
+/// What a [`Splice`] tells its hooks, and may ask of them. The default does nothing:
+/// bytes are copied as they come, and the pipe lives as long as both directions do.
+pub trait SpliceHooks: Unpin {
+    /// `bytes` went from the tunnel to `io` (an edge uses this to follow websocket framing).
+    fn sent_down(&mut self, bytes: &[u8]) {
+        let _ = bytes;
+    }
+    /// `n` bytes came from `io` (the client side at an edge).
+    fn received_up(&mut self, n: usize) {
+        let _ = n;
+    }
+    /// Polled whenever the downward direction has nothing pending: `Ready(Some(Ok(b)))`
+    /// writes `b` to `io` as if it came from the tunnel (a websocket ping, say);
+    /// `Ready(Some(Err(e)))` ends the splice with `e` (an idle timeout); `Pending` or
+    /// `Ready(None)`: nothing to do now.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        let _ = cx;
+        Poll::Ready(None)
+    }
+}
+
+/// Hooks that do nothing.
+#[derive(Debug, Default)]
+pub struct NoHooks;
+
+impl SpliceHooks for NoHooks {}
+
+/// Ends a splice when no byte has moved either way for a while.
+#[derive(Debug)]
+pub struct IdleTimeout {
+    limit: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimeout {
+    /// A pipe idle for `limit` ends with [`io::ErrorKind::TimedOut`].
+    pub fn new(limit: std::time::Duration) -> Self {
+        Self {
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    fn touch(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.limit;
+        self.sleep.as_mut().reset(deadline);
+    }
+}
+
+impl SpliceHooks for IdleTimeout {
+    fn sent_down(&mut self, _bytes: &[u8]) {
+        self.touch();
+    }
+    fn received_up(&mut self, _n: usize) {
+        self.touch();
+    }
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no byte either way within the idle timeout",
+            )))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Bytes read from `io` that the tunnel did not take yet, or from the tunnel that `io`
+/// did not take yet: the only buffers a splice holds, and only while a direction is
+/// blocked.
+#[derive(Debug, Default)]
+struct Pending {
+    bytes: Bytes,
+    offset: usize,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.offset >= self.bytes.len()
+    }
+    fn rest(&self) -> &[u8] {
+        &self.bytes[self.offset..]
+    }
+}
+
+/// Size of the per-thread scratch buffer reads from `io` go into.
+const SCRATCH: usize = 16 * 1024;
+
+thread_local! {
+    /// Reads from `io` land here and go straight on to the tunnel, so an idle splice holds
+    /// no read buffer of its own (thousands of idle websockets, each with an 8 KiB copy
+    /// buffer, would cost more than all their other state).
+    static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH]);
+}
+
 /// Copies bytes both ways between a tunnel stream pair and `io` (an upgraded HTTP
 /// connection or a TCP socket) until both directions end. A direction ends when its reader
 /// reaches EOF; the writer on the other side is then shut down (half-close carries over).
-/// Returns (bytes from the tunnel to `io`, bytes from `io` to the tunnel).
-pub async fn splice<IO>(
-    mut recv: quinn::RecvStream,
-    mut send: quinn::SendStream,
+/// Resolves to (bytes from the tunnel to `io`, bytes from `io` to the tunnel).
+///
+/// It holds no buffer while idle: reads from `io` go through a per-thread scratch buffer
+/// into quinn's send buffer, and chunks from the tunnel are quinn's own; only what the
+/// other side cannot take at once is kept. `hooks` see the traffic and may inject bytes
+/// or end the splice (see [`SpliceHooks`]).
+pub struct Splice<IO, H> {
+    recv: quinn::RecvStream,
+    send: quinn::SendStream,
     io: IO,
-) -> io::Result<(u64, u64)>
+    hooks: H,
+    down: Pending,
+    /// `io` has bytes written that a flush must push out (a TLS stream buffers records).
+    down_unflushed: bool,
+    down_done: bool,
+    up: Pending,
+    up_done: bool,
+    down_bytes: u64,
+    up_bytes: u64,
+}
+
+/// A splice without hooks (see [`Splice`]).
+pub fn splice<IO>(recv: quinn::RecvStream, send: quinn::SendStream, io: IO) -> Splice<IO, NoHooks>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut io_read, mut io_write) = tokio::io::split(io);
-    let inbound = async {
-        let mut n = 0u64;
+    Splice::new(recv, send, io, NoHooks)
+}
+
+impl<IO, H> Splice<IO, H>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: SpliceHooks,
+{
+    /// A splice with `hooks`.
+    pub fn new(recv: quinn::RecvStream, send: quinn::SendStream, io: IO, hooks: H) -> Self {
+        Self {
+            recv,
+            send,
+            io,
+            hooks,
+            down: Pending::default(),
+            down_unflushed: false,
+            down_done: false,
+            up: Pending::default(),
+            up_done: false,
+            down_bytes: 0,
+            up_bytes: 0,
+        }
+    }
+
+    /// Tunnel → `io`. `Ready(Ok(()))` once the direction is over.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            match recv.read_chunk(CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    n += chunk.bytes.len() as u64;
-                    io_write.write_all(&chunk.bytes).await?;
-                    // A TLS stream may keep encrypted records buffered when its socket was
-                    // briefly full; without a flush the tail of a message could wait
-                    // forever for a next write that never comes.
-                    io_write.flush().await?;
+            if !self.down.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, self.down.rest()))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                Ok(None) => break,
-                Err(e) => return Err(io::Error::other(e)),
+                self.down.offset += n;
+                self.down_unflushed = true;
+                continue;
+            }
+            if self.down_unflushed {
+                std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+                self.down_unflushed = false;
+            }
+            if self.down_done {
+                return Poll::Ready(Ok(()));
+            }
+            match self.hooks.poll_event(cx) {
+                Poll::Ready(Some(Ok(extra))) => {
+                    self.down = Pending {
+                        bytes: extra,
+                        offset: 0,
+                    };
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) | Poll::Pending => {}
+            }
+            let polled = {
+                let fut = self.recv.read_chunk(CHUNK, true);
+                tokio::pin!(fut);
+                fut.poll(cx)
+            };
+            match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Some(chunk))) => {
+                    self.down_bytes += chunk.bytes.len() as u64;
+                    self.hooks.sent_down(&chunk.bytes);
+                    self.down = Pending {
+                        bytes: chunk.bytes,
+                        offset: 0,
+                    };
+                }
+                Poll::Ready(Ok(None)) => {
+                    std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    self.down_done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
             }
         }
-        let _ = io_write.shutdown().await;
-        Ok::<u64, io::Error>(n)
-    };
-    let outbound = async {
-        let n = tokio::io::copy(&mut io_read, &mut send).await;
-        let _ = send.finish();
-        n
-    };
-    let (a, b) = tokio::join!(inbound, outbound);
-    match (a, b) {
-        (Ok(a), Ok(b)) => Ok((a, b)),
-        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+
+    /// `io` → tunnel. `Ready(Ok(()))` once the direction is over.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.up_done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !self.up.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.send).poll_write(cx, self.up.rest()))
+                    .map_err(io::Error::other)?;
+                self.up.offset += n;
+                continue;
+            }
+            let read = SCRATCH_BUF.with_borrow_mut(|scratch| {
+                let mut buf = tokio::io::ReadBuf::new(scratch);
+                match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let data = buf.filled();
+                        if data.is_empty() {
+                            return Poll::Ready(Ok(None));
+                        }
+                        // Hand quinn what it takes now; keep only the rest.
+                        let taken = match Pin::new(&mut self.send).poll_write(cx, data) {
+                            Poll::Ready(Ok(n)) => n,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                            Poll::Pending => 0,
+                        };
+                        Poll::Ready(Ok(Some((
+                            data.len(),
+                            Bytes::copy_from_slice(&data[taken..]),
+                        ))))
+                    }
+                }
+            });
+            match std::task::ready!(read)? {
+                None => {
+                    let _ = self.send.finish();
+                    self.up_done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Some((n, rest)) => {
+                    self.up_bytes += n as u64;
+                    self.hooks.received_up(n);
+                    self.up = Pending {
+                        bytes: rest,
+                        offset: 0,
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl<IO, H> Future for Splice<IO, H>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: SpliceHooks,
+{
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let down = this.poll_down(cx)?;
+        let up = this.poll_up(cx)?;
+        match (down, up) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok((this.down_bytes, this.up_bytes))),
+            _ => Poll::Pending,
+        }
     }
 }

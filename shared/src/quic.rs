@@ -200,6 +200,9 @@ mod tests {
             .await
             .expect("bind");
         client_sock.set_peer_addr(&server_key.id(), server_udp);
+        // A node learns a member's address only from authenticated frames (SWIM and
+        // routing, which this test does not run), so the server is told it.
+        server_sock.set_peer_addr(&client_key.id(), client_sock.udp_addr().expect("addr"));
         let client = endpoint(client_sock, &client_key, None).expect("client");
 
         let accept = tokio::spawn(async move {

@@ -57,16 +57,29 @@ pub trait AdminRoutes: Send + Sync + 'static {
     fn status(&self) -> serde_json::Value;
     /// Whether the node is ready to take traffic (`/readyz`).
     fn ready(&self) -> bool;
+    /// An operator action: `POST <path>` with a JSON body. `None`: no such action (404);
+    /// `Err`: the action was refused, with the reason (400).
+    fn action(&self, path: &str, body: &[u8]) -> Option<Result<serde_json::Value, String>> {
+        let _ = (path, body);
+        None
+    }
 }
 
+/// Largest body of an admin action.
+const MAX_ACTION_BODY: usize = 64 * 1024;
+
 /// Serves the admin API on `listener` until `shutdown`: `/metrics` (Prometheus),
-/// `/status` (JSON), `/healthz` (alive), `/readyz` (ready for traffic).
+/// `/status` (JSON), `/healthz` (alive), `/readyz` (ready for traffic), and `POST`
+/// actions. With a `token`, every request but `/healthz` and `/readyz` must carry
+/// `Authorization: Bearer <token>`.
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: Option<PrometheusHandle>,
     routes: Arc<dyn AdminRoutes>,
+    token: Option<crate::config::Secret>,
     shutdown: CancellationToken,
 ) {
+    let token = Arc::new(token);
     loop {
         let Some((stream, _)) = crate::lifecycle::accept_until(&listener, &shutdown, "admin").await
         else {
@@ -74,48 +87,94 @@ pub async fn serve_admin(
         };
         let metrics = metrics.clone();
         let routes = routes.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 let routes = routes.clone();
-                async move { Ok::<_, Infallible>(admin_response(&req, metrics.as_ref(), &*routes)) }
+                let token = token.clone();
+                async move {
+                    Ok::<_, Infallible>(
+                        admin_response(req, metrics.as_ref(), &*routes, token.as_ref().as_ref())
+                            .await,
+                    )
+                }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            // An admin client gets a minute per connection: nothing here streams.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });
     }
 }
 
-fn admin_response(
-    req: &Request<hyper::body::Incoming>,
+/// Whether `req` carries `token` (compared in constant time).
+fn authorised(req: &Request<hyper::body::Incoming>, token: &crate::config::Secret) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.0.len()
+        && given
+            .iter()
+            .zip(&token.0)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn text(status: StatusCode, body: &str) -> (StatusCode, &'static str, String) {
+    (status, "text/plain", format!("{body}\n"))
+}
+
+async fn admin_response(
+    req: Request<hyper::body::Incoming>,
     metrics: Option<&PrometheusHandle>,
     routes: &dyn AdminRoutes,
+    token: Option<&crate::config::Secret>,
 ) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.map(|m| m.render()).unwrap_or_default(),
-        ),
-        "/status" => (
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_string_pretty(&routes.status()).unwrap_or_default(),
-        ),
-        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/readyz" if routes.ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
+    use http_body_util::BodyExt as _;
+    let path = req.uri().path().to_owned();
+    let open = matches!(path.as_str(), "/healthz" | "/readyz");
+    let (status, ctype, body) = if !open && token.is_some_and(|t| !authorised(&req, t)) {
+        text(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
+    } else if req.method() == http::Method::POST {
+        let limited = http_body_util::Limited::new(req.into_body(), MAX_ACTION_BODY);
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), limited.collect());
+        match read.await {
+            Ok(Ok(collected)) => match routes.action(&path, &collected.to_bytes()) {
+                None => text(StatusCode::NOT_FOUND, "no such action"),
+                Some(Ok(value)) => (
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_string_pretty(&value).unwrap_or_default(),
+                ),
+                Some(Err(reason)) => text(StatusCode::BAD_REQUEST, &reason),
+            },
+            _ => text(
+                StatusCode::BAD_REQUEST,
+                "the body could not be read (over 64 KiB, or too slow)",
+            ),
+        }
+    } else {
+        match path.as_str() {
+            "/metrics" => (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.map(|m| m.render()).unwrap_or_default(),
+            ),
+            "/status" => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&routes.status()).unwrap_or_default(),
+            ),
+            "/healthz" => text(StatusCode::OK, "ok"),
+            "/readyz" if routes.ready() => text(StatusCode::OK, "ready"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
+            _ => text(StatusCode::NOT_FOUND, "not found"),
+        }
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

@@ -243,7 +243,13 @@ impl<'de> Deserialize<'de> for WireHeaders {
                         http::HeaderValue::from_bytes(value),
                     ) {
                         (Ok(name), Ok(value)) => {
-                            map.append(name, value);
+                            // A HeaderMap holds at most ~24 k distinct names; a peer may
+                            // send more (the frame cap allows ~80 k tiny fields).
+                            if map.try_append(name, value).is_err() {
+                                return Err(serde::de::Error::custom(
+                                    "more header fields than a header map can hold",
+                                ));
+                            }
                         }
                         _ => invalid += 1,
                     }
@@ -347,6 +353,16 @@ mod tests {
             postcard::from_bytes(&postcard::to_stdvec(&hostile).expect("encode")).expect("decode");
         assert_eq!(back.0.len(), 1);
         assert_eq!(back.0.get("x-ok").map(|v| v.as_bytes()), Some(&b"fine"[..]));
+    }
+
+    #[test]
+    fn more_header_names_than_a_map_holds_is_an_error() {
+        let fields: Vec<(String, Vec<u8>)> =
+            (0..30_000).map(|i| (format!("x{i}"), Vec::new())).collect();
+        let encoded = postcard::to_stdvec(&fields).expect("encode");
+        assert!(encoded.len() < MAX_HEADER_LEN);
+        let decoded = postcard::from_bytes::<WireHeaders>(&encoded);
+        assert!(decoded.is_err());
     }
 
     proptest! {

@@ -81,6 +81,22 @@ impl Drop for TempDir {
 
 pub use skylane_simulations::procs::{Proc, http_get, http_get_status, status};
 
+/// Makes `socket`'s node known to `peer` the way a real node's first SWIM datagram does:
+/// a node learns a member's address only from an authenticated frame, never from a QUIC
+/// packet (which anyone can forge). Tests that play a member without running its control
+/// loop call this before they dial.
+pub fn introduce(
+    socket: &skylane_shared::mesh::MeshSocket,
+    peer: &skylane_shared::identity::NodeId,
+) -> anyhow::Result<()> {
+    socket.send_control(
+        &peer.short(),
+        skylane_shared::mesh::BodyType::Swim,
+        b"hello",
+    )?;
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
 pub fn free_tcp() -> SocketAddr {
     skylane_simulations::procs::free_tcp().expect("free tcp port")
@@ -144,6 +160,16 @@ pub struct ClusterOptions {
     pub extra_config: String,
     /// `node.worker_threads` of the connector and every edge; `None`: the default.
     pub worker_threads: Option<usize>,
+    /// TOML appended to every edge's config only (`[limits]`, `[timeouts]`…).
+    pub edge_config: String,
+    /// The edges' `[[routes]]` instead of the default ones (`*` → `web`, and a route to a
+    /// service the connector does not know under `/unknown-service`).
+    pub routes: Option<String>,
+    /// Lines added to the edges' `[tunnel]` section (`streams_per_connection = 10`).
+    pub tunnel_config: String,
+    /// Write a shared `[under_attack]` secret to `keys/challenge.secret` (edges' configs
+    /// name it in `edge_config`).
+    pub challenge_secret: bool,
 }
 
 impl Default for ClusterOptions {
@@ -156,6 +182,10 @@ impl Default for ClusterOptions {
             connector_addr_for_edge: Vec::new(),
             extra_config: String::new(),
             worker_threads: None,
+            edge_config: String::new(),
+            routes: None,
+            challenge_secret: false,
+            tunnel_config: String::new(),
         }
     }
 }
@@ -233,6 +263,19 @@ impl Cluster {
                 spare = Some(key);
             }
         }
+        if opts.challenge_secret {
+            std::fs::write(
+                d.join("keys/challenge.secret"),
+                "test-secret-0123456789-0123456789-abcdef",
+            )?;
+        }
+        let routes = opts.routes.clone().unwrap_or_else(|| {
+            "[[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
+             [[routes]]\nhost = \"*\"\npath_prefix = \"/unknown-service\"\nservice = \"no-such-service\"\n"
+                .to_owned()
+        });
+        let edge_extra = &opts.edge_config;
+        let tunnel_extra = &opts.tunnel_config;
         let connector_udp = opts.connector_udp.unwrap_or_else(free_udp);
         let connector_admin = free_tcp();
         let edge_udp: Vec<SocketAddr> = (0..opts.edges).map(|_| free_udp()).collect();
@@ -301,10 +344,9 @@ impl Cluster {
                 format!(
                     "shutdown_grace_ms = 2000\n\n[node]\nname = \"edge-{i}\"\nkey_file = \"keys/edge-{i}.key\"\nlisten = \"{udp}\"\n{threads}\n\
                      {members}[https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\nserver_names = [\"localhost\"]\n\n\
-                     [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
-                     [[routes]]\nhost = \"*\"\npath_prefix = \"/unknown-service\"\nservice = \"no-such-service\"\n\n\
+                     {routes}\n\
                      [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
-                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n{extra}\n"
+                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n{tunnel_extra}\n\n{extra}\n{edge_extra}\n"
                 ),
             )?;
             let proc = Proc::spawn(

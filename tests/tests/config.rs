@@ -24,6 +24,10 @@ fn provision(dir: &Path) -> anyhow::Result<()> {
     for name in ["fra-connector", "edge-a", "edge-b"] {
         NodeKey::generate()?.save(&dir.join(format!("keys/{name}.key")))?;
     }
+    std::fs::write(
+        dir.join("keys/challenge.secret"),
+        "0123456789abcdef0123456789abcdef",
+    )?;
     let ok = Command::new(bin("mesh-node"))
         .args(["dev-cert", "--out-dir"])
         .arg(dir.join("certs"))

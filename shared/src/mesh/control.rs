@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::bulletin::{Bulletin, BulletinError, Stamp, Target};
 use super::frame::BodyType;
 use super::socket::{ControlDatagram, MeshSocket, short_id_of};
 use crate::identity::ShortId;
@@ -38,9 +39,19 @@ const NUDGE_SCHEDULE_MS: [u64; 5] = [0, 50, 100, 150, 200];
 /// How often configured member addresses are resolved again when DNS gives no TTL.
 const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
+/// Milliseconds since the Unix epoch: the bulletin's clock (stamps are compared across
+/// nodes, so they need the wall clock, not a monotonic one).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The running control loop of one node.
 pub struct MeshControl {
     core: Mutex<Core>,
+    /// The bulletin's generation, for readers that react to changes.
+    bulletin_changed: tokio::sync::watch::Sender<u64>,
     /// QUIC connections over this socket, nudged when their peer's route changes.
     connections: Mutex<Vec<quinn::Connection>>,
     /// This node's role: routes go to members of the other role.
@@ -79,6 +90,9 @@ impl std::fmt::Debug for MeshControl {
 struct Core {
     router: Router<ShortId>,
     swim: Swim,
+    bulletin: Bulletin,
+    /// Drives the bulletin's choice of digest peer.
+    rng: StdRng,
 }
 
 impl Core {
@@ -122,8 +136,16 @@ impl MeshControl {
             }
         }
         swim.join(Timestamp::ZERO);
+        let mut rng = StdRng::from_os_rng();
+        let bulletin = Bulletin::new(me, unix_ms(), &mut rng);
         let control = Arc::new(Self {
-            core: Mutex::new(Core { router, swim }),
+            core: Mutex::new(Core {
+                router,
+                swim,
+                bulletin,
+                rng,
+            }),
+            bulletin_changed: tokio::sync::watch::Sender::new(0),
             role,
             connections: Mutex::new(Vec::new()),
             epoch,
@@ -148,13 +170,18 @@ impl MeshControl {
         stop: CancellationToken,
     ) {
         loop {
-            let deadline = self
+            let (routing, bulletin) = self
                 .core
                 .lock()
                 .ok()
-                .and_then(|c| c.next_deadline())
+                .map(|c| (c.next_deadline(), c.bulletin.poll_timeout()))
+                .unwrap_or((None, u64::MAX));
+            let routing = routing
                 .map(|t| self.epoch + t.since_epoch())
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            let bulletin = Instant::now()
+                + Duration::from_millis(bulletin.saturating_sub(unix_ms()).min(1_000));
+            let deadline = routing.min(bulletin);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 datagram = rx.recv() => {
@@ -167,9 +194,12 @@ impl MeshControl {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
+                    let peers = self.peer_ids();
                     if let Ok(mut core) = self.core.lock() {
                         core.router.handle_timeout(now);
                         core.swim.handle_timeout(now);
+                        let Core { bulletin, rng, .. } = &mut *core;
+                        bulletin.handle_timeout(unix_ms(), &peers, rng);
                     }
                 }
             }
@@ -191,6 +221,10 @@ impl MeshControl {
             BodyType::Swim => core
                 .swim
                 .handle_datagram(now, from, &datagram.body)
+                .map_err(|e| e.to_string()),
+            BodyType::Bulletin => core
+                .bulletin
+                .handle(unix_ms(), from, &datagram.body)
                 .map_err(|e| e.to_string()),
             BodyType::Relay => Ok(()),
         };
@@ -217,6 +251,22 @@ impl MeshControl {
                 std::iter::from_fn(|| core.swim.poll_transmit())
                     .map(|(to, bytes)| (to, BodyType::Swim, bytes)),
             );
+            while let Some((to, bytes)) = core.bulletin.poll_transmit() {
+                match to {
+                    Target::One(peer) => transmits.push((peer, BodyType::Bulletin, bytes)),
+                    Target::All => {
+                        for peer in self.peer_ids() {
+                            transmits.push((peer, BodyType::Bulletin, bytes.clone()));
+                        }
+                    }
+                }
+            }
+            let generation = core.bulletin.generation();
+            self.bulletin_changed.send_if_modified(|g| {
+                let changed = *g != generation;
+                *g = generation;
+                changed
+            });
             let events: Vec<_> = std::iter::from_fn(|| core.router.poll_event()).collect();
             (transmits, events)
         };
@@ -249,6 +299,39 @@ impl MeshControl {
         }
         metrics::counter!("skylane_mesh_member_changes_total", "change" => if up { "up" } else { "down" })
             .increment(1);
+    }
+
+    /// Every other member.
+    fn peer_ids(&self) -> Vec<ShortId> {
+        let me = self.socket.local_id().short();
+        self.members
+            .iter()
+            .map(|m| m.id.short())
+            .filter(|id| *id != me)
+            .collect()
+    }
+
+    /// Writes `key` = `value` on the mesh bulletin for `ttl`: every member holds it within
+    /// about one path delay (see [`super::bulletin`]).
+    pub fn post(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<Stamp, BulletinError> {
+        let stamp = {
+            let mut core = self.core.lock().map_err(|_| BulletinError::Full)?;
+            core.bulletin
+                .post(unix_ms(), key, value, ttl.as_millis() as u64)?
+        };
+        self.flush();
+        Ok(stamp)
+    }
+
+    /// Reads the bulletin: `f` gets it and the current Unix time in ms.
+    pub fn read_bulletin<R>(&self, f: impl FnOnce(&Bulletin, u64) -> R) -> Option<R> {
+        let core = self.core.lock().ok()?;
+        Some(f(&core.bulletin, unix_ms()))
+    }
+
+    /// A receiver that sees the bulletin's generation change whenever its content does.
+    pub fn bulletin_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bulletin_changed.subscribe()
     }
 
     /// Registers a QUIC connection over this node's socket, so a route change towards its
@@ -305,6 +388,11 @@ impl MeshControl {
             "route changed"
         );
         metrics::counter!("skylane_route_switches_total", "reason" => reason).increment(1);
+    }
+
+    /// The name of member `id` (its id when it is not a member).
+    pub fn member_name(&self, id: &ShortId) -> String {
+        self.name(id)
     }
 
     fn name(&self, id: &ShortId) -> String {

@@ -53,6 +53,8 @@ pub enum BodyType {
     Relay,
     /// A membership (SWIM) datagram.
     Swim,
+    /// A mesh bulletin datagram ([`super::bulletin`]): mesh-wide switches and purges.
+    Bulletin,
 }
 
 impl BodyType {
@@ -61,6 +63,7 @@ impl BodyType {
             BodyType::Routing => 0x01,
             BodyType::Relay => 0x02,
             BodyType::Swim => 0x03,
+            BodyType::Bulletin => 0x04,
         }
     }
 
@@ -69,6 +72,7 @@ impl BodyType {
             0x01 => Some(BodyType::Routing),
             0x02 => Some(BodyType::Relay),
             0x03 => Some(BodyType::Swim),
+            0x04 => Some(BodyType::Bulletin),
             _ => None,
         }
     }

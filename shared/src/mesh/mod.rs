@@ -2,6 +2,7 @@
 //! that runs routing over it.
 
 pub mod auth;
+pub mod bulletin;
 pub mod control;
 pub mod frame;
 pub mod socket;

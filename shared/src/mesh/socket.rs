@@ -709,12 +709,14 @@ impl MeshSocket {
 
     fn learn_source(&self, src: ShortId, from: SocketAddr, authenticated: bool) {
         let known = self.paths.read().ok().and_then(|p| p.get(&src).copied());
-        let learn = match known {
-            None => true,
-            // Only an authenticated frame may move a known peer: a forged QUIC header must
-            // not divert a member's traffic.
-            Some(p) => !p.configured && p.addr != from && authenticated,
-        };
+        // Only an authenticated frame teaches or moves an address. A QUIC frame's source is
+        // a claim anyone can forge: learning from it would let a stranger pin a member whose
+        // address is not known yet, and turn this node's answers towards any address.
+        let learn = authenticated
+            && match known {
+                None => true,
+                Some(p) => !p.configured && p.addr != from,
+            };
         if learn && let Ok(mut paths) = self.paths.write() {
             paths.insert(
                 src,
@@ -797,7 +799,7 @@ impl MeshSocket {
         }
         self.learn_source(auth.src, from, true);
         match auth.body_type {
-            BodyType::Routing | BodyType::Swim => {
+            BodyType::Routing | BodyType::Swim | BodyType::Bulletin => {
                 let datagram = ControlDatagram {
                     from: auth.src,
                     body_type: auth.body_type,
@@ -1312,6 +1314,51 @@ mod tests {
     /// Segments per transmit: as many as the socket offers, capped like quinn caps them.
     fn segments(socket: &MeshSocket) -> usize {
         socket.max_transmit_segments().clamp(1, 10)
+    }
+
+    #[tokio::test]
+    async fn a_forged_quic_frame_does_not_teach_a_members_address() {
+        let keys: Vec<NodeKey> = (0..2).map(|_| NodeKey::generate().expect("key")).collect();
+        let members = crate::membership::test_members(&keys);
+        let local = "127.0.0.1:0".parse().expect("addr");
+        let a = MeshSocket::bind(local, &keys[0], members.clone())
+            .await
+            .expect("bind");
+        let b = MeshSocket::bind(local, &keys[1], members)
+            .await
+            .expect("bind");
+        let a_addr = a.udp_addr().expect("addr");
+        // A stranger sends a QUIC frame claiming to come from member b, whose address `a`
+        // does not know yet (b is behind NAT).
+        let stranger = tokio::net::UdpSocket::bind(local).await.expect("bind");
+        let mut forged = Vec::new();
+        frame::encode_quic_header(&mut forged, keys[1].id().short());
+        forged.extend_from_slice(&packet(0, 0, 100));
+        stranger.send_to(&forged, a_addr).await.expect("send");
+        let (got, _) = receive(&a, 1).await;
+        assert_eq!(got.len(), 1, "the packet itself still goes up to QUIC");
+        assert_eq!(a.peer_addr(&keys[1].id()), None);
+        // b's own authenticated frame does teach it.
+        b.set_peer_addr(&keys[0].id(), a_addr);
+        b.send_control(&keys[0].id().short(), BodyType::Swim, b"hello")
+            .expect("send");
+        let mut control = a.take_control().expect("control");
+        let pending = tokio::spawn({
+            let a = a.clone();
+            async move {
+                let _ = receive(&a, 1).await;
+            }
+        });
+        let datagram = tokio::time::timeout(Duration::from_secs(5), control.recv())
+            .await
+            .expect("in time")
+            .expect("datagram");
+        pending.abort();
+        assert_eq!(datagram.body, b"hello");
+        assert_eq!(
+            a.peer_addr(&keys[1].id()),
+            Some(b.udp_addr().expect("addr"))
+        );
     }
 
     #[tokio::test]

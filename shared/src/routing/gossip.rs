@@ -45,6 +45,40 @@ pub enum GossipMessage<N> {
     },
 }
 
+/// The highest sequence number a record may carry. An honest node counts up by one per
+/// change, so it never gets near this; a value above it came from a broken or hostile
+/// member and is dropped, which keeps `seq + 1` from overflowing anywhere.
+pub const MAX_SEQ: u64 = 1 << 62;
+
+impl<N: NodeKey> GossipMessage<N> {
+    /// Keeps only what may enter the link-state database: records whose origin and link
+    /// ends are mesh members, with sequence numbers in range. Returns how many records
+    /// or entries were dropped.
+    pub fn retain_valid(&mut self, is_member: impl Fn(&N) -> bool) -> usize {
+        let mut dropped = 0;
+        match self {
+            GossipMessage::Push { updates } => {
+                updates.retain(|u| {
+                    let keep = is_member(&u.origin) && u.seq <= MAX_SEQ && u.base_seq < u.seq;
+                    dropped += usize::from(!keep);
+                    keep
+                });
+                for update in updates.iter_mut() {
+                    let before = update.links.len();
+                    update.links.retain(|(peer, _)| is_member(peer));
+                    dropped += before - update.links.len();
+                }
+            }
+            GossipMessage::Digest { versions, .. } => {
+                let before = versions.len();
+                versions.retain(|(origin, seq)| is_member(origin) && *seq <= MAX_SEQ);
+                dropped += before - versions.len();
+            }
+        }
+        dropped
+    }
+}
+
 /// Rough postcard size of a message, for packing.
 fn encoded_len<N: NodeKey>(message: &GossipMessage<N>) -> usize {
     postcard::to_allocvec(message).map_or(usize::MAX, |v| v.len())

@@ -220,7 +220,7 @@ impl<N: NodeKey> LinkStateDb<N> {
                 updated_at: now,
             });
         let base_seq = record.seq;
-        record.seq += 1;
+        record.seq = record.seq.saturating_add(1);
         for (peer, metrics) in &changed {
             record.links.insert(peer.clone(), (*metrics, record.seq));
         }
@@ -245,7 +245,9 @@ impl<N: NodeKey> LinkStateDb<N> {
                 links: BTreeMap::new(),
                 updated_at: now,
             });
-        record.seq = record.seq.max(seen_seq) + 1;
+        // `seen_seq` came from a peer; gossip drops values above `MAX_SEQ`, and saturating
+        // keeps a direct caller from overflowing too.
+        record.seq = record.seq.max(seen_seq).saturating_add(1);
         let seq = record.seq;
         for entry in record.links.values_mut() {
             entry.1 = seq;

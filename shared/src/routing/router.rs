@@ -90,6 +90,9 @@ pub struct RouterCounters {
     pub unknown_probe: u64,
     /// Link-state deltas this node published about itself.
     pub own_updates: u64,
+    /// Gossiped records or entries dropped because they named a non-member or carried a
+    /// version out of range.
+    pub foreign_records: u64,
 }
 
 /// Number of extra candidates computed beyond the standby set.
@@ -102,6 +105,10 @@ pub struct Router<N: NodeKey> {
     config: RoutingConfig,
     rng: StdRng,
     peers: BTreeSet<N>,
+    /// Every node ever added as a peer or destination, and this node: the mesh members.
+    /// Gossip naming anyone else is dropped. Unlike `peers`, a member stays here while it
+    /// is down, so its records still travel.
+    members: BTreeSet<N>,
     routes: BTreeMap<N, DestinationRoute<N>>,
     prober: Prober<N>,
     db: LinkStateDb<N>,
@@ -135,11 +142,12 @@ impl<N: NodeKey> Router<N> {
         config.validate()?;
         let gossiper = Gossiper::new(now, &config, &mut rng);
         Ok(Router {
-            me,
+            me: me.clone(),
             next_eval_at: now + RoutingConfig::ms(config.route_eval_interval_ms),
             config,
             rng,
             peers: BTreeSet::new(),
+            members: BTreeSet::from([me.clone()]),
             routes: BTreeMap::new(),
             prober: Prober::new(),
             db: LinkStateDb::new(),
@@ -166,6 +174,7 @@ impl<N: NodeKey> Router<N> {
 
     /// Adds a mesh member: its direct link is probed from now on.
     pub fn add_peer(&mut self, now: Timestamp, peer: N) {
+        self.members.insert(peer.clone());
         if peer == self.me || !self.peers.insert(peer.clone()) {
             return;
         }
@@ -444,7 +453,12 @@ impl<N: NodeKey> Router<N> {
         }
     }
 
-    fn handle_gossip(&mut self, now: Timestamp, from: &N, message: GossipMessage<N>) {
+    fn handle_gossip(&mut self, now: Timestamp, from: &N, mut message: GossipMessage<N>) {
+        let dropped = message.retain_valid(|n| self.members.contains(n));
+        if dropped > 0 {
+            self.counters.foreign_records += dropped as u64;
+            tracing::debug!(peer = ?from, dropped, "gossip naming non-members or out-of-range versions dropped");
+        }
         let output = self
             .gossiper
             .handle(now, &self.me, message, &mut self.db, &self.config);
@@ -793,6 +807,8 @@ impl<N: NodeKey> Router<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::gossip::MAX_SEQ;
+    use crate::routing::linkstate::LinkUpdate;
     use crate::routing::route::SwitchReason;
     use crate::routing::wire::PeerIndex;
     use rand::SeedableRng;
@@ -982,5 +998,88 @@ mod tests {
             (c.malformed, c.not_a_member, c.misrouted, c.unknown_probe),
             (1, 1, 1, 1)
         );
+    }
+
+    fn gossip(message: GossipMessage<PeerIndex>) -> Vec<u8> {
+        Message::Gossip(message).encode()
+    }
+
+    #[test]
+    fn gossip_about_non_members_is_neither_stored_nor_passed_on() {
+        let mut mesh = Mesh::new(triangle(), 3);
+        let metrics = LinkMetrics {
+            srtt_us: 1_000,
+            recent_us: 1_000,
+            loss_permille: 0,
+            alive: true,
+        };
+        let stranger = PeerIndex(9);
+        let push = gossip(GossipMessage::Push {
+            updates: vec![
+                // A record of a stranger, and a member's record naming a stranger.
+                LinkUpdate {
+                    origin: stranger,
+                    base_seq: 0,
+                    seq: 1,
+                    links: vec![(PeerIndex(1), metrics)],
+                },
+                LinkUpdate {
+                    origin: PeerIndex(2),
+                    base_seq: 0,
+                    seq: 7,
+                    links: vec![(stranger, metrics), (PeerIndex(1), metrics)],
+                },
+            ],
+        });
+        let r = &mut mesh.routers[0];
+        r.handle_datagram(Timestamp::ZERO, &PeerIndex(1), &push)
+            .expect("handled");
+        assert_eq!(r.link_state().version(&stranger), 0);
+        assert!(r.link_state().link(&PeerIndex(2), &stranger).is_none());
+        assert!(r.link_state().link(&PeerIndex(2), &PeerIndex(1)).is_some());
+        assert_eq!(r.counters().foreign_records, 2);
+        // What it passes on names members only.
+        mesh.flush(0);
+        mesh.run_until(Timestamp::from_millis(3_000));
+        for router in &mesh.routers {
+            assert_eq!(router.link_state().version(&stranger), 0);
+            assert!(router.link_state().link(&PeerIndex(2), &stranger).is_none());
+        }
+    }
+
+    #[test]
+    fn a_digest_claiming_the_largest_version_changes_nothing() {
+        let mut mesh = Mesh::new(triangle(), 3);
+        mesh.run_until(Timestamp::from_millis(5_000));
+        let mine = mesh.routers[0].link_state().version(&PeerIndex(0));
+        assert!(mine > 0);
+        for hostile in [u64::MAX, MAX_SEQ + 1] {
+            let digest = gossip(GossipMessage::Digest {
+                versions: vec![(PeerIndex(0), hostile), (PeerIndex(2), hostile)],
+                reply: false,
+                complete: true,
+            });
+            mesh.routers[0]
+                .handle_datagram(mesh.now, &PeerIndex(1), &digest)
+                .expect("handled");
+            let push = gossip(GossipMessage::Push {
+                updates: vec![LinkUpdate {
+                    origin: PeerIndex(0),
+                    base_seq: 0,
+                    seq: hostile,
+                    links: Vec::new(),
+                }],
+            });
+            mesh.routers[0]
+                .handle_datagram(mesh.now, &PeerIndex(1), &push)
+                .expect("handled");
+        }
+        // Our own record did not jump to (or wrap around) the claimed version, and the
+        // mesh keeps converging on it.
+        let after = mesh.routers[0].link_state().version(&PeerIndex(0));
+        assert!(after < MAX_SEQ, "{after}");
+        mesh.run_until(Timestamp::from_millis(20_000));
+        assert!(mesh.routers[0].route(&PeerIndex(3)).is_some());
+        assert!(mesh.routers[0].counters().foreign_records >= 4);
     }
 }

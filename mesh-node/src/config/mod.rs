@@ -1,5 +1,7 @@
 //! The edge's config file, parsed with unknown keys rejected and validated into [`Config`]
-//! before any port is bound.
+//! before any port is bound. The edge-policy sections live in [`policy`].
+
+pub mod policy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,12 @@ use skylane_shared::config::{
 use skylane_shared::membership::{Member, Role};
 use skylane_shared::routing::RoutingConfig;
 use skylane_shared::swim::SwimConfig;
+
+pub use policy::{ClientAddress, Limits, RateKey, RateLimit, Timeouts, UnderAttack};
+use policy::{
+    ClientAddressSection, LimitsSection, RateLimitSection, TimeoutsSection, UnderAttackSection,
+};
+pub use skylane_shared::config::{Admin, Secret};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +45,15 @@ struct File {
     tunnel: TunnelSection,
     #[serde(default = "default_grace_ms")]
     shutdown_grace_ms: u64,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    timeouts: TimeoutsSection,
+    #[serde(default)]
+    client_address: ClientAddressSection,
+    #[serde(default)]
+    rate_limits: Vec<RateLimitSection>,
+    under_attack: Option<UnderAttackSection>,
 }
 
 fn default_grace_ms() -> u64 {
@@ -75,6 +92,23 @@ struct RouteSection {
     #[serde(default = "default_prefix")]
     path_prefix: String,
     service: String,
+    /// An API: never challenged in "under attack" mode (API clients cannot run the
+    /// challenge), but rate limits still apply.
+    #[serde(default)]
+    api: bool,
+    /// Names of `[[rate_limits]]` zones every request on this route counts against.
+    #[serde(default)]
+    rate_limits: Vec<String>,
+    /// Largest request body, bytes; larger gets 413. Default 100 MiB.
+    #[serde(default = "default_max_body")]
+    max_body_bytes: u64,
+    /// Challenge every browser on this route, whether or not its host is switched on.
+    #[serde(default)]
+    under_attack: bool,
+}
+
+fn default_max_body() -> u64 {
+    100 * 1024 * 1024
 }
 
 fn default_prefix() -> String {
@@ -97,6 +131,13 @@ struct TunnelSection {
     reconnect_min_ms: u64,
     #[serde(default = "default_backoff_max")]
     reconnect_max_ms: u64,
+    /// Flows one QUIC connection carries before the pool opens another. Default 8000.
+    #[serde(default = "default_streams_per_connection")]
+    streams_per_connection: u64,
+}
+
+fn default_streams_per_connection() -> u64 {
+    crate::tunnel::STREAMS_PER_CONNECTION as u64
 }
 
 impl Default for TunnelSection {
@@ -105,6 +146,7 @@ impl Default for TunnelSection {
             connect_timeout_ms: default_connect_ms(),
             reconnect_min_ms: default_backoff_min(),
             reconnect_max_ms: default_backoff_max(),
+            streams_per_connection: default_streams_per_connection(),
         }
     }
 }
@@ -127,7 +169,7 @@ pub struct Config {
     /// UDP address of the mesh socket.
     pub listen: SocketAddr,
     /// Admin listener.
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
     /// Logging.
     pub log: LogSection,
     /// HTTPS listener and certificates.
@@ -150,6 +192,16 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Membership (SWIM) timing.
     pub membership: SwimConfig,
+    /// Connection and request limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Who the client is.
+    pub client_address: ClientAddress,
+    /// Rate-limit zones, in config order; routes refer to them by index.
+    pub rate_limits: Vec<RateLimit>,
+    /// The browser challenge.
+    pub under_attack: UnderAttack,
 }
 
 /// The HTTPS listener.
@@ -181,6 +233,14 @@ pub struct Route {
     pub path_prefix: String,
     /// Connector service.
     pub service: String,
+    /// Never challenged.
+    pub api: bool,
+    /// Indices into [`Config::rate_limits`].
+    pub rate_limits: Vec<usize>,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Always challenged.
+    pub under_attack: bool,
 }
 
 /// A raw TCP listener mapped to a service.
@@ -201,6 +261,8 @@ pub struct Tunnel {
     pub reconnect_min: Duration,
     /// Largest reconnect delay.
     pub reconnect_max: Duration,
+    /// Flows per QUIC connection before the pool grows.
+    pub streams_per_connection: usize,
 }
 
 /// Loads and validates an edge config.
@@ -267,6 +329,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             "the plain-HTTP listener redirects to HTTPS, so [https] is needed",
         ));
     }
+    let rate_limits = policy::validate_rate_limits(&v, &file.rate_limits)?;
+    let under_attack = policy::validate_under_attack(&v, file.under_attack.as_ref())?;
     let mut routes = Vec::new();
     for (i, r) in file.routes.into_iter().enumerate() {
         if !r.path_prefix.starts_with('/') {
@@ -275,10 +339,43 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         if r.service.is_empty() {
             return Err(v.invalid(format!("routes[{i}].service"), "must not be empty"));
         }
+        let mut zones = Vec::new();
+        for (j, name) in r.rate_limits.iter().enumerate() {
+            let index = rate_limits
+                .iter()
+                .position(|z| &z.name == name)
+                .ok_or_else(|| {
+                    v.invalid(
+                        format!("routes[{i}].rate_limits[{j}]"),
+                        format!("no [[rate_limits]] zone is named {name:?}"),
+                    )
+                })?;
+            zones.push(index);
+        }
+        if r.under_attack && under_attack.secret.is_none() {
+            return Err(v.invalid(
+                format!("routes[{i}].under_attack"),
+                "the challenge needs [under_attack] secret_file",
+            ));
+        }
+        if r.under_attack && r.api {
+            return Err(v.invalid(
+                format!("routes[{i}].under_attack"),
+                "an api route is never challenged; set one of `api` and `under_attack`",
+            ));
+        }
         routes.push(Route {
             host: r.host.to_ascii_lowercase(),
             path_prefix: r.path_prefix,
             service: r.service,
+            api: r.api,
+            rate_limits: zones,
+            max_body_bytes: v.in_range(
+                &format!("routes[{i}].max_body_bytes"),
+                r.max_body_bytes,
+                0..=u64::MAX,
+            )?,
+            under_attack: r.under_attack,
         });
     }
     if https.is_some() && routes.is_empty() {
@@ -311,7 +408,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     Ok(Config {
         identity,
         listen: file.node.listen,
-        admin: file.admin.map(|a| a.listen),
+        admin: v.admin(file.admin.as_ref())?,
         log: file.log,
         https,
         http_redirect: file.http.map(|h| h.listen),
@@ -329,10 +426,20 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             connect_timeout: Duration::from_millis(file.tunnel.connect_timeout_ms),
             reconnect_min: Duration::from_millis(file.tunnel.reconnect_min_ms),
             reconnect_max: Duration::from_millis(file.tunnel.reconnect_max_ms),
+            streams_per_connection: v.in_range(
+                "tunnel.streams_per_connection",
+                file.tunnel.streams_per_connection,
+                1..=u64::from(skylane_shared::quic::MAX_CONCURRENT_STREAMS),
+            )? as usize,
         },
         shutdown_grace: Duration::from_millis(file.shutdown_grace_ms),
         worker_threads,
         routing: file.routing,
         membership: file.membership,
+        limits: policy::validate_limits(&v, &file.limits)?,
+        timeouts: policy::validate_timeouts(&v, &file.timeouts)?,
+        client_address: policy::validate_client_address(&v, &file.client_address)?,
+        rate_limits,
+        under_attack,
     })
 }

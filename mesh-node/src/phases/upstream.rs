@@ -1,0 +1,390 @@
+//! The upstream phase: one tunnel stream per request or websocket.
+//!
+//! The head is rewritten as a proxy should (hop-by-hop fields out, `Host` kept, the
+//! forwarding headers set from the client address, a request id), a stream is opened on
+//! the best tunnel (waiting at most `tunnel_open`, then 503 with `Retry-After`), the head
+//! goes first, the body streams behind it with back-pressure (bounded by the route's size
+//! and the body idle timeout), and the connector's reply becomes the response. An upgrade
+//! (websocket over HTTP/1.1 Upgrade or HTTP/2 extended CONNECT) becomes a byte pipe once
+//! the origin says `101`, with the edge's websocket keep-alive on it.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Incoming};
+use skylane_shared::pipe::{Splice, TunnelBody, body_to_stream};
+use skylane_shared::wire::{
+    self, RefusalKind, Reply, RequestHead, StreamHeader, StreamKind, WIRE_VERSION,
+};
+use tracing::Instrument as _;
+
+use crate::body::{Bounded, Guarded, ProxyBody, empty};
+use crate::errors::{ErrorKind, error_response, retry_later};
+use crate::phases::RequestCtx;
+use crate::phases::websocket::Keepalive;
+use crate::proxy::Edge;
+use crate::routes::Routed;
+use crate::tunnel::OpenError;
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1), never forwarded as they are.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Removes hop-by-hop fields and any field the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The protocol a request asks to switch to, if any.
+pub fn wants_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() == Version::HTTP_2 {
+        let proto = req.extensions().get::<hyper::ext::Protocol>()?;
+        return (req.method() == Method::CONNECT)
+            .then(|| HeaderValue::from_str(proto.as_str()).ok())
+            .flatten();
+    }
+    let connection_says_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_says_upgrade {
+        req.headers().get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Builds the head sent to the origin from the request and its header fields (moved out
+/// of the request, not copied).
+fn origin_head(
+    edge: &Edge,
+    ctx: &RequestCtx,
+    req: &Request<Incoming>,
+    mut headers: HeaderMap,
+    upgrade: Option<&HeaderValue>,
+) -> RequestHead {
+    strip_hop_by_hop(&mut headers);
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| ctx.host.clone());
+    if !headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        headers.insert(header::HOST, v);
+    }
+    edge.policy.client_address.set_forwarding_headers(
+        &mut headers,
+        &ctx.peer,
+        ctx.client,
+        ctx.scheme,
+        &authority,
+    );
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if ctx.scheme == "https" {
+            "https"
+        } else {
+            "http"
+        }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        headers.insert(X_FORWARDED_HOST.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ctx.id) {
+        headers.insert(X_REQUEST_ID.clone(), v);
+    }
+    let mut method = req.method().as_str().to_owned();
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+        if req.version() == Version::HTTP_2 {
+            // RFC 8441 → RFC 6455: the origin speaks HTTP/1.1, so the edge makes the
+            // handshake key the HTTP/2 client does not send.
+            method = "GET".into();
+            let key: [u8; 16] = rand::random();
+            use base64::Engine as _;
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                headers.insert(header::SEC_WEBSOCKET_KEY, v);
+            }
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    RequestHead {
+        method,
+        path,
+        headers: headers.into(),
+        upgrade: upgrade.is_some(),
+        has_body: upgrade.is_none() && !req.body().is_end_stream(),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// What the request holds until its response (or pipe) ends: its mark on the connection
+/// and its place in the tunnel.
+pub type Held = (
+    crate::phases::connection::InFlight,
+    crate::phases::flows::FlowPermit,
+);
+
+/// [`Held`] and the stream's slot on its tunnel connection.
+type HeldStream = (
+    crate::phases::connection::InFlight,
+    crate::phases::flows::FlowPermit,
+    crate::tunnel::StreamSlot,
+);
+
+/// Sends the request through the tunnel and returns the response to give the client.
+pub async fn forward(
+    edge: Arc<Edge>,
+    ctx: &RequestCtx,
+    route: &Routed,
+    mut req: Request<Incoming>,
+    held: Held,
+) -> Response<ProxyBody> {
+    let upgrade = wants_upgrade(&req);
+    let is_h2 = req.version() == Version::HTTP_2;
+    let headers = std::mem::take(req.headers_mut());
+    let head = origin_head(&edge, ctx, &req, headers, upgrade.as_ref());
+    let has_body = head.has_body;
+    let header = StreamHeader {
+        version: WIRE_VERSION,
+        service: route.service().to_owned(),
+        client_addr: Some(std::net::SocketAddr::new(ctx.client, ctx.peer.tcp.port())),
+        request_id: ctx.id.clone(),
+        kind: StreamKind::Http(head),
+    };
+    let stream = edge
+        .tunnels
+        .open_stream(edge.policy.timeouts.tunnel_open)
+        .await;
+    let stream = match stream {
+        Ok(s) => s,
+        Err(OpenError::NoTunnel) => {
+            tracing::warn!(request_id = %ctx.id, "no connector reachable");
+            return error_response(ErrorKind::NoConnector, &ctx.id);
+        }
+        Err(OpenError::Saturated) => {
+            tracing::warn!(request_id = %ctx.id, "tunnel saturated: no stream within the open timeout");
+            return retry_later(ErrorKind::Overloaded, &ctx.id, 2);
+        }
+    };
+    let (connector, mut send, recv) = (stream.connector, stream.send, stream.recv);
+    let held = (held.0, held.1, stream.slot);
+    let span = tracing::debug_span!("request", request_id = %ctx.id, %connector, service = %route.service());
+    async move {
+        if wire::write_frame(&mut send, &header).await.is_err() {
+            return error_response(ErrorKind::TunnelFailed, &ctx.id);
+        }
+        let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        if has_body {
+            let body = Bounded::new(
+                req.into_body(),
+                edge.policy.timeouts.request_body_idle,
+                route.route.max_body_bytes,
+            );
+            let mut body_send = send;
+            tokio::spawn(
+                async move {
+                    match body_to_stream(body, &mut body_send).await {
+                        Ok(n) => metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin")
+                            .increment(n),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "request body ended early");
+                            let _ = body_send.reset(1u32.into());
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+            return respond(&edge, recv, None, is_h2, ctx, held).await;
+        }
+        if upgrade.is_none() {
+            let _ = send.finish();
+        }
+        let pending = on_upgrade.map(|u| (u, send));
+        respond(&edge, recv, pending, is_h2, ctx, held).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads the connector's reply and turns it into the user's response; for a successful
+/// upgrade, spawns the byte pipe.
+async fn respond(
+    edge: &Edge,
+    mut recv: quinn::RecvStream,
+    upgrade: Option<(hyper::upgrade::OnUpgrade, quinn::SendStream)>,
+    is_h2: bool,
+    ctx: &RequestCtx,
+    held: HeldStream,
+) -> Response<ProxyBody> {
+    let id = &ctx.id;
+    let reply: Reply = match wire::read_frame(&mut recv).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(request_id = %id, error = %e, "tunnel stream failed before the response");
+            return error_response(ErrorKind::TunnelFailed, id);
+        }
+    };
+    let head = match reply {
+        Reply::Response(head) => head,
+        Reply::Refused(r) => {
+            tracing::info!(request_id = %id, reason = r.kind.label(), detail = %r.message, "connector refused");
+            let kind = match r.kind {
+                RefusalKind::NoHealthyOrigin | RefusalKind::Draining => ErrorKind::NoHealthyOrigin,
+                RefusalKind::OriginTimeout => ErrorKind::OriginTimeout,
+                RefusalKind::UnknownService => ErrorKind::UnknownService,
+                RefusalKind::OriginUnreachable => ErrorKind::OriginUnreachable,
+                RefusalKind::BadHeader => ErrorKind::TunnelFailed,
+            };
+            return error_response(kind, id);
+        }
+        Reply::Connected => return error_response(ErrorKind::TunnelFailed, id),
+    };
+    let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = head.headers.0;
+    if let (Some((on_upgrade, send)), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, status) {
+        let upgrade_value = headers.get(header::UPGRADE).cloned();
+        let websocket = upgrade_value
+            .as_ref()
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        strip_hop_by_hop(&mut headers);
+        let mut resp = Response::new(empty());
+        if is_h2 {
+            // RFC 8441: a successful extended CONNECT is a 200 on the HTTP/2 stream.
+            headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+            *resp.status_mut() = StatusCode::OK;
+        } else {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(v) = upgrade_value {
+                headers.insert(header::UPGRADE, v);
+            }
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        }
+        *resp.headers_mut() = headers;
+        let timeouts = edge.policy.timeouts.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let _held = held;
+            let opened = tokio::time::Instant::now();
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(request_id = %id, error = %e, "client upgrade failed");
+                    return;
+                }
+            };
+            metrics::gauge!("skylane_edge_open_upgrades").increment(1.0);
+            let io = hyper_util::rt::TokioIo::new(upgraded);
+            let result = if websocket {
+                let keepalive =
+                    Keepalive::new(timeouts.websocket_ping_interval, timeouts.websocket_idle);
+                Splice::new(recv, send, io, keepalive).await
+            } else {
+                let idle = skylane_shared::pipe::IdleTimeout::new(timeouts.tcp_idle);
+                Splice::new(recv, send, io, idle).await
+            };
+            match result {
+                Ok((down, up)) => {
+                    metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin")
+                        .increment(up);
+                    metrics::counter!("skylane_edge_bytes_total", "direction" => "to_client")
+                        .increment(down);
+                }
+                Err(e) => {
+                    tracing::debug!(request_id = %id, error = %e, "upgraded flow ended with an error")
+                }
+            }
+            metrics::gauge!("skylane_edge_open_upgrades").decrement(1.0);
+            metrics::histogram!("skylane_edge_stream_duration_seconds", "kind" => "upgrade")
+                .record(opened.elapsed().as_secs_f64());
+        });
+        return resp;
+    }
+    strip_hop_by_hop(&mut headers);
+    let expected = content_length(&headers);
+    let body = Guarded::new(TunnelBody::new(recv, expected), held).boxed_unsync();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_and_connection_tokens_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(
+            h.get(header::HOST).map(|v| v.as_bytes()),
+            Some(&b"example.com"[..])
+        );
+    }
+}
