@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 
 use crate::config::ServiceKind;
 use crate::origin::{OriginServer, ServicePool, empty_body};
-use crate::stream_metrics;
+use crate::stream_metrics::{self, StreamMetrics};
 
 /// What a stream handler needs.
 #[derive(Clone, Debug)]
@@ -24,6 +24,10 @@ pub struct Context {
     pub resolver: Resolver,
     /// Set while draining: new streams are refused so edges use another connector.
     pub draining: tokio_util::sync::CancellationToken,
+    /// Where upgraded pipes run once their handshake is done (the tracker the drain waits
+    /// for): a pipe gets a small task of its own, and the large state of the request that
+    /// opened it is freed, which matters with tens of thousands of idle websockets.
+    pub pipes: tokio_util::task::TaskTracker,
 }
 
 /// How long an edge may take to send the stream header.
@@ -107,11 +111,24 @@ async fn serve_stream(
     };
     let metrics = pool.metrics();
     metrics.stream_started();
-    match header.kind {
-        StreamKind::Http(head) => forward_http(&ctx, &pool, head, send, recv).await,
-        StreamKind::Tcp => forward_tcp(&ctx, &pool, send, recv).await,
+    let piped = match header.kind {
+        StreamKind::Http(head) => {
+            let home = PipeHome {
+                pipes: &ctx.pipes,
+                metrics: metrics.clone(),
+                started,
+            };
+            forward_http(&ctx, &pool, head, send, recv, home).await
+        }
+        StreamKind::Tcp => {
+            forward_tcp(&ctx, &pool, send, recv).await;
+            false
+        }
     };
-    metrics.stream_ended(started.elapsed());
+    // A pipe records its own end.
+    if !piped {
+        metrics.stream_ended(started.elapsed());
+    }
 }
 
 /// The service's healthy servers, or `None` after a `NoHealthyOrigin` refusal was sent to
@@ -158,22 +175,26 @@ fn origin_request(
     Ok(req)
 }
 
+/// Forwards one HTTP request; true when it became an upgraded pipe (running on its own).
 async fn forward_http(
     ctx: &Context,
     pool: &ServicePool,
     head: RequestHead,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-) {
+    home: PipeHome<'_>,
+) -> bool {
     let Some(candidates) = healthy_candidates(pool, &mut send).await else {
-        return;
+        return false;
     };
     // A request whose body has started streaming can't be replayed on another server; one
     // without a body can, when the first server refuses the connection.
     let mut recv = Some(recv);
     let mut last_error = String::new();
     for server in candidates {
-        let addr = match server.addr(&ctx.resolver).await {
+        // Boxed: the resolver's future is large, and an unboxed one would make every
+        // stream's task as large, for as long as the stream lives.
+        let addr = match Box::pin(server.addr(&ctx.resolver)).await {
             Ok(a) => a,
             Err(e) => {
                 last_error = e.to_string();
@@ -193,7 +214,7 @@ async fn forward_http(
             Ok(r) => r,
             Err(message) => {
                 refuse(&mut send, RefusalKind::BadHeader, message).await;
-                return;
+                return false;
             }
         };
         let sent = tokio::time::timeout(pool.service.response_timeout, pool.client.request(req));
@@ -209,22 +230,23 @@ async fn forward_http(
                     ),
                 )
                 .await;
-                return;
+                return false;
             }
             Ok(Err(e)) => {
-                last_error = e.to_string();
+                // hyper-util's message is only "client error (Connect)": the cause (refused,
+                // out of ports, out of descriptors…) is in the sources.
+                last_error = error_chain(&e);
                 if e.is_connect() {
                     pool.record_failure(&server);
-                    tracing::warn!(server = %server.spec, error = %e, "could not connect to origin");
+                    tracing::warn!(server = %server.spec, error = %last_error, "could not connect to origin");
                     continue;
                 }
-                tracing::warn!(server = %server.spec, error = %e, "origin request failed");
+                tracing::warn!(server = %server.spec, error = %last_error, "origin request failed");
                 break;
             }
             Ok(Ok(r)) => r,
         };
-        relay_response(&server, &head, response, send, recv).await;
-        return;
+        return relay_response(&server, &head, response, send, recv, home).await;
     }
     refuse(
         &mut send,
@@ -232,6 +254,26 @@ async fn forward_http(
         format!("no origin server answered: {last_error}"),
     )
     .await;
+    false
+}
+
+/// An error and its sources, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Where an upgraded pipe runs, and what it records when it ends.
+struct PipeHome<'a> {
+    pipes: &'a tokio_util::task::TaskTracker,
+    metrics: StreamMetrics,
+    started: Instant,
 }
 
 async fn relay_response(
@@ -240,7 +282,13 @@ async fn relay_response(
     mut response: http::Response<hyper::body::Incoming>,
     mut send: quinn::SendStream,
     recv: Option<quinn::RecvStream>,
-) {
+    home: PipeHome<'_>,
+) -> bool {
+    let PipeHome {
+        pipes,
+        metrics,
+        started,
+    } = home;
     let status = response.status();
     let reply = Reply::Response(ResponseHead {
         status: status.as_u16(),
@@ -251,35 +299,40 @@ async fn relay_response(
         Err(e) => {
             tracing::warn!(server = %server.spec, error = %e, "origin response head not forwarded");
             refuse(&mut send, RefusalKind::BadHeader, e.to_string()).await;
-            return;
+            return false;
         }
     };
     if head.upgrade && status == http::StatusCode::SWITCHING_PROTOCOLS {
         if send.write_chunk(reply).await.is_err() {
-            return; // the edge went away
+            return false; // the edge went away
         }
         let Some(recv) = recv else {
-            return;
+            return false;
         };
-        match hyper::upgrade::on(&mut response).await {
+        return match hyper::upgrade::on(&mut response).await {
             Ok(upgraded) => {
-                let io = hyper_util::rt::TokioIo::new(upgraded);
-                match splice(recv, send, io).await {
-                    Ok((up, down)) => {
-                        stream_metrics::bytes().to_origin.increment(up);
-                        stream_metrics::bytes().from_origin.increment(down);
+                drop(response);
+                pipes.spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(upgraded);
+                    match splice(recv, send, io).await {
+                        Ok((up, down)) => {
+                            stream_metrics::bytes().to_origin.increment(up);
+                            stream_metrics::bytes().from_origin.increment(down);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "upgraded connection ended with an error")
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "upgraded connection ended with an error")
-                    }
-                }
+                    metrics.stream_ended(started.elapsed());
+                }.in_current_span());
+                true
             }
             Err(e) => {
                 tracing::warn!(server = %server.spec, error = %e, "origin upgrade failed");
                 let _ = send.reset(1u32.into());
+                false
             }
-        }
-        return;
+        };
     }
     let sent = head_and_body_to_stream(reply, response.into_body(), &mut send).await;
     if let Some(mut recv) = recv {
@@ -293,6 +346,7 @@ async fn relay_response(
             let _ = send.reset(1u32.into());
         }
     }
+    false
 }
 
 async fn forward_tcp(
@@ -305,7 +359,7 @@ async fn forward_tcp(
         return;
     };
     for server in candidates {
-        let Ok(addr) = server.addr(&ctx.resolver).await else {
+        let Ok(addr) = Box::pin(server.addr(&ctx.resolver)).await else {
             pool.record_failure(&server);
             continue;
         };

@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand};
 
 /// A proxy allocates and frees small buffers and header maps on every request; the
 /// profile in docs/benchmarks.md shows the system allocator as a top cost.
+///
+/// The `system-allocator` feature turns it off, for heap profilers that watch `malloc`
+/// (valgrind's massif, heaptrack).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use skylane_shared::config::EXIT_CONFIG;

@@ -118,10 +118,12 @@ pub async fn serve(
         pool.spawn_health_checks(resolver.clone(), stop_checks.clone(), &tracker);
     }
     let draining = CancellationToken::new();
+    let streams = TaskTracker::new();
     let ctx = Context {
         services: services.clone(),
         resolver,
         draining: draining.clone(),
+        pipes: streams.clone(),
     };
     let tunnels = Arc::new(Tunnels::default());
     if let Some(listener) = admin {
@@ -149,7 +151,6 @@ pub async fn serve(
         services = services.len(),
         "origin connector ready"
     );
-    let streams = TaskTracker::new();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.drain.cancelled() => break,

@@ -21,15 +21,23 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
 /// headers minus the largest mesh frame overhead (1500 − 40 − 8 − 76 = 1376).
 pub const MTU_UPPER_BOUND: u16 = (1500 - 40 - 8 - frame::MAX_OVERHEAD) as u16;
 
-/// Transport settings shared by both ends of a tunnel.
-pub fn transport_config() -> quinn::TransportConfig {
+/// Transport settings of a tunnel end. `accepts_streams`: whether the peer may open
+/// streams to this end (the connector's side: edges open one per flow). The dialling side
+/// (an edge) accepts none: quinn keeps state for every stream a peer may open, about 70
+/// bytes each, so allowing [`MAX_CONCURRENT_STREAMS`] that never come would cost each
+/// pooled connection 700 KB for nothing.
+pub fn transport_config(accepts_streams: bool) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
             .unwrap_or(quinn::VarInt::from_u32(10_000).into()),
     ));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(if accepts_streams {
+        MAX_CONCURRENT_STREAMS
+    } else {
+        0
+    }));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // Windows sized for a long fat path (250 ms × ~400 Mbit/s), so one far-away tunnel
     // is not capped by flow control.
@@ -136,7 +144,7 @@ pub fn endpoint(
             let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
                 .map_err(|e| EndpointError::Quic(e.to_string()))?;
             let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            sc.transport_config(Arc::new(transport_config()));
+            sc.transport_config(Arc::new(transport_config(true)));
             Some(sc)
         }
         None => None,
@@ -156,7 +164,7 @@ pub fn client_config(key: &NodeKey, peer: NodeId) -> Result<quinn::ClientConfig,
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-    cc.transport_config(Arc::new(transport_config()));
+    cc.transport_config(Arc::new(transport_config(false)));
     Ok(cc)
 }
 

@@ -35,7 +35,8 @@ pub fn init_tracing(format: LogFormat, level: Option<&str>) {
     };
 }
 
-/// Installs the Prometheus recorder; the handle renders `/metrics`.
+/// Installs the Prometheus recorder (the handle renders `/metrics`) and its upkeep task;
+/// call it inside the runtime.
 ///
 /// Histogram buckets are chosen for what we time: stream durations and request latencies
 /// from a millisecond (a cache hit or a nearby origin) to a minute (long downloads);
@@ -44,12 +45,26 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     const BUCKETS: &[f64] = &[
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ];
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets(BUCKETS)
         .ok()?
         .install_recorder()
-        .ok()
+        .ok()?;
+    // Histogram samples wait in the recorder until they are folded into buckets: by a
+    // scrape, or by upkeep. Without it an edge nobody scrapes would keep every request's
+    // sample, and grow without bound.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Some(handle)
 }
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the admin listener serves besides `/metrics`.
 pub trait AdminRoutes: Send + Sync + 'static {

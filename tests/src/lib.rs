@@ -18,13 +18,15 @@ use skylane_shared::identity::NodeKey;
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // The test executable lives in target/<profile>/deps.
+        // A test executable lives in target/<profile>/deps, a tool (the benchmarks in
+        // src/bin) in target/<profile>.
         let exe = std::env::current_exe().expect("test executable path");
-        let dir = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target directory")
-            .to_owned();
+        let parent = exe.parent().expect("executable directory");
+        let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target directory").to_owned()
+        } else {
+            parent.to_owned()
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
@@ -349,12 +351,24 @@ impl Cluster {
                      [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n{tunnel_extra}\n\n{extra}\n{edge_extra}\n"
                 ),
             )?;
-            let proc = Proc::spawn(
-                &format!("edge-{i}"),
-                &bin("mesh-node"),
-                &["--config", path_str(&config)?],
-                d,
-            )?;
+            // SKYLANE_EDGE_WRAPPER="valgrind --tool=massif" (say) runs the edges under a
+            // profiler, and SKYLANE_EDGE_BIN another build of mesh-node (one with the
+            // system allocator, for massif), for the benchmarks' "where do the bytes go".
+            let mesh_node = std::env::var_os("SKYLANE_EDGE_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| bin("mesh-node"));
+            let wrapper = std::env::var("SKYLANE_EDGE_WRAPPER").unwrap_or_default();
+            let mut argv: Vec<&str> = wrapper.split_whitespace().collect();
+            let program = match argv.first() {
+                Some(p) => PathBuf::from(p),
+                None => mesh_node.clone(),
+            };
+            if !argv.is_empty() {
+                argv.remove(0);
+                argv.push(path_str(&mesh_node)?);
+            }
+            argv.extend(["--config", path_str(&config)?]);
+            let proc = Proc::spawn(&format!("edge-{i}"), &program, &argv, d)?;
             edges.push(Edge {
                 proc,
                 https,

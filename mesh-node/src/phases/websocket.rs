@@ -83,10 +83,12 @@ impl FrameTracker {
     }
 }
 
-/// [`SpliceHooks`] for an upgraded websocket at the edge.
+/// [`SpliceHooks`] for an upgraded websocket at the edge (or, without pings, any other
+/// upgraded flow: then it only ends a flow whose client went quiet).
 #[derive(Debug)]
 pub struct Keepalive {
-    ping_every: Duration,
+    /// `None`: never ping (not a websocket).
+    ping_every: Option<Duration>,
     idle_limit: Duration,
     framing: FrameTracker,
     last_heard: Instant,
@@ -94,25 +96,35 @@ pub struct Keepalive {
     pinged: bool,
     sleep: Pin<Box<Sleep>>,
     /// Pings sent, for metrics.
-    pings: u64,
+    pings: u32,
 }
 
 impl Keepalive {
     /// Pings after `ping_every` of client silence; ends the pipe after `idle_limit`.
     pub fn new(ping_every: Duration, idle_limit: Duration) -> Self {
+        Self::with(Some(ping_every), idle_limit)
+    }
+
+    /// Never pings (the flow is not a websocket); ends the pipe after `idle_limit` of
+    /// client silence.
+    pub fn idle_only(idle_limit: Duration) -> Self {
+        Self::with(None, idle_limit)
+    }
+
+    fn with(ping_every: Option<Duration>, idle_limit: Duration) -> Self {
         Self {
             ping_every,
             idle_limit,
             framing: FrameTracker::default(),
             last_heard: Instant::now(),
             pinged: false,
-            sleep: Box::pin(tokio::time::sleep(ping_every)),
+            sleep: Box::pin(tokio::time::sleep(ping_every.unwrap_or(idle_limit))),
             pings: 0,
         }
     }
 
     /// Pings sent so far.
-    pub fn pings(&self) -> u64 {
+    pub fn pings(&self) -> u32 {
         self.pings
     }
 }
@@ -143,8 +155,12 @@ impl SpliceHooks for Keepalive {
                     "the websocket client stopped answering pings",
                 ))));
             }
-            if quiet < self.ping_every {
-                self.sleep.as_mut().reset(self.last_heard + self.ping_every);
+            let Some(ping_every) = self.ping_every else {
+                self.sleep.as_mut().reset(self.last_heard + self.idle_limit);
+                continue;
+            };
+            if quiet < ping_every {
+                self.sleep.as_mut().reset(self.last_heard + ping_every);
                 continue;
             }
             if self.pinged {
@@ -160,7 +176,7 @@ impl SpliceHooks for Keepalive {
             metrics::counter!("skylane_edge_websocket_pings_total").increment(1);
             // Look again a ping interval on (the client may have answered, and be due its
             // next ping), or at the idle limit if that comes first.
-            let next = (self.last_heard + self.idle_limit).min(now + self.ping_every);
+            let next = (self.last_heard + self.idle_limit).min(now + ping_every);
             self.sleep.as_mut().reset(next);
             return Poll::Ready(Some(Ok(Bytes::from_static(PING))));
         }
