@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain. Idempotent.
-# The Rust tests themselves need nothing else today; curl is used by deploy/local/up.sh.
+#   curl       deploy/local/up.sh
+#   chromium   tests/tests/browser.rs: a real browser solves the "under attack" challenge
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
+command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   if [[ $(id -u) == 0 ]]; then
-    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
     echo "please install: ${need[*]}" >&2
   fi

@@ -477,6 +477,9 @@ async fn accept_https(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(&edge));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        edge.policy.limits.max_concurrent_tls_handshakes,
+    ));
     loop {
         let Some((tcp, tcp_peer)) =
             skylane_shared::lifecycle::accept_until(&listener, &stop, "https").await
@@ -488,12 +491,18 @@ async fn accept_https(
         let admission = admission.clone();
         let builder = builder.clone();
         let stop = stop.clone();
+        let handshakes = handshakes.clone();
         connections.spawn(async move {
             let Some((tcp, peer, permit)) = admit(tcp, tcp_peer, &edge, &admission, "https").await else {
                 return;
             };
             let timeouts = &edge.policy.timeouts;
-            let tls = match tokio::time::timeout(timeouts.tls_handshake, acceptor.accept(tcp)).await {
+            // The handshake waits its turn, then runs, both within the handshake timeout.
+            let handshake = async {
+                let _turn = handshakes.acquire().await;
+                acceptor.accept(tcp).await
+            };
+            let tls = match tokio::time::timeout(timeouts.tls_handshake, handshake).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "error").increment(1);

@@ -57,7 +57,22 @@ struct ServiceSection {
     /// Idle keep-alive connections kept per origin server.
     #[serde(default = "default_pool")]
     max_idle_per_server: usize,
+    /// Flows (requests, websockets, TCP connections) the service carries at once: what the
+    /// origin can take. Default 50 000.
+    #[serde(default = "default_max_streams")]
+    max_concurrent_streams: u64,
+    /// How long a flow past that cap waits for room before the edge is told the origin is
+    /// overloaded (the user gets 503 with `Retry-After`). Default 1000 ms.
+    #[serde(default = "default_queue_ms")]
+    queue_timeout_ms: u64,
     health_check: Option<HealthSection>,
+}
+
+fn default_max_streams() -> u64 {
+    50_000
+}
+fn default_queue_ms() -> u64 {
+    1_000
 }
 
 fn default_connect_ms() -> u64 {
@@ -153,6 +168,10 @@ pub struct Service {
     pub response_timeout: Duration,
     /// Idle pooled connections per server.
     pub max_idle_per_server: usize,
+    /// Flows at once.
+    pub max_concurrent_streams: usize,
+    /// Wait for room past the cap.
+    pub queue_timeout: Duration,
     /// Active health checks, if configured.
     pub health: Option<HealthCheck>,
 }
@@ -231,6 +250,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 })
             }
         };
+        let max_concurrent_streams = v.in_range(
+            &key("max_concurrent_streams"),
+            s.max_concurrent_streams,
+            1..=10_000_000,
+        )? as usize;
+        let queue_timeout = Duration::from_millis(v.in_range(
+            &key("queue_timeout_ms"),
+            s.queue_timeout_ms,
+            0..=600_000,
+        )?);
         services.insert(
             name.clone(),
             Service {
@@ -240,6 +269,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
                 connect_timeout: Duration::from_millis(s.connect_timeout_ms),
                 response_timeout: Duration::from_millis(s.response_timeout_ms),
                 max_idle_per_server: s.max_idle_per_server,
+                max_concurrent_streams,
+                queue_timeout,
                 health,
             },
         );

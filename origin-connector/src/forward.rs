@@ -109,6 +109,26 @@ async fn serve_stream(
             return;
         }
     };
+    // Room at the origin: a flow past the service's cap waits a little, then is refused
+    // as overloaded (a bounded queue, never an unbounded one).
+    let room = tokio::time::timeout(
+        pool.service.queue_timeout,
+        pool.room.clone().acquire_owned(),
+    );
+    let Ok(Ok(room)) = room.await else {
+        tracing::warn!(%peer, service = %pool.service.name, "service at its flow cap; refusing");
+        refuse(
+            &mut send,
+            RefusalKind::Overloaded,
+            format!(
+                "service {:?} carries its maximum of flows",
+                pool.service.name
+            ),
+        )
+        .await;
+        let _ = recv.stop(0u32.into());
+        return;
+    };
     let metrics = pool.metrics();
     metrics.stream_started();
     let piped = match header.kind {
@@ -117,11 +137,13 @@ async fn serve_stream(
                 pipes: &ctx.pipes,
                 metrics: metrics.clone(),
                 started,
+                room,
             };
             forward_http(&ctx, &pool, head, send, recv, home).await
         }
         StreamKind::Tcp => {
             forward_tcp(&ctx, &pool, send, recv).await;
+            drop(room);
             false
         }
     };
@@ -274,6 +296,8 @@ struct PipeHome<'a> {
     pipes: &'a tokio_util::task::TaskTracker,
     metrics: StreamMetrics,
     started: Instant,
+    /// The flow's room at the origin: a pipe holds it as long as it lives.
+    room: tokio::sync::OwnedSemaphorePermit,
 }
 
 async fn relay_response(
@@ -288,6 +312,7 @@ async fn relay_response(
         pipes,
         metrics,
         started,
+        room,
     } = home;
     let status = response.status();
     let reply = Reply::Response(ResponseHead {
@@ -313,6 +338,7 @@ async fn relay_response(
             Ok(upgraded) => {
                 drop(response);
                 pipes.spawn(async move {
+                    let _room = room;
                     let io = hyper_util::rt::TokioIo::new(upgraded);
                     match splice(recv, send, io).await {
                         Ok((up, down)) => {

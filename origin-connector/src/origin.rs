@@ -112,6 +112,8 @@ pub struct ServicePool {
     next: AtomicUsize,
     /// Registered on first use, after the metrics recorder is installed.
     metrics: std::sync::OnceLock<StreamMetrics>,
+    /// Room for the service's concurrent flows (`max_concurrent_streams`).
+    pub room: Arc<tokio::sync::Semaphore>,
 }
 
 impl ServicePool {
@@ -131,6 +133,7 @@ impl ServicePool {
             .map(|s| Arc::new(OriginServer::new(s.clone())))
             .collect();
         Self {
+            room: Arc::new(tokio::sync::Semaphore::new(service.max_concurrent_streams)),
             service,
             servers,
             client,

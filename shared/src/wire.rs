@@ -108,6 +108,8 @@ pub enum RefusalKind {
     BadHeader,
     /// The connector is shutting down.
     Draining,
+    /// The service carries as many flows as it may; the user should retry shortly.
+    Overloaded,
 }
 
 impl RefusalKind {
@@ -120,6 +122,7 @@ impl RefusalKind {
             RefusalKind::OriginTimeout => "origin_timeout",
             RefusalKind::BadHeader => "bad_header",
             RefusalKind::Draining => "draining",
+            RefusalKind::Overloaded => "overloaded",
         }
     }
 }

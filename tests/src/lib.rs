@@ -14,6 +14,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use skylane_shared::identity::NodeKey;
 
+pub mod h2raw;
+
 /// Directory holding the built binaries (`target/debug`), building them on first use.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -169,6 +171,8 @@ pub struct ClusterOptions {
     pub routes: Option<String>,
     /// Lines added to the edges' `[tunnel]` section (`streams_per_connection = 10`).
     pub tunnel_config: String,
+    /// Lines added to the connector's `[services.web]` section.
+    pub web_service_config: String,
     /// Write a shared `[under_attack]` secret to `keys/challenge.secret` (edges' configs
     /// name it in `edge_config`).
     pub challenge_secret: bool,
@@ -188,6 +192,7 @@ impl Default for ClusterOptions {
             routes: None,
             challenge_secret: false,
             tunnel_config: String::new(),
+            web_service_config: String::new(),
         }
     }
 }
@@ -316,11 +321,12 @@ impl Cluster {
             format!(
                 "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n{threads}\n\
                  {members}[admin]\nlisten = \"{connector_admin}\"\n\n\
-                 [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n\n\
+                 [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n{web}\n\n\
                  [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
                  [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n\n{extra}\n",
                 origin = origin.addr,
                 rt = opts.response_timeout_ms,
+                web = opts.web_service_config,
                 hi = opts.health_interval_ms,
             ),
         )?;

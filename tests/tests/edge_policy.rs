@@ -544,3 +544,110 @@ async fn a_quiet_websocket_is_pinged_and_an_unanswering_one_closed() -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_gets_goaway_and_reaches_the_origin_little() -> anyhow::Result<()> {
+    use skylane_tests::h2raw::{self, END_HEADERS, END_STREAM, kind};
+    let c = Cluster::start(ClusterOptions::default())?;
+    let before = metric(c.connector_admin, "skylane_connector_streams_total", "");
+    let tls = tls_from(&c, 0, "127.0.0.91", &[b"h2"]).await?;
+    let (mut r, mut w) = tokio::io::split(tls);
+    let goaway = tokio::spawn(async move { h2raw::read_until_goaway(&mut r).await });
+    let mut blast = h2raw::handshake();
+    let block = h2raw::get_block("localhost");
+    for i in 0..2000u32 {
+        let stream = 1 + 2 * i;
+        h2raw::frame(
+            &mut blast,
+            kind::HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &block,
+        );
+        h2raw::frame(&mut blast, kind::RST_STREAM, 0, stream, &8u32.to_be_bytes());
+    }
+    let _ = h2raw::send(&mut w, &blast).await;
+    let got_goaway = tokio::time::timeout(Duration::from_secs(10), goaway).await??;
+    assert!(got_goaway, "a rapid-reset client must get GOAWAY");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reached = metric(c.connector_admin, "skylane_connector_streams_total", "") - before;
+    assert!(
+        reached < 500.0,
+        "{reached} of 2000 reset requests reached the connector"
+    );
+    assert_eq!(get_from(&c, 0, "127.0.0.92", "/health", "").await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_at_the_header_limit() -> anyhow::Result<()> {
+    use skylane_tests::h2raw::{self, END_HEADERS, kind};
+    let c = Cluster::start(ClusterOptions::default())?;
+    let tls = tls_from(&c, 0, "127.0.0.93", &[b"h2"]).await?;
+    let (mut r, mut w) = tokio::io::split(tls);
+    let closed = tokio::spawn(async move { h2raw::read_until_goaway(&mut r).await });
+    let mut start = h2raw::handshake();
+    h2raw::frame(
+        &mut start,
+        kind::HEADERS,
+        0,
+        1,
+        &h2raw::get_block("localhost"),
+    );
+    anyhow::ensure!(h2raw::send(&mut w, &start).await, "handshake refused");
+    // One header field of ~1 KB per CONTINUATION frame, never ending the block: 4 MB if
+    // the edge took them all, against a 64 KiB limit.
+    let mut field = vec![0x00, 0x07];
+    field.extend_from_slice(b"x-flood");
+    field.extend_from_slice(&[0x7f, 0xe9, 0x06]); // value length 1000 (HPACK integer: 127 + 105 + 6·128)
+    field.extend(std::iter::repeat_n(b'a', 1000));
+    let mut sent = 0usize;
+    for _ in 0..4000 {
+        let mut f = Vec::new();
+        h2raw::frame(&mut f, kind::CONTINUATION, 0, 1, &field);
+        if !h2raw::send(&mut w, &f).await {
+            break;
+        }
+        sent += 1;
+        if closed.is_finished() {
+            break;
+        }
+    }
+    let _ = END_HEADERS;
+    let cut = tokio::time::timeout(Duration::from_secs(10), closed).await;
+    assert!(
+        cut.is_ok(),
+        "the edge kept reading CONTINUATION frames ({sent} sent)"
+    );
+    assert!(sent < 4000, "all {sent} CONTINUATION frames were taken");
+    assert_eq!(get_from(&c, 0, "127.0.0.94", "/health", "").await?.0, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_at_its_flow_cap_gets_503_with_retry_after_not_a_queue() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        web_service_config: "max_concurrent_streams = 2\nqueue_timeout_ms = 200".into(),
+        ..ClusterOptions::default()
+    })?;
+    let a = websocket(&c, 0, "127.0.0.101").await?;
+    let b = websocket(&c, 0, "127.0.0.102").await?;
+    let started = Instant::now();
+    let (status, head, _) = get_from(&c, 0, "127.0.0.103", "/health", "").await?;
+    assert_eq!(status, 503, "{head}");
+    assert!(header(&head, "retry-after").is_some(), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the excess must not queue long"
+    );
+    drop((a, b));
+    let freed = Instant::now();
+    while get_from(&c, 0, "127.0.0.103", "/health", "").await?.0 != 200 {
+        anyhow::ensure!(
+            freed.elapsed() < Duration::from_secs(5),
+            "room never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -37,6 +37,12 @@ pub struct LimitsSection {
     /// Concurrent flows from one IP; the excess gets 429. Default 1000: one client
     /// cannot take the tunnel from everyone.
     pub max_flows_per_ip: u64,
+    /// TLS handshakes in progress at once; the next ones wait their turn (within the
+    /// handshake timeout). Default 1024. It bounds the memory of half-done handshakes and
+    /// how many handshakes' CPU a burst puts ahead of the connections already open. A
+    /// handshake holds its turn for one round trip to the client, so the cap is also a
+    /// ceiling of cap / RTT handshakes per second: keep it high on a far-reaching edge.
+    pub max_concurrent_tls_handshakes: u64,
 }
 
 impl Default for LimitsSection {
@@ -51,6 +57,7 @@ impl Default for LimitsSection {
             http2_max_concurrent_streams: 128,
             max_flows: 100_000,
             max_flows_per_ip: 1000,
+            max_concurrent_tls_handshakes: 1024,
         }
     }
 }
@@ -225,6 +232,8 @@ pub struct Limits {
     pub max_flows: usize,
     /// Flows per IP.
     pub max_flows_per_ip: u32,
+    /// Handshakes in progress at once.
+    pub max_concurrent_tls_handshakes: usize,
 }
 
 /// Validated timeouts.
@@ -429,6 +438,11 @@ pub fn validate_limits(v: &Validator, s: &LimitsSection) -> Result<Limits, Confi
             s.max_flows_per_ip,
             1..=10_000_000,
         )? as u32,
+        max_concurrent_tls_handshakes: v.in_range(
+            "limits.max_concurrent_tls_handshakes",
+            s.max_concurrent_tls_handshakes,
+            1..=100_000,
+        )? as usize,
     })
 }
 

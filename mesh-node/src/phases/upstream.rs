@@ -287,6 +287,7 @@ async fn respond(
                 RefusalKind::UnknownService => ErrorKind::UnknownService,
                 RefusalKind::OriginUnreachable => ErrorKind::OriginUnreachable,
                 RefusalKind::BadHeader => ErrorKind::TunnelFailed,
+                RefusalKind::Overloaded => return retry_later(ErrorKind::Overloaded, id, 2),
             };
             return error_response(kind, id);
         }
