@@ -104,6 +104,54 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
             "node.worker_threads",
         ),
         (
+            "mesh-node",
+            edge.replace("websocket_idle_ms = 75000", "websocket_idle_ms = 1000"),
+            "timeouts.websocket_idle_ms",
+        ),
+        (
+            "mesh-node",
+            edge.replace("rate_limits = [\"per-ip\"]", "rate_limits = [\"nope\"]"),
+            "routes[1].rate_limits[0]",
+        ),
+        (
+            "mesh-node",
+            edge.replace("proxy_protocol = false", "proxy_protocol = true"),
+            "client_address.proxy_protocol",
+        ),
+        (
+            "mesh-node",
+            edge.replace(
+                "trusted_proxies = []",
+                "trusted_proxies = [\"10.0.0.0/40\"]",
+            ),
+            "client_address.trusted_proxies[0]",
+        ),
+        (
+            "mesh-node",
+            edge.replace("key = \"ip\"", "key = \"geo\""),
+            "rate_limits[0].key",
+        ),
+        (
+            "mesh-node",
+            edge.replace("keys/challenge.secret", "keys/no-such.secret"),
+            "under_attack.secret_file",
+        ),
+        (
+            "mesh-node",
+            edge.replace("listen = \"127.0.0.1:9101\"", "listen = \"0.0.0.0:9101\""),
+            "admin.token_file",
+        ),
+        (
+            "mesh-node",
+            edge.replace("max_connections_per_ip = 256", "max_connections_per_ip = 0"),
+            "limits.max_connections_per_ip",
+        ),
+        (
+            "origin-connector",
+            connector.replace("queue_timeout_ms = 1000", "queue_timeout_ms = -1"),
+            "queue_timeout_ms",
+        ),
+        (
             "origin-connector",
             connector.replace("interval_ms = 1000", "interval_ms = 0"),
             "services.web.health_check.interval_ms",
