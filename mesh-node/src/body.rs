@@ -74,8 +74,8 @@ pub enum BodyError {
     #[error("the request body is over the {0}-byte limit")]
     TooLarge(u64),
     /// The client's connection failed.
-    #[error(transparent)]
-    Client(#[from] hyper::Error),
+    #[error("{0}")]
+    Client(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A request body with an idle timeout and a size cap.
@@ -102,7 +102,8 @@ impl<B> Bounded<B> {
 
 impl<B> Body for Bounded<B>
 where
-    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
     type Error = BodyError;
@@ -124,7 +125,7 @@ where
                 this.sleep.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e.into())))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.sleep.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Idle(this.idle)))),

@@ -136,6 +136,11 @@ impl ErrorKind {
     }
 }
 
+/// Marks a response the edge made itself (not the origin's), for the cache: an edge error
+/// is an origin failure for stale-if-error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeError(pub ErrorKind);
+
 /// [`error_response`] with `Retry-After: <seconds>`.
 pub fn retry_later(kind: ErrorKind, request_id: &str, after_s: u64) -> Response<ProxyBody> {
     let mut resp = error_response(kind, request_id);
@@ -168,6 +173,7 @@ pub fn error_response(kind: ErrorKind, request_id: &str) -> Response<ProxyBody> 
     );
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.extensions_mut().insert(EdgeError(kind));
     resp
 }
 

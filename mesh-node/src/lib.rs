@@ -6,6 +6,7 @@
 //! a flow anywhere but a mesh member.
 
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod errors;
 pub mod phases;

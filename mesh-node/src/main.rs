@@ -54,6 +54,40 @@ enum Command {
     /// Switch "under attack" mode (the browser challenge) on or off for a host, on every
     /// edge of the mesh, through this edge's admin API; or list the switches.
     UnderAttack(UnderAttackArgs),
+    /// Purge the cache of every edge of the mesh, through this edge's admin API: one URL
+    /// (`url chat.example.com/static/app.js`), a prefix, a `Cache-Tag`, or `everything`.
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PurgeArgs {
+    /// `url`, `prefix`, `tag` or `everything`.
+    #[arg(value_parser = ["url", "prefix", "tag", "everything"])]
+    kind: String,
+    /// `host/path?query` for `url`, `host/path` for `prefix`, the tag for `tag`.
+    value: Option<String>,
+    /// Which edge to ask.
+    #[command(flatten)]
+    target: skylane_shared::cli::AdminArgs,
+}
+
+fn purge(args: PurgeArgs, config: Option<&std::path::Path>) -> Result<(), i32> {
+    let admin = args.target.resolve(config, |path| {
+        mesh_node::config::load(path).map(|c| c.admin)
+    })?;
+    let body = serde_json::json!({"kind": args.kind, "value": args.value}).to_string();
+    let answer =
+        skylane_shared::cli::admin_call(&admin, "POST", "/purge", Some(&body)).map_err(|e| {
+            eprintln!("error: {e:#}");
+            1
+        })?;
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+    println!(
+        "purge {} sent to every edge of the mesh ({} objects removed at this edge)",
+        v["id"].as_str().unwrap_or("?"),
+        v["removed_here"]
+    );
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,6 +175,7 @@ fn real_main(cli: Cli) -> Result<(), i32> {
     match cli.command {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
         Some(Command::UnderAttack(args)) => return under_attack(args, cli.config.as_deref()),
+        Some(Command::Purge(args)) => return purge(args, cli.config.as_deref()),
         Some(Command::Status(args)) => {
             return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
                 mesh_node::config::load(path).map(|c| c.admin)

@@ -55,6 +55,8 @@ pub struct Edge {
     pub tunnels: Arc<TunnelPool>,
     /// Edge policy.
     pub policy: Policy,
+    /// The HTTP cache, when configured.
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -154,7 +156,13 @@ async fn pipeline<'e>(
         Ok(pass) => pass,
         Err(stop) => return (stopped(stop, ctx, edge), Some(route)),
     };
-    let resp = upstream::forward(edge.clone(), ctx, route, req, (in_flight, pass.flow)).await;
+    let held = (in_flight, pass.flow);
+    let resp = match &edge.cache {
+        Some(cache) => {
+            crate::phases::cache::handle(edge.clone(), cache, ctx, route, req, held).await
+        }
+        None => upstream::forward(edge.clone(), ctx, route, req, held).await,
+    };
     (resp, Some(route))
 }
 

@@ -23,6 +23,8 @@ pub struct Routed {
     metrics: OnceLock<RequestMetrics>,
     /// Requests and origin errors of the current window, for automatic "under attack".
     pub load: RouteLoad,
+    /// Its place in the config, for tasks that outlive the request (`Routes::all()[index]`).
+    pub index: usize,
 }
 
 impl Routed {
@@ -70,10 +72,12 @@ impl Routes {
     pub fn new(routes: Vec<Route>) -> Self {
         let routes = routes
             .into_iter()
-            .map(|route| Routed {
+            .enumerate()
+            .map(|(index, route)| Routed {
                 route,
                 metrics: OnceLock::new(),
                 load: RouteLoad::default(),
+                index,
             })
             .collect();
         Self { routes }

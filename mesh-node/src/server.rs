@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::{Cache, purge};
 use crate::config::Config;
 use crate::phases::accept::{Admission, ConnPermit};
 use crate::phases::challenge::Challenger;
@@ -85,6 +86,15 @@ struct Status {
     draining: CancellationToken,
 }
 
+/// `POST /purge`: `{"kind": "url", "value": "chat.example.com/static/app.js"}` (kinds
+/// `url`, `prefix`, `tag`, `everything`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeAction {
+    kind: String,
+    value: Option<String>,
+}
+
 /// `POST /under-attack`: `{"host": "chat.example.com", "on": true, "for_s": 3600}`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +128,7 @@ impl AdminRoutes for Status {
                 "available": policy.challenger.is_some(),
                 "switches": policy.under_attack.switches(),
             },
+            "cache": self.edge.cache.as_ref().map(|c| c.status()),
             "frames": self.socket.counters().snapshot(),
             "mesh": self.control.status(),
         })
@@ -130,12 +141,36 @@ impl AdminRoutes for Status {
     fn action(&self, path: &str, body: &[u8]) -> Option<Result<serde_json::Value, String>> {
         match path {
             "/under-attack" => Some(self.under_attack(body)),
+            "/purge" => Some(self.purge(body)),
             _ => None,
         }
     }
 }
 
 impl Status {
+    fn purge(&self, body: &[u8]) -> Result<serde_json::Value, String> {
+        let action: PurgeAction =
+            serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))?;
+        let target = purge::Target::parse(&action.kind, action.value.as_deref())?;
+        let (id, p) = purge::new_purge(target);
+        let value = postcard::to_stdvec(&p).map_err(|e| e.to_string())?;
+        self.control
+            .post(
+                &format!("{}{id}", purge::KEY_PREFIX),
+                value,
+                purge::PURGE_TTL,
+            )
+            .map_err(|e| e.to_string())?;
+        let removed = self
+            .edge
+            .cache
+            .as_ref()
+            .and_then(|c| c.apply_purge(&id, &p))
+            .unwrap_or(0);
+        tracing::warn!(%id, target = ?p.target, removed, "purge issued by an operator");
+        Ok(json!({"id": id, "target": p.target, "removed_here": removed}))
+    }
+
     fn under_attack(&self, body: &[u8]) -> Result<serde_json::Value, String> {
         let action: UnderAttackAction =
             serde_json::from_slice(body).map_err(|e| format!("bad request body: {e}"))?;
@@ -194,11 +229,34 @@ fn refresh_switches(control: &MeshControl, state: &UnderAttackState) {
     }
 }
 
-/// Keeps the switches current: on every bulletin change, and every second (expiry).
+/// Applies the purges on the bulletin this edge has not applied yet.
+fn apply_purges(control: &MeshControl, cache: &Cache) {
+    let purges = control.read_bulletin(|b, now| {
+        b.entries_with_prefix(purge::KEY_PREFIX, now)
+            .filter_map(|e| {
+                let id = e.key.strip_prefix(purge::KEY_PREFIX)?.to_owned();
+                let p: purge::Purge = postcard::from_bytes(&e.value).ok()?;
+                Some((id, p))
+            })
+            .collect::<Vec<_>>()
+    });
+    let Some(purges) = purges else { return };
+    let live: std::collections::HashSet<String> = purges.iter().map(|(id, _)| id.clone()).collect();
+    for (id, p) in &purges {
+        cache.apply_purge(id, p);
+    }
+    cache.forget_purges(&live);
+}
+
+/// Keeps the switches current and applies purges: on every bulletin change, and every
+/// second (expiry).
 async fn follow_switches(control: Arc<MeshControl>, edge: Arc<Edge>, stop: CancellationToken) {
     let mut changes = control.bulletin_changes();
     loop {
         refresh_switches(&control, &edge.policy.under_attack);
+        if let Some(cache) = &edge.cache {
+            apply_purges(&control, cache);
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
@@ -308,6 +366,14 @@ pub async fn serve(
             flows: Flows::new(&config.limits),
             challenger,
             under_attack: UnderAttackState::new(ua.hosts.clone()),
+        },
+        cache: match config.cache.clone() {
+            Some(c) => {
+                Some(Arc::new(Cache::new(c).map_err(|e| {
+                    anyhow::anyhow!("cannot open the cache: {e}")
+                })?))
+            }
+            None => None,
         },
     });
     let admission = Admission::new(config.limits.clone(), max_connections(&config));

@@ -419,6 +419,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops edge `i` (SIGTERM, waiting for it to exit) and starts it again with the same
+    /// config, waiting until it is ready.
+    pub fn restart_edge(&mut self, i: usize) -> anyhow::Result<()> {
+        let e = &mut self.edges[i];
+        e.proc.terminate();
+        if e.proc.wait_exit(Duration::from_secs(10)).is_none() {
+            e.proc.kill();
+        }
+        e.proc = Proc::spawn(
+            &format!("edge-{i}"),
+            &bin("mesh-node"),
+            &["--config", path_str(&e.config)?],
+            self.dir.path(),
+        )?;
+        wait_ready(e.admin, Duration::from_secs(15))
+    }
+
     /// An HTTPS client that trusts the dev CA and sends `localhost` to edge `i`.
     pub fn client(&self, i: usize) -> anyhow::Result<reqwest::Client> {
         https_client(&self.ca_pem, self.edges[i].https)
@@ -492,6 +509,25 @@ pub async fn tls_to_edge(
     Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
         .connect(name, tcp)
         .await?)
+}
+
+/// `POST path` with a JSON `body` to an admin listener; the status code.
+pub fn admin_post(admin: SocketAddr, path: &str, body: &str) -> anyhow::Result<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut tcp = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        tcp,
+        "POST {path} HTTP/1.0\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out)?;
+    Ok(out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0))
 }
 
 /// The path (node names) a node's route to `destination` takes now, from its `/status`.

@@ -1,6 +1,7 @@
 //! The edge's config file, parsed with unknown keys rejected and validated into [`Config`]
 //! before any port is bound. The edge-policy sections live in [`policy`].
 
+pub mod cache;
 pub mod policy;
 
 use std::net::SocketAddr;
@@ -54,6 +55,7 @@ struct File {
     #[serde(default)]
     rate_limits: Vec<RateLimitSection>,
     under_attack: Option<UnderAttackSection>,
+    cache: Option<cache::CacheSection>,
 }
 
 fn default_grace_ms() -> u64 {
@@ -202,6 +204,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimit>,
     /// The browser challenge.
     pub under_attack: UnderAttack,
+    /// The HTTP cache, if on.
+    pub cache: Option<cache::CacheConfig>,
 }
 
 /// The HTTPS listener.
@@ -441,5 +445,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         client_address: policy::validate_client_address(&v, &file.client_address)?,
         rate_limits,
         under_attack,
+        cache: cache::validate(&v, file.cache.as_ref())?,
     })
 }

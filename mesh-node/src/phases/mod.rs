@@ -7,6 +7,7 @@
 //! | connection | [`connection`] | head and keep-alive timeouts of each connection |
 //! | client address | [`client_addr`] | who the client is (trusted proxies, PROXY protocol) |
 //! | request filter | [`request_filter`] | body size, [`rate_limit`] zones, the [`challenge`] when [`under_attack`], a place in the tunnel ([`flows`]) |
+//! | cache | [`cache`] | hit, stale, coalesced wait, fetch into the cache, or bypass (`crate::cache` keeps the objects) |
 //! | upstream | [`upstream`] | one tunnel stream; the response; the [`websocket`] pipe |
 //! | response filter / log | `crate::proxy` | request id, metrics, the automatic trigger's counts |
 //!
@@ -15,6 +16,7 @@
 //! upgrade passes the same filters before it becomes a byte pipe.
 
 pub mod accept;
+pub mod cache;
 pub mod challenge;
 pub mod client_addr;
 pub mod connection;
@@ -31,7 +33,7 @@ use std::time::Instant;
 use client_addr::Peer;
 
 /// What every phase knows about one request.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RequestCtx {
     /// `X-Request-Id`: the client's (when it is short and printable) or a fresh one.
     pub id: String,

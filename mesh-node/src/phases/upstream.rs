@@ -13,7 +13,6 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
-use hyper::body::{Body as _, Incoming};
 use skylane_shared::pipe::{Splice, TunnelBody, body_to_stream};
 use skylane_shared::wire::{
     self, RefusalKind, Reply, RequestHead, StreamHeader, StreamKind, WIRE_VERSION,
@@ -63,7 +62,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The protocol a request asks to switch to, if any.
-pub fn wants_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+pub fn wants_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() == Version::HTTP_2 {
         let proto = req.extensions().get::<hyper::ext::Protocol>()?;
         return (req.method() == Method::CONNECT)
@@ -86,10 +85,10 @@ pub fn wants_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
 
 /// Builds the head sent to the origin from the request and its header fields (moved out
 /// of the request, not copied).
-fn origin_head(
+fn origin_head<B: hyper::body::Body>(
     edge: &Edge,
     ctx: &RequestCtx,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     mut headers: HeaderMap,
     upgrade: Option<&HeaderValue>,
 ) -> RequestHead {
@@ -185,13 +184,18 @@ type HeldStream = (
 );
 
 /// Sends the request through the tunnel and returns the response to give the client.
-pub async fn forward(
+/// The body is the client's (or none, for the cache's own fetches).
+pub async fn forward<B>(
     edge: Arc<Edge>,
     ctx: &RequestCtx,
     route: &Routed,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     held: Held,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let upgrade = wants_upgrade(&req);
     let is_h2 = req.version() == Version::HTTP_2;
     let headers = std::mem::take(req.headers_mut());

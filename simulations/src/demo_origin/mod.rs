@@ -10,6 +10,7 @@
 //! clients can reach it "directly" the way a real user would. No auth, nothing stateful.
 
 mod assets;
+mod cachetest;
 mod pattern;
 mod websocket;
 
@@ -113,6 +114,8 @@ struct State {
     /// Websocket tasks outlive their HTTP connection, so they are tracked here
     /// and `serve` waits for them too.
     tracker: TaskTracker,
+    /// Requests to `/cache/...` per path (see [`cachetest`]).
+    counts: cachetest::Counts,
 }
 
 /// Serve HTTP/1.1 and h2c on `listener` until `shutdown` is cancelled, then
@@ -140,6 +143,7 @@ pub async fn serve_with(
         config,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
+        counts: cachetest::Counts::default(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
@@ -260,6 +264,13 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<ResBody> {
         "/sse" => sse(),
         "/api/time" => api_time(state),
         "/headers" => request_headers(&req),
+        "/counts" => {
+            let mut res = Response::new(full(state.counts.json()));
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
+        }
+        p if p.starts_with("/cache/") => cachetest::respond(&req, &state.counts, full).await,
         _ => {
             if let Some(n) = path.strip_prefix("/bytes/") {
                 bytes(n)
