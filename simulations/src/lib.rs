@@ -13,6 +13,7 @@ pub mod procs;
 pub mod realnet;
 pub mod report;
 pub mod scenario;
+pub mod stats;
 pub mod virtual_run;
 pub mod vnet;
 pub mod wan;

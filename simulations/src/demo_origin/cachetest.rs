@@ -7,7 +7,9 @@
 //! `Set-Cookie`), `status`, `size` (a body of that many bytes instead of the default text),
 //! `delay_ms` (wait before answering). A request whose `If-None-Match` matches `etag`
 //! gets `304`. The body names the count of this path, so a test can tell a cached answer
-//! (an old count) from a fresh one.
+//! (an old count) from a fresh one. `/counts` also holds `_all` (every request but
+//! `/counts` and `/health`) and `_forwarded` (those that came through a proxy: they carry
+//! `X-Forwarded-For`), so a run can tell how much a cache saved the origin.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,6 +26,16 @@ const MAX_PATHS: usize = 10_000;
 pub struct Counts(Mutex<HashMap<String, u64>>);
 
 impl Counts {
+    /// Counts any request (`forwarded`: it came through a proxy).
+    pub fn request(&self, forwarded: bool) {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry("_all".into()).or_insert(0) += 1;
+            if forwarded {
+                *m.entry("_forwarded".into()).or_insert(0) += 1;
+            }
+        }
+    }
+
     /// Counts one request to `path`; returns its count.
     fn hit(&self, path: &str) -> u64 {
         let Ok(mut m) = self.0.lock() else {

@@ -235,6 +235,11 @@ async fn respond(req: Request<Incoming>, state: &State) -> Response<ResBody> {
         req.uri().path().to_owned(),
         req.version(),
     );
+    if path != "/counts" && path != "/health" {
+        state
+            .counts
+            .request(req.headers().contains_key("x-forwarded-for"));
+    }
     let mut res = route(req, state).await;
     res.headers_mut()
         .insert(ORIGIN_NAME_HEADER, state.config.name_header.clone());

@@ -209,19 +209,40 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 
 /// A tiny blocking HTTP/1.0 GET returning the whole response text.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    exchange(addr, &format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n"))
+}
+
+/// A tiny blocking HTTP/1.0 POST of a JSON body (admin actions); returns the whole
+/// response text.
+pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> Option<String> {
+    exchange(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.0\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// Sends one HTTP/1.0 request and reads the response to its end.
+fn exchange(addr: SocketAddr, request: &str) -> Option<String> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").ok()?;
+    s.write_all(request.as_bytes()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
 }
 
+/// The JSON body of an HTTP response text, if it is JSON.
+pub fn json_body(response: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(response.split("\r\n\r\n").nth(1)?).ok()
+}
+
 /// A node's `/status` document.
 pub fn status(admin: SocketAddr) -> Option<serde_json::Value> {
-    let text = http_get(admin, "/status")?;
-    serde_json::from_str(text.split("\r\n\r\n").nth(1)?).ok()
+    json_body(&http_get(admin, "/status")?)
 }
 
 /// The three binaries the real-process simulator starts.

@@ -159,8 +159,8 @@ impl Users {
 
     /// New connection over HTTP/2, `GET /`, then every `/static/…` asset the page names,
     /// fetched in parallel on the same connection, as a browser would; time until the last
-    /// byte of the last asset.
-    pub async fn page_load(&self, addr: SocketAddr) -> Result<Duration, RealnetError> {
+    /// byte of the last asset, and how many requests that took.
+    pub async fn page_load(&self, addr: SocketAddr) -> Result<(Duration, u64), RealnetError> {
         let start = Instant::now();
         let tls = self.connect(addr, true).await?;
         let (sender, conn) =
@@ -201,12 +201,13 @@ impl Users {
         if assets.is_empty() {
             return Err(client_error("loading the page", "it names no assets"));
         }
+        let requests = 1 + assets.len() as u64;
         let results = futures_util::future::join_all(assets.into_iter().map(get)).await;
         for r in results {
             r?;
         }
         let took = start.elapsed();
         conn.abort();
-        Ok(took)
+        Ok((took, requests))
     }
 }

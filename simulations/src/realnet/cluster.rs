@@ -21,6 +21,14 @@ use crate::wan::{LinkHandle, LinkProfile, TcpOptions, UdpOptions, Wan};
 
 use super::RealnetError;
 
+/// The cache of the edges when the scenario asks for one: the demo's static assets kept,
+/// its API and websocket passed through, the page itself as its headers say (`no-cache`:
+/// revalidated every time).
+pub const EDGE_CACHE: &str = "[cache]\nmemory_bytes = 67108864\n\n\
+[[cache.rules]]\nhost = \"*\"\npath_prefix = \"/api/\"\nmode = \"bypass\"\n\n\
+[[cache.rules]]\nhost = \"*\"\npath_prefix = \"/ws\"\nmode = \"bypass\"\n\n\
+[[cache.rules]]\nhost = \"*\"\npath_prefix = \"/static/\"\nmode = \"everything\"\nedge_ttl_s = 3600\n\n";
+
 /// One mesh process (connector or edge) and how to reach it.
 #[derive(Debug)]
 pub struct Node {
@@ -53,6 +61,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The demo origin.
     pub origin: Proc,
+    /// Its plain listener, beside the connector (no emulated link): `/counts` is read here.
+    pub origin_http: SocketAddr,
     /// Connector first, then edges, as in [`Plan::nodes`].
     pub nodes: Vec<Node>,
     /// Per client region, in plan order.
@@ -259,8 +269,13 @@ impl Cluster {
             } else {
                 format!(
                     "[https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\nserver_names = [\"localhost\"]\n\n\
-                     [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n",
-                    https = https[i]
+                     [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n\n{cache}",
+                    https = https[i],
+                    cache = if plan.scenario.edge_cache {
+                        EDGE_CACHE
+                    } else {
+                        ""
+                    },
                 )
             };
             let config = dir.join(format!("{name}.toml"));
@@ -277,6 +292,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir: dir.to_owned(),
             origin,
+            origin_http,
             nodes,
             doors,
             ca_pem: dir.join("certs/ca.pem"),

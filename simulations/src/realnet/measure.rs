@@ -11,6 +11,7 @@
 //! | websocket: TCP, TLS 1.3, upgrade, first message echoed | `2L + 2(L + P)` | `4D` |
 //! | dynamic request: TCP, TLS, `GET /api/time` to first byte | `2L + (L + P)` | `3D` |
 //! | page: TCP, TLS, HTTP/2 `GET /`, then its assets in parallel | `2L + 2(L + P)` | `4D` |
+//! | the same with the edge cache warm (the scenario's `edge_cache`): the page from the origin, the assets from the edge | `2L + (L + P) + L` | `4D` |
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use futures_util::future::join_all;
 
 use crate::report::model::{MetricRow, RegionComparison};
 use crate::scenario::Plan;
+use crate::stats::median;
 
 use super::client::{MEASUREMENT_TIMEOUT, Users};
 use super::{Cluster, Progress, RealnetError};
@@ -41,23 +43,25 @@ impl Action {
         }
     }
 
-    /// (edge bound, direct bound), ms.
-    fn bounds(self, l: f64, p: f64, d: f64) -> (f64, f64) {
+    /// (edge bound, direct bound), ms; `cached`: the edge caches the page's assets.
+    fn bounds(self, l: f64, p: f64, d: f64, cached: bool) -> (f64, f64) {
         match self {
+            Action::Page if cached => (2.0 * l + (l + p) + l, 4.0 * d),
             Action::Websocket | Action::Page => (2.0 * l + 2.0 * (l + p), 4.0 * d),
             Action::Dynamic => (2.0 * l + (l + p), 3.0 * d),
         }
     }
 
+    /// Times one action; also says how many HTTP requests it made.
     async fn run(
         self,
         users: &Users,
         addr: std::net::SocketAddr,
-    ) -> Result<Duration, RealnetError> {
+    ) -> Result<(Duration, u64), RealnetError> {
         let fut = async {
             match self {
-                Action::Websocket => users.websocket_first_message(addr).await,
-                Action::Dynamic => users.dynamic_ttfb(addr).await,
+                Action::Websocket => Ok((users.websocket_first_message(addr).await?, 1)),
+                Action::Dynamic => Ok((users.dynamic_ttfb(addr).await?, 1)),
                 Action::Page => users.page_load(addr).await,
             }
         };
@@ -71,28 +75,15 @@ impl Action {
     }
 }
 
-/// Median of a sample (NaN when empty).
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
-}
-
-/// Measures every client region (concurrently across regions).
+/// Measures every client region (concurrently across regions). Also returns how many
+/// HTTP requests the users sent through the edges (each one would reach the origin
+/// without a cache).
 pub(crate) async fn compare(
     plan: &Plan,
     cluster: &Cluster,
     users: &Users,
     progress: &Progress,
-) -> Vec<RegionComparison> {
+) -> (Vec<RegionComparison>, u64) {
     let tasks = plan.clients.iter().enumerate().map(|(ci, c)| {
         let doors = cluster.doors[ci].clone();
         async move {
@@ -102,6 +93,14 @@ pub(crate) async fn compare(
             let mut direct = vec![Vec::new(); 3];
             let mut edge = vec![Vec::new(); 3];
             let mut failures = [0u32; 3];
+            let mut via_edges = 0;
+            if plan.scenario.edge_cache {
+                // Warm the edge's cache with one page load, as a first visitor would.
+                match Action::Page.run(users, doors.edge).await {
+                    Ok((_, n)) => via_edges += n,
+                    Err(e) => progress.say(&format!("{}: warming the cache failed: {e}", c.region)),
+                }
+            }
             for s in 0..samples {
                 for (k, action) in Action::ALL.iter().enumerate() {
                     // Alternate which way goes first, so neither always gets a warmer system.
@@ -113,10 +112,11 @@ pub(crate) async fn compare(
                     for via_edge in order {
                         let addr = if via_edge { doors.edge } else { doors.origin };
                         match action.run(users, addr).await {
-                            Ok(d) => {
+                            Ok((d, n)) => {
                                 let ms = d.as_secs_f64() * 1000.0;
                                 if via_edge {
-                                    edge[k].push(ms)
+                                    edge[k].push(ms);
+                                    via_edges += n;
                                 } else {
                                     direct[k].push(ms)
                                 }
@@ -136,7 +136,7 @@ pub(crate) async fn compare(
             }
             for (k, action) in Action::ALL.iter().enumerate() {
                 let (edge_bound_ms, direct_bound_ms) =
-                    action.bounds(c.edge_rtt_ms, p, c.origin_rtt_ms);
+                    action.bounds(c.edge_rtt_ms, p, c.origin_rtt_ms, plan.scenario.edge_cache);
                 let (dm, em) = (median(&direct[k]), median(&edge[k]));
                 rows.push(MetricRow {
                     metric: action.label().into(),
@@ -152,17 +152,20 @@ pub(crate) async fn compare(
                     failures: failures[k],
                 });
             }
-            RegionComparison {
+            let comparison = RegionComparison {
                 region: c.region.clone(),
                 edge: plan.nodes[c.edge].region.clone(),
                 edge_rtt_ms: c.edge_rtt_ms,
                 origin_rtt_ms: c.origin_rtt_ms,
                 best_path_rtt_ms: p,
                 metrics: rows,
-            }
+            };
+            (comparison, via_edges)
         }
     });
-    join_all(tasks).await
+    let regions = join_all(tasks).await;
+    let via_edges = regions.iter().map(|(_, n)| n).sum();
+    (regions.into_iter().map(|(c, _)| c).collect(), via_edges)
 }
 
 #[cfg(test)]
@@ -172,16 +175,12 @@ mod tests {
     #[test]
     fn bounds_follow_the_architecture_doc() {
         // Sydney: 5 ms to the edge, 243.7 ms best path, 274.0 ms direct.
-        let (e, d) = Action::Websocket.bounds(5.0, 243.7, 274.0);
+        let (e, d) = Action::Websocket.bounds(5.0, 243.7, 274.0, false);
         assert!((e - 507.4).abs() < 1e-9 && (d - 1096.0).abs() < 1e-9);
-        let (e, d) = Action::Dynamic.bounds(5.0, 243.7, 274.0);
+        let (e, d) = Action::Dynamic.bounds(5.0, 243.7, 274.0, false);
         assert!((e - 258.7).abs() < 1e-9 && (d - 822.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn median_of_even_and_odd() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median(&[]).is_nan());
+        // With the assets cached at the edge, the page costs one path round trip.
+        let (e, _) = Action::Page.bounds(5.0, 243.7, 274.0, true);
+        assert!((e - 263.7).abs() < 1e-9);
     }
 }

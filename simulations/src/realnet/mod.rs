@@ -10,6 +10,7 @@
 //! every node's `/status` is polled every 50 ms. What it does not do: bandwidth or
 //! congestion emulation (see `wan`), more than one connector.
 
+mod cache;
 pub mod client;
 pub mod cluster;
 mod faults;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::report::model::{Report, RouteRow};
+use crate::report::model::{OriginLoad, Report, RouteRow};
 use crate::scenario::Plan;
 
 pub use cluster::Cluster;
@@ -256,9 +257,32 @@ async fn run_on(
     }
 
     progress.say("measuring: direct vs through the edge, per client region");
-    let comparison = tokio::select! {
+    let forwarded_before = cache::origin_forwarded(&cluster).await;
+    let (comparison, via_edges) = tokio::select! {
         c = measure::compare(plan, &cluster, &users, progress) => c,
         () = opts.cancel.cancelled() => return Err((RealnetError::Interrupted, cluster)),
+    };
+    let forwarded_after = cache::origin_forwarded(&cluster).await;
+    let origin_load = forwarded_before
+        .zip(forwarded_after)
+        .map(|(before, after)| OriginLoad {
+            user_requests_via_edges: via_edges,
+            origin_requests_via_edges: after.saturating_sub(before),
+        });
+    if let Some(o) = &origin_load {
+        progress.say(&format!(
+            "the origin answered {} of the {} requests users sent through the edges",
+            o.origin_requests_via_edges, o.user_requests_via_edges
+        ));
+    }
+    let (purges, purge_notes) = if plan.scenario.edge_cache {
+        progress.say("timing purges: one at each edge in turn, applied by every other");
+        tokio::select! {
+            p = cache::purge_spread(plan, &cluster, progress) => p,
+            () = opts.cancel.cancelled() => return Err((RealnetError::Interrupted, cluster)),
+        }
+    } else {
+        (Vec::new(), Vec::new())
     };
 
     let mut report = Report {
@@ -272,6 +296,10 @@ async fn run_on(
         comparison,
         fault_phase_s: plan.scenario.duration_s,
         chat_interval_ms: plan.scenario.workload.chat_interval_ms,
+        edge_cache: plan.scenario.edge_cache,
+        origin_load,
+        purges,
+        notes: purge_notes,
         ..Report::default()
     };
 

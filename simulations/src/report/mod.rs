@@ -9,6 +9,7 @@ mod svg;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::stats::median;
 use model::Report;
 
 /// Why a report could not be written.
@@ -124,6 +125,80 @@ pub fn comparison_table(report: &Report) -> String {
     s
 }
 
+/// Most a purge may take beyond the one-way delay to an edge, at p50 (issue 11's target).
+pub const PURGE_TARGET_EXTRA_MS: f64 = 150.0;
+
+/// The origin's load and, with the edge cache, the purges' spread.
+fn cache_section(r: &Report) -> String {
+    let mut s = String::new();
+    if let Some(o) = &r.origin_load {
+        let _ = writeln!(s, "\n## What reached the origin\n");
+        let _ = writeln!(
+            s,
+            "During the measurements the users sent {} HTTP requests through the edges (without a \
+             cache every one reaches the origin); the origin answered {} of them ({:.0} %){}.",
+            o.user_requests_via_edges,
+            o.origin_requests_via_edges,
+            100.0 * o.origin_requests_via_edges as f64 / o.user_requests_via_edges.max(1) as f64,
+            if r.edge_cache {
+                ", the rest came from the edges' caches"
+            } else {
+                "; the edges do not cache in this run"
+            }
+        );
+    }
+    if r.purges.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "\n## Purges across the mesh\n");
+    let _ = writeln!(
+        s,
+        "`purge everything` issued at each edge in turn ({} purges), timed at every other edge from \
+         the purge's issue to that edge applying it (both from the edges' `/status`). One-way: the \
+         emulated direct link between the two, over which the bulletin floods. Target: p50 ≤ \
+         one-way + {PURGE_TARGET_EXTRA_MS:.0} ms at every edge.\n",
+        r.purges
+            .iter()
+            .map(|p| p.purge)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    );
+    let _ = writeln!(
+        s,
+        "| edge | samples | applied after, p50 ms | max ms | one-way, p50 ms | p50 beyond one-way | target |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---|");
+    let mut edges: Vec<&String> = r.purges.iter().map(|p| &p.edge).collect();
+    edges.sort();
+    edges.dedup();
+    for edge in edges {
+        let of_edge: Vec<_> = r.purges.iter().filter(|p| &p.edge == edge).collect();
+        let after: Vec<f64> = of_edge.iter().map(|p| p.applied_after_ms).collect();
+        let one_way: Vec<f64> = of_edge.iter().map(|p| p.one_way_ms).collect();
+        let beyond: Vec<f64> = of_edge
+            .iter()
+            .map(|p| p.applied_after_ms - p.one_way_ms)
+            .collect();
+        // Rounded to whole ms, so a few µs early does not print as "-0".
+        let b = median(&beyond).round() + 0.0;
+        let _ = writeln!(
+            s,
+            "| {edge} | {} | {:.0} | {:.0} | {:.0} | {:+.0} ms | {} |",
+            of_edge.len(),
+            median(&after),
+            after.iter().copied().fold(f64::NAN, f64::max),
+            median(&one_way),
+            b,
+            if b <= PURGE_TARGET_EXTRA_MS {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+    }
+    s
+}
+
 fn markdown(r: &Report, charts: &[String]) -> String {
     let mut s = String::new();
     let virtual_time = r.mode == "virtual";
@@ -191,13 +266,21 @@ fn markdown(r: &Report, charts: &[String]) -> String {
             s,
             "Medians of every sample (all samples in `report.json`). Bounds (docs/architecture.md, \"Measuring it\"), \
          with L = users↔edge RTT, P = best edge→connector path RTT, D = users↔origin RTT: websocket \
-         and page `2L + 2(L+P)` through the edge vs `4D` direct; dynamic TTFB `2L + (L+P)` vs `3D`.\n"
+         and page `2L + 2(L+P)` through the edge vs `4D` direct; dynamic TTFB `2L + (L+P)` vs `3D`.{}\n",
+            if r.edge_cache {
+                " The edges cache here, warmed by one page load per region before measuring: the \
+                 page's bound through the edge is `2L + (L+P) + L` (the HTML from the origin, its \
+                 assets from the edge)."
+            } else {
+                ""
+            }
         );
         s.push_str(&comparison_table(r));
         for c in charts {
             let _ = writeln!(s, "\n![{c}]({c})");
         }
     }
+    s.push_str(&cache_section(r));
     if !r.faults.is_empty() && virtual_time {
         let _ = writeln!(s, "\n## Failover timeline\n");
         let _ = writeln!(

@@ -38,8 +38,38 @@ pub struct Report {
     pub fault_phase_s: f64,
     /// Gap between a chat session's messages, ms.
     pub chat_interval_ms: u64,
+    /// Whether the edges cached (the scenario's `edge_cache`).
+    pub edge_cache: bool,
+    /// What reached the origin during the measurements (real mode).
+    pub origin_load: Option<OriginLoad>,
+    /// Purges issued at one edge and timed at every other (real mode, `edge_cache`).
+    pub purges: Vec<PurgeSample>,
     /// Notes (anything that went wrong but did not stop the run).
     pub notes: Vec<String>,
+}
+
+/// The origin's load during the measurements.
+#[derive(Clone, Debug, Serialize)]
+pub struct OriginLoad {
+    /// HTTP requests the users sent through the edges (the warm-up page loads included).
+    pub user_requests_via_edges: u64,
+    /// Requests that reached the origin through the edges (they carry `X-Forwarded-For`).
+    pub origin_requests_via_edges: u64,
+}
+
+/// One purge as one edge applied it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PurgeSample {
+    /// Which purge of the run (0, 1, …).
+    pub purge: usize,
+    /// The edge it was issued at (region).
+    pub from: String,
+    /// The edge that applied it (region).
+    pub edge: String,
+    /// Issued → applied there, ms (wall clocks of one machine).
+    pub applied_after_ms: f64,
+    /// One-way delay of the direct link between the two (the bulletin floods directly), ms.
+    pub one_way_ms: f64,
 }
 
 /// An edge's route.

@@ -97,6 +97,12 @@ pub struct Scenario {
     /// TOML appended to every node's config, e.g. `"[routing]\nsettle_ms = 3000\n"`.
     #[serde(default)]
     pub node_config: String,
+    /// Whether the edges cache (the demo origin's static assets cached, `/api/` and `/ws`
+    /// bypassed, the HTML revalidated every time). Real-process runs only; default false. With it, the page-load
+    /// bound through the edge counts the assets as local, the origin's request count is
+    /// reported, and a purge's spread over the mesh is timed.
+    #[serde(default)]
+    pub edge_cache: bool,
     /// Faults, in any order.
     #[serde(default)]
     pub faults: Vec<Fault>,
