@@ -52,35 +52,8 @@ P_CONN_ADMIN=$((BASE + 4))
 P_CONN_MESH=$((BASE + 5)) # UDP
 P_EDGE_MESH=$((BASE + 6)) # UDP
 
-log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# ---------------------------------------------------------------- processes and cleanup
-pids=()
-run_dir="$(mktemp -d /tmp/skylane-bench.XXXXXX)"
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  # Give them a moment to drain, then make sure.
-  for _ in $(seq 1 50); do
-    local alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [[ $alive == 0 ]] && break
-    sleep 0.1
-  done
-  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ -d "$run_dir" && -d "$out" ]]; then
-    mkdir -p "$out/logs"
-    cp "$run_dir"/*.log "$out/logs/" 2>/dev/null || true
-  fi
-  rm -rf "$run_dir"
-  exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=benchmarks/lib.sh
+source "$here/lib.sh"
 
 # ---------------------------------------------------------------- tools
 need_apt=()
@@ -90,59 +63,22 @@ command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)
 if [[ "$PROFILE" != 0 ]] && ! command -v perf >/dev/null; then need_apt+=(linux-perf); fi
-if ((${#need_apt[@]})); then
-  log "installing ${need_apt[*]} with apt-get"
-  apt-get update -qq
-  # policy-rc.d keeps the nginx package from starting a system-wide nginx on port 80.
-  prc=/usr/sbin/policy-rc.d; made_prc=0
-  if [[ ! -e $prc ]]; then printf '#!/bin/sh\nexit 101\n' >"$prc"; chmod +x "$prc"; made_prc=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  [[ $made_prc == 1 ]] && rm -f "$prc"
-fi
+apt_install "${need_apt[@]}"
 
 # ---------------------------------------------------------------- binaries
-if [[ -n "${SKYLANE_BIN_DIR:-}" ]]; then
-  # Absolute, because the servers are started from the run directory.
-  bin="$(cd "$SKYLANE_BIN_DIR" && pwd)" || die "SKYLANE_BIN_DIR=$SKYLANE_BIN_DIR is not a directory"
-  log "using prebuilt binaries in $bin"
-else
-  log "building release binaries"
-  (cd "$root" && cargo build --release --bin mesh-node --bin origin-connector --bin demo-origin)
-  bin="${CARGO_TARGET_DIR:-$root/target}/release"
-fi
-for b in mesh-node origin-connector demo-origin; do
-  [[ -x "$bin/$b" ]] || die "$bin/$b not found (set SKYLANE_BIN_DIR or fix the build)"
-done
+skylane_bins
 
 # ---------------------------------------------------------------- ports
-for p in $P_ORIGIN $P_NGINX $P_EDGE $P_EDGE_ADMIN $P_CONN_ADMIN; do
-  ss -Hltn "sport = :$p" | grep -q . && die "TCP port $p is in use; set BENCH_PORT_BASE"
-done
-for p in $P_CONN_MESH $P_EDGE_MESH; do
-  ss -Hlun "sport = :$p" | grep -q . && die "UDP port $p is in use; set BENCH_PORT_BASE"
-done
+ports_free $P_ORIGIN $P_NGINX $P_EDGE $P_EDGE_ADMIN $P_CONN_ADMIN -- $P_CONN_MESH $P_EDGE_MESH
 
 mkdir -p "$out/raw"
 log "results go to $out"
 
 # ---------------------------------------------------------------- machine
-{
-  echo "{"
-  echo "  \"date_utc\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
-  echo "  \"nproc\": $(nproc),"
-  echo "  \"cpu_model\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')\","
-  echo "  \"kernel\": \"$(uname -sr)\","
-  echo "  \"mem_total\": \"$(grep MemTotal /proc/meminfo | awk '{print $2 " " $3}')\","
-  echo "  \"loadavg_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\","
-  echo "  \"rustc\": \"$(rustc --version 2>/dev/null || echo unknown)\","
-  echo "  \"git_commit\": \"$(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$root" && git diff --quiet HEAD -- 2>/dev/null || echo '+dirty')\","
-  echo "  \"nginx\": \"$(nginx -v 2>&1 | sed 's/.*: //')\","
-  echo "  \"wrk\": \"$(wrk -v 2>&1 | head -1 | awk '{print $2}')\","
-  echo "  \"h2load\": \"$(h2load --version 2>&1 | head -1 | awk '{print $2}')\","
-  echo "  \"skylane_worker_threads\": \"${BENCH_SKYLANE_WORKER_THREADS:-default}\","
-  echo "  \"bin_dir\": \"$bin\""
-  echo "}"
-} >"$out/raw/machine.json"
+machine_json "nginx=$(nginx -v 2>&1 | sed 's/.*: //')" \
+  "wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
+  "h2load=$(h2load --version 2>&1 | head -1 | awk '{print $2}')" \
+  "skylane_worker_threads=${BENCH_SKYLANE_WORKER_THREADS:-default}" >"$out/raw/machine.json"
 
 # ---------------------------------------------------------------- keys, certs, configs
 "$bin/mesh-node" keygen --out "$run_dir/conn.key" >/dev/null
@@ -279,15 +215,6 @@ http {
 EOF
 
 # ---------------------------------------------------------------- start
-wait_for() { # url [curl flags...]: poll up to 10 s
-  local url=$1; shift
-  for _ in $(seq 1 100); do
-    curl -fsS --max-time 1 "$@" -o /dev/null "$url" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
 log "starting demo-origin, nginx, origin-connector, mesh-node"
 "$bin/demo-origin" --listen "127.0.0.1:$P_ORIGIN" --name bench >"$run_dir/demo-origin.log" 2>&1 &
 pids+=($!); PID_ORIGIN=$!
@@ -304,16 +231,6 @@ pids+=($!); PID_EDGE=$!
 wait_for "http://127.0.0.1:$P_EDGE_ADMIN/readyz" || die "edge tunnel not ready (see logs)"
 wait_for "https://127.0.0.1:$P_EDGE/health" -k || die "no answer through the tunnel"
 
-# CPU seconds (user+sys) used so far by a process and its children (nginx workers).
-cpu_of() {
-  local files=() p
-  for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
-    [[ -r /proc/$p/stat ]] && files+=("/proc/$p/stat")
-  done
-  ((${#files[@]})) || { echo 0; return; }
-  # Fields 14 and 15 are utime and stime; the command name (field 2) has no spaces here.
-  awk -v hz="$(getconf CLK_TCK)" '{t += $14 + $15} END {printf "%.3f", t / hz}' "${files[@]}" 2>/dev/null || echo 0
-}
 cpu_snapshot() { # -> "origin nginx connector edge"
   echo "$(cpu_of $PID_ORIGIN) $(cpu_of $PID_NGINX) $(cpu_of $PID_CONN) $(cpu_of $PID_EDGE)"
 }

@@ -29,25 +29,9 @@ pub fn bin_dir() -> &'static Path {
         } else {
             parent.to_owned()
         };
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--manifest-path"])
-            .arg(&manifest)
-            .args([
-                "--bin",
-                "mesh-node",
-                "--bin",
-                "origin-connector",
-                "--bin",
-                "demo-origin",
-            ]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "cargo build of the binaries failed");
-        dir
+        // The same build as `simulate` does (one feature set, the same environment), so
+        // the two never make cargo rebuild the binaries for each other.
+        skylane_simulations::procs::ensure_binaries(&dir).expect("building the binaries")
     })
 }
 

@@ -147,6 +147,29 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
             "limits.max_connections_per_ip",
         ),
         (
+            "mesh-node",
+            edge.replace(
+                "max_object_bytes = 67108864",
+                "max_object_bytes = 536870912",
+            ),
+            "cache.max_object_bytes",
+        ),
+        (
+            "mesh-node",
+            edge.replace("path_prefix = \"/static/\"", "path_prefix = \"static\""),
+            "cache.rules[2].path_prefix",
+        ),
+        (
+            "mesh-node",
+            edge.replace("mode = \"bypass\" ", "mode = \"sometimes\" "),
+            "mode",
+        ),
+        (
+            "mesh-node",
+            edge.replace("mode = \"bypass\" ", "edge_ttl_s = 60\nmode = \"bypass\" "),
+            "cache.rules[0].mode",
+        ),
+        (
             "origin-connector",
             connector.replace("queue_timeout_ms = 1000", "queue_timeout_ms = -1"),
             "queue_timeout_ms",

@@ -40,6 +40,11 @@ fn weigh(variants: &Variants) -> u32 {
         .fold(0u32, u32::saturating_add)
 }
 
+/// Publishes a tier's size as the `skylane_cache_bytes{tier}` gauge.
+fn publish_bytes(tier: &'static str, bytes: u64) {
+    metrics::gauge!("skylane_cache_bytes", "tier" => tier).set(bytes as f64);
+}
+
 /// The memory tier.
 pub struct Memory {
     cache: Cache<String, Variants>,
@@ -78,6 +83,7 @@ impl Memory {
     /// Stores `variants` under `key`.
     pub fn put(&self, key: String, variants: Variants) {
         self.cache.insert(key, variants);
+        publish_bytes("memory", self.cache.weighted_size());
     }
 
     /// Removes the entries `doomed` picks; returns how many objects went.
@@ -106,6 +112,7 @@ impl Memory {
     /// Counts.
     pub fn stats(&self) -> TierStats {
         self.cache.run_pending_tasks();
+        publish_bytes("memory", self.cache.weighted_size());
         TierStats {
             objects: self.cache.iter().map(|(_, v)| v.len() as u64).sum(),
             bytes: self.cache.weighted_size(),
@@ -291,6 +298,7 @@ impl Disk {
         delete_files(&Arc::new(replaced));
         kept.push(disk_obj.clone());
         self.index.insert(obj.key.clone(), Arc::new(kept));
+        publish_bytes("disk", self.index.weighted_size());
         Ok(disk_obj)
     }
 
@@ -317,6 +325,7 @@ impl Disk {
     /// Counts.
     pub fn stats(&self) -> TierStats {
         self.index.run_pending_tasks();
+        publish_bytes("disk", self.index.weighted_size());
         TierStats {
             objects: self.index.iter().map(|(_, v)| v.len() as u64).sum(),
             bytes: self.index.weighted_size(),

@@ -282,33 +282,54 @@ where
 
 #[cfg(test)]
 mod tests {
+    //! Real time with short timeouts (tokio's paused clock would need its `test-util`
+    //! feature, which would also change the build of every crate above tokio in test runs:
+    //! the end-to-end tests' binaries would then be built twice). Lower bounds are exact;
+    //! upper bounds leave room for a loaded machine.
     use super::*;
+
+    const HEAD: Duration = Duration::from_millis(200);
+    const IDLE: Duration = Duration::from_millis(1200);
 
     fn timeouts() -> Timeouts {
         Timeouts {
-            request_head: Duration::from_secs(10),
-            keepalive_idle: Duration::from_secs(60),
+            request_head: HEAD,
+            keepalive_idle: IDLE,
             ..Timeouts::default()
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    /// `deadline` is `at_ms` plus `after`, within the milliseconds between the two clock reads.
+    fn near(deadline: Option<(u64, Expiry)>, before_ms: u64, after: Duration, why: Expiry) {
+        let (at, got) = deadline.expect("a deadline");
+        assert_eq!(got, why);
+        let after = after.as_millis() as u64;
+        assert!(
+            at >= before_ms + after && at <= now_ms() + after,
+            "{at} not in {}..={}",
+            before_ms + after,
+            now_ms() + after
+        );
+    }
+
+    #[tokio::test]
     async fn each_state_has_its_deadline() {
         let t = timeouts();
-        let w = ConnWatch::new(None);
         let start = now_ms();
-        assert_eq!(w.deadline(&t), Some((start + 10_000, Expiry::NoRequest)));
+        let w = ConnWatch::new(None);
+        near(w.deadline(&t), start, HEAD, Expiry::NoRequest);
         // A request in flight: no deadline; after it, the keep-alive idle one.
         let r = w.request_started(false);
         assert_eq!(w.deadline(&t), None);
-        tokio::time::advance(Duration::from_secs(5)).await;
-        drop(r);
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let idle = now_ms();
-        assert_eq!(w.deadline(&t), Some((idle + 60_000, Expiry::Idle)));
+        drop(r);
+        near(w.deadline(&t), idle, IDLE, Expiry::Idle);
         // A byte of the next head: the head deadline.
-        tokio::time::advance(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let head = now_ms();
         w.bytes_arrived();
-        assert_eq!(w.deadline(&t), Some((now_ms() + 10_000, Expiry::SlowHead)));
+        near(w.deadline(&t), head, HEAD, Expiry::SlowHead);
         // On HTTP/2, frames between requests are not heads.
         let r = w.request_started(true);
         drop(r);
@@ -316,7 +337,7 @@ mod tests {
         assert_eq!(w.deadline(&t).map(|d| d.1), Some(Expiry::Idle));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn supervise_drops_a_slow_head_and_lets_a_busy_connection_be() {
         let t = timeouts();
         let w = ConnWatch::new(None);
@@ -332,21 +353,23 @@ mod tests {
             &w,
             &t,
             |_| {},
-            Duration::from_secs(1),
+            Duration::from_millis(50),
             &drain,
         )
         .await;
         assert!(out.is_none());
         let took = tokio::time::Instant::now() - started;
+        // now_ms counts whole milliseconds: a deadline can fall up to 1 ms early.
         assert!(
-            took >= Duration::from_secs(10) && took < Duration::from_millis(10_010),
+            took >= HEAD - Duration::from_millis(1) && took < HEAD + Duration::from_secs(5),
             "{took:?}"
         );
 
+        // A request in flight three times the head timeout and the idle timeout: kept.
         let w = ConnWatch::new(None);
         let busy = w.request_started(false);
         let work = async {
-            tokio::time::sleep(Duration::from_secs(300)).await;
+            tokio::time::sleep(IDLE + HEAD * 3).await;
             7
         };
         tokio::pin!(work);
@@ -355,7 +378,7 @@ mod tests {
             &w,
             &t,
             |_| {},
-            Duration::from_secs(1),
+            Duration::from_millis(50),
             &drain,
         )
         .await;
