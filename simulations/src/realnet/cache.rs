@@ -64,7 +64,7 @@ pub(crate) async fn purge_spread(
                         from: plan.nodes[from].region.clone(),
                         edge: plan.nodes[to].region.clone(),
                         applied_after_ms: ms,
-                        one_way_ms: plan.node_rtt_ms(from, to) / 2.0,
+                        one_way_ms: plan.flood_rtt_ms(from, to) / 2.0,
                     });
                 }
             }

@@ -155,7 +155,7 @@ fn cache_section(r: &Report) -> String {
         s,
         "`purge everything` issued at each edge in turn ({} purges), timed at every other edge from \
          the purge's issue to that edge applying it (both from the edges' `/status`). One-way: the \
-         emulated direct link between the two, over which the bulletin floods. Target: p50 ≤ \
+         fastest chain of emulated links between the two (every member passes the bulletin on). Target: p50 ≤ \
          one-way + {PURGE_TARGET_EXTRA_MS:.0} ms at every edge.\n",
         r.purges
             .iter()

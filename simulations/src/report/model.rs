@@ -68,7 +68,8 @@ pub struct PurgeSample {
     pub edge: String,
     /// Issued → applied there, ms (wall clocks of one machine).
     pub applied_after_ms: f64,
-    /// One-way delay of the direct link between the two (the bulletin floods directly), ms.
+    /// One-way delay of the fastest chain of members between the two (the bulletin floods:
+    /// every member passes it on), ms.
     pub one_way_ms: f64,
 }
 

@@ -315,6 +315,29 @@ impl Plan {
             .rtt_ms(self.nodes[a].matrix_index, self.nodes[b].matrix_index)
     }
 
+    /// Shortest RTT from `a` to `b` over chains of any plan nodes, ms: what a message
+    /// flooded by every member (the bulletin) takes at best, there and back.
+    pub fn flood_rtt_ms(&self, a: usize, b: usize) -> f64 {
+        let n = self.nodes.len();
+        let mut best: Vec<f64> = (0..n).map(|i| self.node_rtt_ms(a, i)).collect();
+        best[a] = 0.0;
+        let mut done = vec![false; n];
+        // Dijkstra over the complete graph of the plan's nodes.
+        while let Some(u) = (0..n)
+            .filter(|&i| !done[i])
+            .min_by(|&x, &y| best[x].total_cmp(&best[y]))
+        {
+            done[u] = true;
+            for v in 0..n {
+                let via = best[u] + self.node_rtt_ms(u, v);
+                if via < best[v] {
+                    best[v] = via;
+                }
+            }
+        }
+        best[b]
+    }
+
     /// Best path RTT from node `from` to the connector over the plan's nodes with at most
     /// two relays (what routing should find), and that path as node indices.
     pub fn best_path_to_connector(&self, from: usize, excluded: &[usize]) -> (Vec<usize>, f64) {
@@ -581,6 +604,11 @@ link = ["Sydney", "connector"]
         // Sydney's best path goes through Singapore (docs/routing.md).
         let (path, _) = plan.best_path_to_connector(1, &[]);
         assert_eq!(path, vec![1, 2, 0]);
+        // A flood from Sydney reaches the connector as fast as that path, never slower.
+        let (_, best) = plan.best_path_to_connector(1, &[]);
+        assert_eq!(plan.flood_rtt_ms(1, 0), best);
+        assert!(plan.flood_rtt_ms(1, 0) < plan.node_rtt_ms(1, 0));
+        assert_eq!(plan.flood_rtt_ms(2, 2), 0.0);
         Ok(())
     }
 
