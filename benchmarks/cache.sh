@@ -19,7 +19,8 @@
 # and BENCH_CONNECTIONS [64] of wrk, BENCH_ROUNDS [3] interleaved rounds (medians
 # reported), BULK_BYTES [1073741824], BULK_HITS [3], BENCH_PORT_BASE [29080] (ten
 # consecutive ports on 127.0.0.1, TCP and UDP), BENCH_OUT
-# [benchmarks/results/cache/<UTC timestamp>].
+# [benchmarks/results/cache/<UTC timestamp>]. PROFILE=1 also records the edge with `perf`
+# under the small-hit load (profile-edge-*.txt in the results); PROFILE=only does only that.
 #
 # Loopback only. Every load step is bounded in time (wrk -d, curl --max-time, `timeout`);
 # every process started here is stopped on exit. Packages missing (nginx, varnish, hitch,
@@ -36,6 +37,7 @@ ROUNDS="${BENCH_ROUNDS:-3}"
 BULK_BYTES="${BULK_BYTES:-1073741824}"
 BULK_HITS="${BULK_HITS:-3}"
 BASE="${BENCH_PORT_BASE:-29080}"
+PROFILE="${PROFILE:-0}"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 out="${BENCH_OUT:-$here/results/cache/$stamp}"
 
@@ -60,6 +62,7 @@ command -v varnishd >/dev/null || [[ -x /usr/sbin/varnishd ]] || need_apt+=(varn
 command -v hitch >/dev/null || [[ -x /usr/sbin/hitch ]] || need_apt+=(hitch)
 command -v wrk >/dev/null || need_apt+=(wrk)
 command -v curl >/dev/null || need_apt+=(curl)
+if [[ "$PROFILE" != 0 ]] && ! command -v perf >/dev/null; then need_apt+=(linux-perf); fi
 apt_install "${need_apt[@]}"
 export PATH="$PATH:/usr/sbin"
 
@@ -275,6 +278,23 @@ for t in "${TARGETS[@]}"; do
   curl -ksS --max-time 10 -D "$out/raw/hit-headers-$t.txt" -o /dev/null "${URL[$t]}$(small "$t")"
   timeout 30 wrk -t1 -c"$CONNS" -d2s "${URL[$t]}$(small "$t")" >/dev/null
 done
+if [[ "$PROFILE" != 0 ]]; then
+  log "profiling the edge under the small-hit load (perf record, cpu-clock)"
+  timeout 60 perf record -q -F 999 -e cpu-clock --call-graph dwarf,8192 -p "$PID_EDGE" \
+    -o "$run_dir/perf-edge.data" -- sleep "$DURATION" 2>/dev/null &
+  perf_pid=$!
+  sleep 0.5
+  timeout $((DURATION + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$((DURATION - 1))s" "${URL[skylane]}$(small skylane)" >/dev/null
+  wait "$perf_pid" || true
+  perf report -i "$run_dir/perf-edge.data" --no-children --sort dso,symbol --stdio \
+    --percent-limit 0.7 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-edge-self.txt" || true
+  perf report -i "$run_dir/perf-edge.data" --children --sort symbol --stdio \
+    --percent-limit 2 -g none 2>/dev/null | grep -v '^$' | head -100 >"$out/profile-edge-children.txt" || true
+  perf script -i "$run_dir/perf-edge.data" -F comm,tid,period,ip,sym,dso 2>/dev/null |
+    python3 "$here/perf_summary.py" >"$out/profile-edge-summary.txt" || true
+  if [[ "$PROFILE" == only ]]; then log "profile written to $out"; exit 0; fi
+fi
+
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     log "round $r $t: wrk -t$THREADS -c$CONNS -d${DURATION}s ${URL[$t]}$(small "$t")"

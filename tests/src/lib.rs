@@ -73,16 +73,26 @@ pub use skylane_simulations::procs::{Proc, http_get, http_get_status, status};
 /// a node learns a member's address only from an authenticated frame, never from a QUIC
 /// packet (which anyone can forge). Tests that play a member without running its control
 /// loop call this before they dial.
-pub fn introduce(
+///
+/// A socket bound a moment ago may not be writable yet in the reactor's eyes (the send is
+/// a non-blocking `try_send_to`): that is retried, for up to a second.
+pub async fn introduce(
     socket: &skylane_shared::mesh::MeshSocket,
     peer: &skylane_shared::identity::NodeId,
 ) -> anyhow::Result<()> {
-    socket.send_control(
-        &peer.short(),
-        skylane_shared::mesh::BodyType::Swim,
-        b"hello",
-    )?;
-    Ok(())
+    for _ in 0..100 {
+        match socket.send_control(
+            &peer.short(),
+            skylane_shared::mesh::BodyType::Swim,
+            b"hello",
+        ) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+    bail!("the socket never became writable")
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released; fine for tests).

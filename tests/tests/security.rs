@@ -95,7 +95,7 @@ async fn a_stranger_claiming_a_members_id_fails_the_handshake() -> anyhow::Resul
     // Frames carry the member's short id, but TLS is done with the stranger's key.
     let sock = MeshSocket::bind("127.0.0.1:0".parse()?, &c.spare_member_key, members).await?;
     sock.set_peer_addr(&connector_id, c.connector_udp);
-    skylane_tests::introduce(&sock, &connector_id)?;
+    skylane_tests::introduce(&sock, &connector_id).await?;
     let endpoint = quic::endpoint(sock, &stranger, None)?;
     let attempt = endpoint.connect_with(
         quic::client_config(&stranger, connector_id)?,
@@ -159,7 +159,7 @@ async fn garbage_datagrams_and_malformed_headers_are_counted_and_crash_nothing()
     let members = connector_and_test_edge(connector_id, key.id())?;
     let sock = MeshSocket::bind("127.0.0.1:0".parse()?, &key, members).await?;
     sock.set_peer_addr(&connector_id, c.connector_udp);
-    skylane_tests::introduce(&sock, &connector_id)?;
+    skylane_tests::introduce(&sock, &connector_id).await?;
     let endpoint = quic::endpoint(sock, &key, None)?;
     let conn = endpoint
         .connect_with(

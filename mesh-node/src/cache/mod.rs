@@ -57,6 +57,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::Hit,
+        Outcome::Stale,
+        Outcome::Miss,
+        Outcome::Coalesced,
+        Outcome::Revalidated,
+        Outcome::Bypass,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
@@ -91,6 +100,10 @@ pub struct Cache {
     disk: Option<Arc<Disk>>,
     fills: Mutex<HashMap<String, Arc<Fill>>>,
     counts: Counts,
+    /// `skylane_cache_requests_total{result}`, one handle per outcome, registered at the
+    /// first request (after the metrics recorder is installed): a lookup by name and
+    /// labels per request would cost a hash of both every time.
+    outcome_counters: std::sync::OnceLock<[metrics::Counter; 6]>,
     /// Purges applied (their bulletin ids), so each is applied once.
     pub(crate) applied_purges: Mutex<HashMap<String, purge::Applied>>,
 }
@@ -139,6 +152,7 @@ impl Cache {
             config,
             fills: Mutex::new(HashMap::new()),
             counts: Counts::default(),
+            outcome_counters: std::sync::OnceLock::new(),
             applied_purges: Mutex::new(HashMap::new()),
         })
     }
@@ -155,12 +169,24 @@ impl Cache {
             Outcome::Bypass => &c.bypass,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("skylane_cache_requests_total", "result" => outcome.label()).increment(1);
+        let counters = self.outcome_counters.get_or_init(|| {
+            Outcome::ALL
+                .map(|o| metrics::counter!("skylane_cache_requests_total", "result" => o.label()))
+        });
+        counters[outcome as usize].increment(1);
     }
 
-    /// The stored variant of `key` that `req` may use: memory first, then disk.
-    pub fn lookup(&self, key: &str, req: &CacheRequest) -> Option<Arc<Object>> {
-        let find = |variants: store::Variants| variants.iter().find(|o| o.matches(req)).cloned();
+    /// The stored variant of `key` that the request may use: memory first, then disk.
+    /// `request` makes the request as the policy compares it; it is made only when a
+    /// stored object varies (`Vary`), so a plain hit does not copy the request's headers.
+    pub fn lookup(&self, key: &str, request: impl Fn() -> CacheRequest) -> Option<Arc<Object>> {
+        let made = std::cell::OnceCell::new();
+        let find = |variants: store::Variants| {
+            variants
+                .iter()
+                .find(|o| o.variant.is_empty() || o.matches(made.get_or_init(&request)))
+                .cloned()
+        };
         if let Some(o) = self.memory.get(key).and_then(find) {
             return Some(o);
         }
@@ -472,6 +498,13 @@ async fn body_slice(body: &Body, start: u64, len: u64) -> ProxyBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_counters_are_indexed_by_the_outcome() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i, "{o:?}");
+        }
+    }
 
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

@@ -82,8 +82,8 @@ pub async fn handle(
     req: Request<Incoming>,
     held: Held,
 ) -> Response<ProxyBody> {
-    let rule = key::rule_for(&cache.config.rules, &ctx.host, req.uri().path()).cloned();
-    let mode = key::mode_of(rule.as_ref());
+    let rule = key::rule_for(&cache.config.rules, &ctx.host, req.uri().path());
+    let mode = key::mode_of(rule);
     let method = req.method().clone();
     let cacheable = (method == Method::GET || method == Method::HEAD)
         && mode != Mode::Bypass
@@ -98,13 +98,12 @@ pub async fn handle(
         &ctx.host,
         req.uri().path(),
         req.uri().query(),
-        rule.as_ref(),
+        rule,
         req.headers(),
     );
-    let creq = cache_request(&key, &ctx.host, req.headers());
     let now = SystemTime::now();
     let revalidate = mode == Mode::Standard && client_no_cache(req.headers());
-    let stale = match cache.lookup(&key, &creq) {
+    let stale = match cache.lookup(&key, || cache_request(&key, &ctx.host, req.headers())) {
         Some(obj) => match obj.freshness(now) {
             Freshness::Fresh if !revalidate => {
                 cache.count(Outcome::Hit);
@@ -115,6 +114,7 @@ pub async fn handle(
                 cache.count(Outcome::Stale);
                 if let Role::Leader(fill) = cache.fill_for(&key, req.headers()) {
                     // Refresh in the background; nobody waits for it.
+                    let creq = cache_request(&key, &ctx.host, req.headers());
                     let parts = fetch_parts(&req, Some(&obj), &creq);
                     let (tx, _) = tokio::sync::oneshot::channel();
                     let fetch = Fetch::new(
@@ -125,8 +125,8 @@ pub async fn handle(
                         key.clone(),
                         fill,
                         Some(obj.clone()),
-                        rule.clone(),
-                        creq.clone(),
+                        rule.cloned(),
+                        creq,
                     );
                     tokio::spawn(fetch.run(parts, held, tx));
                 }
@@ -148,6 +148,7 @@ pub async fn handle(
         },
         None => None,
     };
+    let creq = cache_request(&key, &ctx.host, req.headers());
     if stale.is_none() && req.headers().contains_key(header::RANGE) {
         // A range of an object we do not have: pass it on as asked, keep nothing.
         cache.count(Outcome::Miss);
@@ -166,7 +167,7 @@ pub async fn handle(
                 key,
                 fill,
                 stale,
-                rule,
+                rule.cloned(),
                 creq,
             );
             tokio::spawn(fetch.run(parts, held, tx));
@@ -178,19 +179,7 @@ pub async fn handle(
             }
         }
         Role::Follower(fill) => {
-            follow(
-                edge,
-                cache,
-                ctx,
-                route,
-                req,
-                held,
-                &key,
-                &creq,
-                fill,
-                rule.as_ref(),
-            )
-            .await
+            follow(edge, cache, ctx, route, req, held, &key, &creq, fill, rule).await
         }
     }
 }
@@ -229,7 +218,7 @@ async fn follow(
     // The fetch refreshed or served a stale object, or will not share: look again, then
     // go on our own.
     let now = SystemTime::now();
-    if let Some(obj) = cache.lookup(key, creq)
+    if let Some(obj) = cache.lookup(key, || creq.clone())
         && obj.freshness(now) == Freshness::Fresh
     {
         cache.count(Outcome::Hit);
