@@ -81,86 +81,10 @@ machine_json "nginx=$(nginx -v 2>&1 | sed 's/.*: //')" \
 chmod 755 "$run_dir"
 
 # ---------------------------------------------------------------- keys, certs, configs
-"$bin/mesh-node" keygen --out "$run_dir/conn.key" >/dev/null
-"$bin/mesh-node" keygen --out "$run_dir/edge.key" >/dev/null
-"$bin/mesh-node" dev-cert --out-dir "$run_dir/certs" >/dev/null
-cat "$run_dir/certs/edge.pem" "$run_dir/certs/edge.key" >"$run_dir/certs/hitch.pem"
-
-members() {
-  cat <<EOF
-[[mesh.members]]
-name = "bench-connector"
-role = "connector"
-public_key_file = "conn.key.pub"
-address = "127.0.0.1:$P_CONN_MESH"
-region = "Frankfurt"
-
-[[mesh.members]]
-name = "bench-edge"
-role = "edge"
-public_key_file = "edge.key.pub"
-region = "Frankfurt"
-EOF
-}
-
-cat >"$run_dir/connector.toml" <<EOF
-shutdown_grace_ms = 1000
-
-[node]
-name = "bench-connector"
-region = "Frankfurt"
-key_file = "conn.key"
-listen = "127.0.0.1:$P_CONN_MESH"
-
-$(members)
-
-[admin]
-listen = "127.0.0.1:$P_CONN_ADMIN"
-
-[log]
-format = "text"
-level = "warn"
-
-[services.web]
-kind = "http"
-servers = ["127.0.0.1:$P_ORIGIN"]
-connect_timeout_ms = 2000
-response_timeout_ms = 300000
-EOF
-
+CONNECTOR_EXTRA='response_timeout_ms = 300000'
 # The 1 GiB object has no caching headers: each server is told to keep it (a rule here,
 # proxy_cache_valid for nginx, Varnish's default TTL).
-cat >"$run_dir/edge.toml" <<EOF
-shutdown_grace_ms = 1000
-
-[node]
-name = "bench-edge"
-region = "Frankfurt"
-key_file = "edge.key"
-listen = "127.0.0.1:$P_EDGE_MESH"
-
-$(members)
-
-[https]
-listen = "127.0.0.1:$P_EDGE"
-
-[[https.certificates]]
-cert_file = "certs/edge.pem"
-key_file = "certs/edge.key"
-server_names = ["localhost"]
-
-[[routes]]
-host = "*"
-path_prefix = "/"
-service = "web"
-
-[admin]
-listen = "127.0.0.1:$P_EDGE_ADMIN"
-
-[log]
-format = "text"
-level = "warn"
-
+EDGE_EXTRA='
 [cache]
 memory_bytes = 3221225472
 max_object_bytes = 2147483648
@@ -169,31 +93,16 @@ max_object_bytes = 2147483648
 host = "*"
 path_prefix = "/bytes/"
 mode = "everything"
-edge_ttl_s = 3600
-EOF
+edge_ttl_s = 3600'
+skylane_configs
+cat "$run_dir/certs/edge.pem" "$run_dir/certs/edge.key" >"$run_dir/certs/hitch.pem"
 
-mkdir -p "$run_dir/nginx-tmp" "$run_dir/nginx-cache"
+mkdir -p "$run_dir/nginx-cache"
 cat >"$run_dir/nginx.conf" <<EOF
 # nginx proxy_cache: same certificate as the edge, keep-alive upstream, the cache on disk
 # (as nginx keeps it; the page cache holds it here), access log off as in the edge.
-user root;
-worker_processes auto;
-daemon off;
-pid $run_dir/nginx.pid;
-error_log $run_dir/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $run_dir/nginx-tmp/body;
-  proxy_temp_path $run_dir/nginx-tmp/proxy;
-  fastcgi_temp_path $run_dir/nginx-tmp/fastcgi;
-  uwsgi_temp_path $run_dir/nginx-tmp/uwsgi;
-  scgi_temp_path $run_dir/nginx-tmp/scgi;
+$(nginx_preamble)
   proxy_cache_path $run_dir/nginx-cache levels=1:2 keys_zone=bench:16m max_size=4g inactive=1h use_temp_path=off;
-  upstream origin {
-    server 127.0.0.1:$P_ORIGIN;
-    keepalive 64;
-  }
   server {
     listen 127.0.0.1:$P_NGINX ssl http2;
     ssl_certificate $run_dir/certs/edge.pem;

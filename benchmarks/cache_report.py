@@ -12,6 +12,8 @@ import json
 import os
 import statistics
 
+from report import load  # benchmarks/report.py, beside this file
+
 TARGETS = {
     "nginx": "nginx proxy_cache (TLS)",
     "varnish": "Varnish (plain HTTP, no TLS)",
@@ -19,14 +21,6 @@ TARGETS = {
     "skylane": "Skylane edge cache (TLS)",
 }
 CACHE_HEADERS = ("cache-status", "x-cache-status", "age", "x-varnish")
-
-
-def load(path, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
 
 
 def median_or_none(values):

@@ -116,3 +116,113 @@ machine_json() {
   echo "  \"bin_dir\": \"$bin\""
   echo "}"
 }
+
+# skylane_configs: keys, a dev certificate, connector.toml and edge.toml in $run_dir for one
+# connector and one edge on loopback. Reads P_ORIGIN, P_CONN_MESH, P_EDGE_MESH, P_EDGE,
+# P_EDGE_ADMIN, P_CONN_ADMIN; optional CONNECTOR_EXTRA and EDGE_EXTRA (TOML appended) and
+# BENCH_SKYLANE_WORKER_THREADS (`node.worker_threads` of both).
+skylane_configs() {
+  "$bin/mesh-node" keygen --out "$run_dir/conn.key" >/dev/null
+  "$bin/mesh-node" keygen --out "$run_dir/edge.key" >/dev/null
+  "$bin/mesh-node" dev-cert --out-dir "$run_dir/certs" >/dev/null
+  local threads=""
+  if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then
+    threads="worker_threads = $BENCH_SKYLANE_WORKER_THREADS"
+  fi
+  local members="[[mesh.members]]
+name = \"bench-connector\"
+role = \"connector\"
+public_key_file = \"conn.key.pub\"
+address = \"127.0.0.1:$P_CONN_MESH\"
+region = \"Frankfurt\"
+
+[[mesh.members]]
+name = \"bench-edge\"
+role = \"edge\"
+public_key_file = \"edge.key.pub\"
+region = \"Frankfurt\""
+  cat >"$run_dir/connector.toml" <<EOF
+shutdown_grace_ms = 1000
+
+[node]
+name = "bench-connector"
+region = "Frankfurt"
+key_file = "conn.key"
+listen = "127.0.0.1:$P_CONN_MESH"
+$threads
+
+$members
+
+[admin]
+listen = "127.0.0.1:$P_CONN_ADMIN"
+
+[log]
+format = "text"
+level = "warn"
+
+[services.web]
+kind = "http"
+servers = ["127.0.0.1:$P_ORIGIN"]
+connect_timeout_ms = 2000
+${CONNECTOR_EXTRA:-}
+EOF
+  cat >"$run_dir/edge.toml" <<EOF
+shutdown_grace_ms = 1000
+
+[node]
+name = "bench-edge"
+region = "Frankfurt"
+key_file = "edge.key"
+listen = "127.0.0.1:$P_EDGE_MESH"
+$threads
+
+$members
+
+[https]
+listen = "127.0.0.1:$P_EDGE"
+
+[[https.certificates]]
+cert_file = "certs/edge.pem"
+key_file = "certs/edge.key"
+server_names = ["localhost"]
+
+[[routes]]
+host = "*"
+path_prefix = "/"
+service = "web"
+
+[admin]
+listen = "127.0.0.1:$P_EDGE_ADMIN"
+
+[log]
+format = "text"
+level = "warn"
+${EDGE_EXTRA:-}
+EOF
+}
+
+# nginx_preamble: the start of an nginx.conf for a foreground nginx whose files all live in
+# $run_dir, up to the `upstream origin` block (demo-origin at P_ORIGIN, keep-alive); the
+# caller writes the rest of `http { … }`.
+nginx_preamble() {
+  mkdir -p "$run_dir/nginx-tmp"
+  cat <<EOF
+user root;
+worker_processes auto;
+daemon off;
+pid $run_dir/nginx.pid;
+error_log $run_dir/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $run_dir/nginx-tmp/body;
+  proxy_temp_path $run_dir/nginx-tmp/proxy;
+  fastcgi_temp_path $run_dir/nginx-tmp/fastcgi;
+  uwsgi_temp_path $run_dir/nginx-tmp/uwsgi;
+  scgi_temp_path $run_dir/nginx-tmp/scgi;
+  upstream origin {
+    server 127.0.0.1:$P_ORIGIN;
+    keepalive 64;
+  }
+EOF
+}

@@ -81,120 +81,20 @@ machine_json "nginx=$(nginx -v 2>&1 | sed 's/.*: //')" \
   "skylane_worker_threads=${BENCH_SKYLANE_WORKER_THREADS:-default}" >"$out/raw/machine.json"
 
 # ---------------------------------------------------------------- keys, certs, configs
-"$bin/mesh-node" keygen --out "$run_dir/conn.key" >/dev/null
-"$bin/mesh-node" keygen --out "$run_dir/edge.key" >/dev/null
-"$bin/mesh-node" dev-cert --out-dir "$run_dir/certs" >/dev/null
-
-members() {
-  cat <<EOF
-[[mesh.members]]
-name = "bench-connector"
-role = "connector"
-public_key_file = "conn.key.pub"
-address = "127.0.0.1:$P_CONN_MESH"
-region = "Frankfurt"
-
-[[mesh.members]]
-name = "bench-edge"
-role = "edge"
-public_key_file = "edge.key.pub"
-region = "Frankfurt"
-EOF
-}
-
-# BENCH_SKYLANE_WORKER_THREADS sets `node.worker_threads` of the edge and the connector.
-worker_threads_line=""
-if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then
-  worker_threads_line="worker_threads = $BENCH_SKYLANE_WORKER_THREADS"
-fi
-
-cat >"$run_dir/connector.toml" <<EOF
-shutdown_grace_ms = 1000
-
-[node]
-name = "bench-connector"
-region = "Frankfurt"
-key_file = "conn.key"
-listen = "127.0.0.1:$P_CONN_MESH"
-$worker_threads_line
-
-$(members)
-
-[admin]
-listen = "127.0.0.1:$P_CONN_ADMIN"
-
-[log]
-format = "text"
-level = "warn"
-
-[services.web]
-kind = "http"
-servers = ["127.0.0.1:$P_ORIGIN"]
-connect_timeout_ms = 2000
-response_timeout_ms = 30000
+CONNECTOR_EXTRA='response_timeout_ms = 30000
 
 [services.web.health_check]
 path = "/health"
 interval_ms = 1000
 timeout_ms = 500
 healthy_threshold = 1
-unhealthy_threshold = 3
-EOF
+unhealthy_threshold = 3'
+skylane_configs
 
-cat >"$run_dir/edge.toml" <<EOF
-shutdown_grace_ms = 1000
-
-[node]
-name = "bench-edge"
-region = "Frankfurt"
-key_file = "edge.key"
-listen = "127.0.0.1:$P_EDGE_MESH"
-$worker_threads_line
-
-$(members)
-
-[https]
-listen = "127.0.0.1:$P_EDGE"
-
-[[https.certificates]]
-cert_file = "certs/edge.pem"
-key_file = "certs/edge.key"
-server_names = ["localhost"]
-
-[[routes]]
-host = "*"
-path_prefix = "/"
-service = "web"
-
-[admin]
-listen = "127.0.0.1:$P_EDGE_ADMIN"
-
-[log]
-format = "text"
-level = "warn"
-EOF
-
-mkdir -p "$run_dir/nginx-tmp"
 cat >"$run_dir/nginx.conf" <<EOF
 # nginx as the TLS-terminating reverse proxy baseline: same certificate as the edge,
 # HTTP/2 on, keep-alive upstream, websocket upgrade headers, no temp files.
-user root;
-worker_processes auto;
-daemon off;
-pid $run_dir/nginx.pid;
-error_log $run_dir/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $run_dir/nginx-tmp/body;
-  proxy_temp_path $run_dir/nginx-tmp/proxy;
-  fastcgi_temp_path $run_dir/nginx-tmp/fastcgi;
-  uwsgi_temp_path $run_dir/nginx-tmp/uwsgi;
-  scgi_temp_path $run_dir/nginx-tmp/scgi;
-  upstream origin {
-    server 127.0.0.1:$P_ORIGIN;
-    keepalive 64;
-  }
+$(nginx_preamble)
   map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
   server {
     listen 127.0.0.1:$P_NGINX ssl http2;
