@@ -181,6 +181,9 @@ pub struct RunOptions<'a> {
     pub cancel: CancellationToken,
     /// Keep the cluster running after the fault phase (for `simulate demo`).
     pub keep: bool,
+    /// With the edges caching, time a purge's spread over the mesh after the measurements
+    /// (`simulate run`; the demo, which must print its table within `--duration`, does not).
+    pub time_purges: bool,
 }
 
 /// Runs a plan with real processes. Returns the report and, with `keep`, the running
@@ -275,7 +278,7 @@ async fn run_on(
             o.origin_requests_via_edges, o.user_requests_via_edges
         ));
     }
-    let (purges, purge_notes) = if plan.scenario.edge_cache {
+    let (purges, purge_notes) = if plan.scenario.edge_cache && opts.time_purges {
         progress.say("timing purges: one at each edge in turn, applied by every other");
         tokio::select! {
             p = cache::purge_spread(plan, &cluster, progress) => p,

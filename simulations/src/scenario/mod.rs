@@ -100,7 +100,7 @@ pub struct Scenario {
     /// Whether the edges cache (the demo origin's static assets cached, `/api/` and `/ws`
     /// bypassed, the HTML revalidated every time). Real-process runs only; default false. With it, the page-load
     /// bound through the edge counts the assets as local, the origin's request count is
-    /// reported, and a purge's spread over the mesh is timed.
+    /// reported, and `simulate run` times a purge's spread over the mesh (the demo does not).
     #[serde(default)]
     pub edge_cache: bool,
     /// Faults, in any order.

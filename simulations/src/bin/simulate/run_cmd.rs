@@ -52,7 +52,8 @@ pub struct RunArgs {
 /// `simulate demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Stop by itself after this many seconds in all (default: run until Ctrl-C).
+    /// Stop by itself after this many seconds in all, or as soon as the comparison is
+    /// printed if measuring took longer (default: run until Ctrl-C).
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
     /// Also write the full report here.
@@ -206,6 +207,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                     work_dir: &scratch.0,
                     cancel,
                     keep: false,
+                    time_purges: true,
                 };
                 realnet::run(&plan, opts, &progress).await
             });
@@ -252,8 +254,11 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let started = utc_now();
     let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
     let result: anyhow::Result<()> = rt.block_on(async {
-        let cancel = CancellationToken::new();
-        signals(cancel.clone());
+        // Ctrl-C or SIGTERM stops everything at once; the deadline of --duration only ends
+        // the serving phase, so a short demo on a slow machine still prints its table.
+        let interrupt = CancellationToken::new();
+        signals(interrupt.clone());
+        let cancel = interrupt.child_token();
         if let Some(d) = args.duration {
             let deadline = start + Duration::from_secs_f64(d);
             let c = cancel.clone();
@@ -265,13 +270,14 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         let opts = RunOptions {
             bin_dir: &bins,
             work_dir: &scratch.0,
-            cancel: cancel.clone(),
+            cancel: interrupt.clone(),
             keep: true,
+            time_purges: false,
         };
         let (mut report, cluster) = match realnet::run(&plan, opts, &progress).await {
             Ok(r) => r,
             Err(RealnetError::Interrupted) => {
-                eprintln!("simulate demo: stopped before the measurements finished (--duration too short, or Ctrl-C)");
+                eprintln!("simulate demo: stopped by a signal before the measurements finished");
                 return Ok(());
             }
             Err(e) => return Err(e).context("the demo failed"),
