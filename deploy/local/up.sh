@@ -49,9 +49,9 @@ done
 
 cat <<MSG
 Skylane is up (logs in $here/run/):
-  edge-a   https://localhost:8443/      (admin http://127.0.0.1:9101/status)
-  edge-b   https://localhost:9443/      (admin http://127.0.0.1:9102/status)
-  connector                             (admin http://127.0.0.1:9100/status)
+  edge-a   https://localhost:8443/      (status page http://127.0.0.1:9101/)
+  edge-b   https://localhost:9443/      (status page http://127.0.0.1:9102/)
+  connector                             (status page http://127.0.0.1:9100/)
   origin   http://127.0.0.1:8080/
 Trust the dev CA with: curl --cacert $here/certs/ca.pem https://localhost:8443/health
 Ctrl-C stops everything.

@@ -4,6 +4,7 @@
 //! the registry on every call; the edge records two series per request, so the handles are
 //! made once per service and kept with its route.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -11,6 +12,19 @@ use metrics::{Counter, Histogram};
 
 /// Status classes, in the order of [`RequestMetrics::by_class`].
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Responses of every service since start, and the 5xx among them: the edge's node report
+/// (its request and error rates on the status page) reads them.
+static ANSWERED: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// Responses since start, and the 5xx among them.
+pub fn totals() -> (u64, u64) {
+    (
+        ANSWERED.load(Ordering::Relaxed),
+        FAILED.load(Ordering::Relaxed),
+    )
+}
 
 /// The request metrics of one service.
 #[derive(Clone, Debug)]
@@ -45,6 +59,10 @@ impl RequestMetrics {
     pub fn record(&self, status: StatusCode, elapsed: Duration) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].increment(1);
+        ANSWERED.fetch_add(1, Ordering::Relaxed);
+        if class == 4 {
+            FAILED.fetch_add(1, Ordering::Relaxed);
+        }
         self.head_seconds.record(elapsed.as_secs_f64());
     }
 }

@@ -12,6 +12,7 @@ use skylane_shared::lifecycle::Shutdown;
 use skylane_shared::membership::Role;
 use skylane_shared::mesh::MeshSocket;
 use skylane_shared::mesh::control::MeshControl;
+use skylane_shared::mesh::report;
 use skylane_shared::quic;
 use skylane_shared::telemetry::{self, AdminRoutes};
 use tokio::net::{TcpListener, TcpStream};
@@ -400,6 +401,22 @@ pub async fn serve(
             auto,
             stop_tunnels.clone(),
         ));
+    }
+    {
+        let (edge, admission) = (edge.clone(), admission.clone());
+        control.spawn_reporter(
+            move || {
+                let (requests, errors) = crate::request_metrics::totals();
+                report::Sample {
+                    requests,
+                    errors,
+                    open_connections: admission.open() as u64,
+                    tunnels_up: edge.tunnels.up_count() as u64,
+                    cache_hit_ratio: edge.cache.as_ref().map(|c| c.hit_ratio()),
+                }
+            },
+            shutdown.now.clone(),
+        );
     }
     if let Some(admin) = listeners.admin {
         let status = Arc::new(Status {

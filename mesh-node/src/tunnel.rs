@@ -270,7 +270,12 @@ impl TunnelPool {
 
     /// Whether any tunnel is up.
     pub fn any_up(&self) -> bool {
-        !self.live().is_empty()
+        self.up_count() > 0
+    }
+
+    /// How many connectors this edge has a tunnel up to.
+    pub fn up_count(&self) -> usize {
+        self.links.iter().filter(|l| l.primary().is_some()).count()
     }
 
     /// Status of every tunnel.

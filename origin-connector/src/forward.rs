@@ -172,7 +172,7 @@ async fn healthy_candidates(
 }
 
 async fn refuse(send: &mut quinn::SendStream, kind: RefusalKind, message: String) {
-    metrics::counter!("skylane_connector_refused_total", "reason" => kind.label()).increment(1);
+    crate::stream_metrics::stream_refused(kind.label());
     let _ = wire::write_frame(send, &Reply::Refused(Refusal { kind, message })).await;
     let _ = send.finish();
 }

@@ -10,6 +10,7 @@ use skylane_shared::lifecycle::Shutdown;
 use skylane_shared::membership::Role;
 use skylane_shared::mesh::MeshSocket;
 use skylane_shared::mesh::control::MeshControl;
+use skylane_shared::mesh::report;
 use skylane_shared::resolve::Resolver;
 use skylane_shared::telemetry::{self, AdminRoutes};
 use skylane_shared::{quic, trust};
@@ -126,6 +127,23 @@ pub async fn serve(
         pipes: streams.clone(),
     };
     let tunnels = Arc::new(Tunnels::default());
+    {
+        let tunnels = tunnels.clone();
+        control.spawn_reporter(
+            move || {
+                let (requests, errors) = crate::stream_metrics::totals();
+                let open = tunnels.by_id.lock().map_or(0, |t| t.len()) as u64;
+                report::Sample {
+                    requests,
+                    errors,
+                    open_connections: open,
+                    tunnels_up: open,
+                    cache_hit_ratio: None,
+                }
+            },
+            shutdown.now.clone(),
+        );
+    }
     if let Some(listener) = admin {
         let status = Arc::new(Status {
             config_name: identity.me.name.clone(),

@@ -5,11 +5,29 @@
 //! handles are made once per service and kept in its [`crate::origin::ServicePool`].
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Histogram};
 
 use crate::config::ServiceKind;
+
+/// Streams taken and streams refused since start, for the connector's node report (its
+/// rates on the status page).
+static TAKEN: AtomicU64 = AtomicU64::new(0);
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Streams since start (taken or refused), and the refused among them.
+pub fn totals() -> (u64, u64) {
+    let refused = REFUSED.load(Ordering::Relaxed);
+    (TAKEN.load(Ordering::Relaxed) + refused, refused)
+}
+
+/// Counts a refused stream: `skylane_connector_refused_total{reason}`.
+pub fn stream_refused(reason: &'static str) {
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("skylane_connector_refused_total", "reason" => reason).increment(1);
+}
 
 /// The stream metrics of one service.
 #[derive(Clone, Debug)]
@@ -34,6 +52,7 @@ impl StreamMetrics {
     /// Counts a stream accepted for the service.
     pub fn stream_started(&self) {
         self.streams.increment(1);
+        TAKEN.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records how long a stream lasted.

@@ -83,10 +83,10 @@ pub trait AdminRoutes: Send + Sync + 'static {
 /// Largest body of an admin action.
 const MAX_ACTION_BODY: usize = 64 * 1024;
 
-/// Serves the admin API on `listener` until `shutdown`: `/metrics` (Prometheus),
-/// `/status` (JSON), `/healthz` (alive), `/readyz` (ready for traffic), and `POST`
-/// actions. With a `token`, every request but `/healthz` and `/readyz` must carry
-/// `Authorization: Bearer <token>`.
+/// Serves the admin API on `listener` until `shutdown`: the status page (`/`, HTML),
+/// `/metrics` (Prometheus), `/status` (JSON), `/healthz` (alive), `/readyz` (ready for
+/// traffic), and `POST` actions. With a `token`, every request but the page, `/healthz`
+/// and `/readyz` must carry `Authorization: Bearer <token>`.
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     metrics: Option<PrometheusHandle>,
@@ -152,7 +152,9 @@ async fn admin_response(
 ) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt as _;
     let path = req.uri().path().to_owned();
-    let open = matches!(path.as_str(), "/healthz" | "/readyz");
+    // The status page holds no data (its script asks `/status` for it, with the token),
+    // so a browser can load it before the operator has typed the token in.
+    let open = matches!(path.as_str(), "/healthz" | "/readyz" | "/");
     let (status, ctype, body) = if !open && token.is_some_and(|t| !authorised(&req, t)) {
         text(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
     } else if req.method() == http::Method::POST {
@@ -185,6 +187,11 @@ async fn admin_response(
                 "application/json",
                 serde_json::to_string_pretty(&routes.status()).unwrap_or_default(),
             ),
+            "/" => (
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                STATUS_PAGE.to_owned(),
+            ),
             "/healthz" => text(StatusCode::OK, "ok"),
             "/readyz" if routes.ready() => text(StatusCode::OK, "ready"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready"),
@@ -193,9 +200,108 @@ async fn admin_response(
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
+    let headers = resp.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(ctype),
     );
+    // Nothing the admin listener serves loads from elsewhere, runs in a frame, or may be
+    // kept by a cache on the way.
+    headers.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; frame-ancestors 'none'; form-action 'none'",
+        ),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
     resp
+}
+
+/// The status page (`GET /`): one HTML file with its script and styles inline, which
+/// reads `/status` every two seconds and draws the mesh from it.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    struct Fixed;
+
+    impl AdminRoutes for Fixed {
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({"node": "test"})
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn action(&self, path: &str, _body: &[u8]) -> Option<Result<serde_json::Value, String>> {
+            (path == "/act").then(|| Ok(serde_json::json!({"done": true})))
+        }
+    }
+
+    /// One HTTP/1.0 exchange; the status code and the whole response.
+    async fn call(addr: std::net::SocketAddr, request: String) -> (u16, String) {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(request.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.expect("read");
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, out)
+    }
+
+    #[tokio::test]
+    async fn the_token_guards_data_and_actions_but_not_the_page_or_the_probes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = CancellationToken::new();
+        let token = crate::config::Secret(b"0123456789abcdef".to_vec());
+        tokio::spawn(serve_admin(
+            listener,
+            None,
+            Arc::new(Fixed),
+            Some(token),
+            stop.clone(),
+        ));
+        let get = |path: &str, auth: &str| format!("GET {path} HTTP/1.0\r\n{auth}\r\n");
+        let bearer = "Authorization: Bearer 0123456789abcdef\r\n";
+        let wrong = "Authorization: Bearer 0123456789abcdeX\r\n";
+
+        assert_eq!(call(addr, get("/status", "")).await.0, 401);
+        assert_eq!(call(addr, get("/status", wrong)).await.0, 401);
+        assert_eq!(call(addr, get("/metrics", "")).await.0, 401);
+        let (code, body) = call(addr, get("/status", bearer)).await;
+        assert_eq!(code, 200);
+        assert!(body.contains("\"node\": \"test\""), "{body}");
+        let post =
+            |auth: &str| format!("POST /act HTTP/1.0\r\n{auth}Content-Length: 2\r\n\r\n{{}}");
+        assert_eq!(call(addr, post("")).await.0, 401);
+        assert_eq!(call(addr, post(bearer)).await.0, 200);
+        // The page holds no data; the probes must work for an orchestrator without it.
+        let (code, page) = call(addr, get("/", "")).await;
+        assert_eq!(code, 200);
+        assert!(page.contains("text/html"), "{page}");
+        assert!(
+            page.contains("content-security-policy: default-src 'none'"),
+            "{page}"
+        );
+        assert!(page.contains("<svg id=\"graph\""), "{page}");
+        assert_eq!(call(addr, get("/healthz", "")).await.0, 200);
+        assert_eq!(call(addr, get("/readyz", "")).await.0, 200);
+        stop.cancel();
+    }
 }

@@ -1,6 +1,6 @@
 //! A real browser against the edge: headless Chromium (Debian's `chromium`, installed by
 //! `scripts/setup-test-deps.sh`) solves the "under attack" challenge and the chat page's
-//! websocket opens behind it.
+//! websocket opens behind it; and it draws the status page of the admin listener.
 //!
 //! Without a `chromium` on PATH the tests say so and pass without running: CI installs it.
 //! `SKYLANE_SCREENSHOT_DIR=docs cargo test -p skylane-tests --test browser` also writes
@@ -123,5 +123,80 @@ fn the_interstitial_as_a_browser_shows_it() -> anyhow::Result<()> {
         "no screenshot"
     );
     std::thread::sleep(Duration::from_millis(10));
+    Ok(())
+}
+
+#[test]
+fn the_status_page_draws_the_mesh_with_every_nodes_report() -> anyhow::Result<()> {
+    let Some(bin) = chromium() else {
+        eprintln!("SKIPPED: no chromium on PATH (scripts/setup-test-deps.sh installs it)");
+        return Ok(());
+    };
+    let c = Cluster::start(ClusterOptions {
+        edges: 2,
+        ..ClusterOptions::default()
+    })?;
+    // Each node reports a second after start: wait until the first edge holds all three.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let admin = c.edges[0].admin;
+    loop {
+        let reports = skylane_tests::status(admin)
+            .and_then(|s| s["mesh"]["reports"].as_array().map(|r| r.len()))
+            .unwrap_or(0);
+        if reports >= 3 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the edge holds {reports} node reports, not 3\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let profile = TempDir::new("chromium-status");
+    let dir = std::env::var_os("SKYLANE_SCREENSHOT_DIR").map(PathBuf::from);
+    let page = format!("http://{admin}/");
+    let dom = run_chromium(
+        &bin,
+        profile.path(),
+        &[
+            "--virtual-time-budget=4000".into(),
+            "--dump-dom".into(),
+            page.clone(),
+        ],
+    )?;
+    // The graph names every member, the table has a report from each, and the routes of
+    // the edge lead to the connector.
+    let graph = dom
+        .split("id=\"graph\"")
+        .nth(1)
+        .and_then(|g| g.split("</svg>").next())
+        .unwrap_or_default();
+    for node in ["connector", "edge-0", "edge-1"] {
+        assert!(
+            graph.contains(&format!(">{node}</text>")),
+            "{node} is not in the graph; DOM:\n{dom}"
+        );
+    }
+    assert!(graph.contains("<polyline"), "no route drawn; DOM:\n{dom}");
+    assert!(dom.contains("Routes of edge-0"), "DOM:\n{dom}");
+    assert!(dom.contains("→ connector"), "DOM:\n{dom}");
+    assert!(
+        dom.matches(" s ago</td>").count() >= 3,
+        "not every node's report is shown; DOM:\n{dom}"
+    );
+    if let Some(dir) = dir {
+        let shot = std::path::absolute(dir.join("status-page.png"))?;
+        run_chromium(
+            &bin,
+            profile.path(),
+            &[
+                "--window-size=1280,1500".into(),
+                "--virtual-time-budget=4000".into(),
+                format!("--screenshot={}", shot.display()),
+                page,
+            ],
+        )?;
+    }
     Ok(())
 }

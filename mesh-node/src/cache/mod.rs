@@ -252,6 +252,20 @@ impl Cache {
         n
     }
 
+    /// Requests answered from the cache (fresh, stale, revalidated or coalesced) over those
+    /// that could have been (those and the misses), since start.
+    pub fn hit_ratio(&self) -> f64 {
+        let c = &self.counts;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let served = get(&c.hit) + get(&c.stale) + get(&c.revalidated) + get(&c.coalesced);
+        let cacheable = served + get(&c.miss);
+        if cacheable == 0 {
+            0.0
+        } else {
+            served as f64 / cacheable as f64
+        }
+    }
+
     /// `/status`.
     pub fn status(&self) -> CacheStatus {
         let c = &self.counts;
@@ -264,8 +278,6 @@ impl Cache {
             get(&c.revalidated),
             get(&c.bypass),
         );
-        let served = hit + stale + revalidated + coalesced;
-        let cacheable = served + miss;
         let mut purges: Vec<purge::Applied> = self
             .applied_purges
             .lock()
@@ -276,11 +288,7 @@ impl Cache {
         CacheStatus {
             memory: self.memory.stats(),
             disk: self.disk.as_ref().map(|d| d.stats()),
-            hit_ratio: if cacheable == 0 {
-                0.0
-            } else {
-                served as f64 / cacheable as f64
-            },
+            hit_ratio: self.hit_ratio(),
             requests: HashMap::from([
                 ("hit", hit),
                 ("stale", stale),

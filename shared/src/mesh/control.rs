@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bulletin::{Bulletin, BulletinError, Stamp, Target};
 use super::frame::BodyType;
+use super::report::{self, Sample};
 use super::socket::{ControlDatagram, MeshSocket, short_id_of};
 use crate::identity::ShortId;
 use crate::membership::{Members, Role};
@@ -323,6 +324,51 @@ impl MeshControl {
         Ok(stamp)
     }
 
+    /// Posts this node's report a second after start, then every [`report::INTERVAL`]
+    /// until `stop`: its load, from two `sample`s taken that far apart, and the routes it
+    /// uses now.
+    pub fn spawn_reporter(
+        self: &Arc<Self>,
+        sample: impl Fn() -> Sample + Send + 'static,
+        stop: CancellationToken,
+    ) {
+        let control = self.clone();
+        tokio::spawn(async move {
+            let mut before = (Instant::now(), sample());
+            let mut wait = Duration::from_secs(1);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = report::INTERVAL;
+                let now = (Instant::now(), sample());
+                let secs = now.0.duration_since(before.0).as_secs_f64();
+                let load = report::load_between(&before.1, &now.1, secs);
+                before = now;
+                control.post_report(load);
+            }
+        });
+    }
+
+    fn post_report(&self, load: report::Load) {
+        let me = self.socket.local_id().short();
+        let routes = match self.core.lock() {
+            Ok(c) => c
+                .router
+                .mesh_view(self.now())
+                .routes
+                .iter()
+                .map(|r| r.path.nodes().iter().skip(1).copied().collect())
+                .collect(),
+            Err(_) => return,
+        };
+        let value = report::encode(load, routes);
+        if let Err(e) = self.post(&report::key_of(&me), value, report::TTL) {
+            tracing::debug!(error = %e, "node report not posted");
+        }
+    }
+
     /// Reads the bulletin: `f` gets it and the current Unix time in ms.
     pub fn read_bulletin<R>(&self, f: impl FnOnce(&Bulletin, u64) -> R) -> Option<R> {
         let core = self.core.lock().ok()?;
@@ -410,12 +456,13 @@ impl MeshControl {
     /// `mesh-node status`.
     pub fn status(&self) -> MeshStatus {
         let now = self.now();
-        let (view, counters, liveness, swim) = match self.core.lock() {
+        let (view, counters, liveness, swim, reports) = match self.core.lock() {
             Ok(c) => (
                 c.router.mesh_view(now),
                 c.router.counters().clone(),
                 c.swim.members(),
                 c.swim.counters().clone(),
+                report::read_all(&c.bulletin, unix_ms()),
             ),
             Err(_) => return MeshStatus::default(),
         };
@@ -494,6 +541,16 @@ impl MeshControl {
                 })
                 .collect(),
             preferred_destination: view.preferred_destination.map(|d| self.name(&d)),
+            reports: reports
+                .into_iter()
+                .map(|r| NodeReport {
+                    node: self.name(&r.node),
+                    age_s: unix_ms().saturating_sub(r.unix_ms) as f64 / 1000.0,
+                    load: r.load,
+                    routes: r.routes.iter().map(|p| self.path_names(p)).collect(),
+                    routes_truncated: r.truncated,
+                })
+                .collect(),
             counters,
             membership: swim,
         }
@@ -515,10 +572,29 @@ pub struct MeshStatus {
     pub routes: Vec<RouteStatus>,
     /// Where new flows go (nearest healthy destination).
     pub preferred_destination: Option<String>,
+    /// The latest report of every node that is reporting, this one included (see
+    /// [`super::report`]).
+    #[serde(default)]
+    pub reports: Vec<NodeReport>,
     /// Routing event counters.
     pub counters: RouterCounters,
     /// Membership (SWIM) counters.
     pub membership: SwimCounters,
+}
+
+/// A node's latest report, as another node holds it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct NodeReport {
+    /// The node.
+    pub node: String,
+    /// Seconds since it wrote the report (by the two nodes' clocks).
+    pub age_s: f64,
+    /// Its load over the interval before it.
+    pub load: report::Load,
+    /// The routes it uses: node names after it, destination last.
+    pub routes: Vec<Vec<String>>,
+    /// Whether some routes did not fit in the report.
+    pub routes_truncated: bool,
 }
 
 /// One member.

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod bulletin;
 pub mod control;
 pub mod frame;
+pub mod report;
 pub mod socket;
 pub mod status_table;
 

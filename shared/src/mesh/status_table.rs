@@ -104,6 +104,45 @@ pub fn render(status: &MeshStatus) -> String {
         out.push_str("  * where new flows go (nearest healthy destination)\n");
     }
 
+    out.push_str("\nNODES (their reports, every 10 s)\n");
+    if status.reports.is_empty() {
+        out.push_str("  (none yet)\n");
+    } else {
+        let mut rows = vec![header(&[
+            "node", "req/s", "err/s", "open", "tunnels", "cache", "routes", "age",
+        ])];
+        let mut reports: Vec<_> = status.reports.iter().collect();
+        reports.sort_by(|a, b| a.node.cmp(&b.node));
+        for r in reports {
+            let routes: Vec<String> = r
+                .routes
+                .iter()
+                .map(|p| match p.split_last() {
+                    Some((dest, [])) => dest.clone(),
+                    Some((dest, via)) => format!("{dest} via {}", via.join(" → ")),
+                    None => String::new(),
+                })
+                .collect();
+            rows.push(vec![
+                r.node.clone(),
+                format!("{:.1}", r.load.requests_per_s),
+                format!("{:.1}", r.load.errors_per_s),
+                r.load.open_connections.to_string(),
+                r.load.tunnels_up.to_string(),
+                r.load
+                    .cache_hit_ratio
+                    .map_or_else(|| "-".into(), |h| format!("{:.1} %", h * 100.0)),
+                format!(
+                    "{}{}",
+                    routes.join(", "),
+                    if r.routes_truncated { ", …" } else { "" }
+                ),
+                age(r.age_s),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+
     out.push_str("\nPROBED PATHS\n");
     let mut rows = vec![header(&[
         "path",
@@ -158,7 +197,8 @@ pub fn render(status: &MeshStatus) -> String {
 mod tests {
     use super::*;
     use crate::membership::Role;
-    use crate::mesh::control::{MemberStatus, RouteStatus};
+    use crate::mesh::control::{MemberStatus, NodeReport, RouteStatus};
+    use crate::mesh::report::Load;
 
     #[test]
     fn renders_members_and_routes_in_columns() {
@@ -186,6 +226,19 @@ mod tests {
                 since_s: 300.0,
             }],
             preferred_destination: Some("fra".into()),
+            reports: vec![NodeReport {
+                node: "syd".into(),
+                age_s: 4.0,
+                load: Load {
+                    requests_per_s: 12.5,
+                    errors_per_s: 0.1,
+                    open_connections: 3,
+                    tunnels_up: 1,
+                    cache_hit_ratio: Some(0.875),
+                },
+                routes: vec![vec!["sin".into(), "fra".into()]],
+                routes_truncated: false,
+            }],
             ..MeshStatus::default()
         };
         let text = render(&status);
@@ -193,5 +246,7 @@ mod tests {
         assert!(text.contains("fra *"), "{text}");
         assert!(text.contains("290.0"), "{text}");
         assert!(text.contains("5m00s"), "{text}");
+        assert!(text.contains("fra via sin"), "{text}");
+        assert!(text.contains("87.5 %"), "{text}");
     }
 }
