@@ -12,6 +12,7 @@ pub mod errors;
 pub mod phases;
 pub mod proxy;
 pub mod redirect;
+pub mod reload;
 pub mod request_metrics;
 pub mod routes;
 pub mod server;

@@ -57,6 +57,10 @@ enum Command {
     /// Purge the cache of every edge of the mesh, through this edge's admin API: one URL
     /// (`url chat.example.com/static/app.js`), a prefix, a `Cache-Tag`, or `everything`.
     Purge(PurgeArgs),
+    /// Make a running edge read its config file again (as SIGHUP does): routes,
+    /// certificates, policies, cache rules and log level change; open connections and
+    /// websockets stay. An invalid config is refused and the one in force keeps serving.
+    Reload(skylane_shared::cli::AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,6 +180,11 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
         Some(Command::UnderAttack(args)) => return under_attack(args, cli.config.as_deref()),
         Some(Command::Purge(args)) => return purge(args, cli.config.as_deref()),
+        Some(Command::Reload(target)) => {
+            return skylane_shared::cli::reload(target, cli.config.as_deref(), |path| {
+                mesh_node::config::load(path).map(|c| c.admin)
+            });
+        }
         Some(Command::Status(args)) => {
             return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
                 mesh_node::config::load(path).map(|c| c.admin)
@@ -219,7 +228,7 @@ fn real_main(cli: Cli) -> Result<(), i32> {
             let socket =
                 skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
             let listeners = mesh_node::server::Listeners::bind(&config).await?;
-            mesh_node::server::serve(config, socket, listeners, metrics, shutdown).await
+            mesh_node::server::serve(config, path, socket, listeners, metrics, shutdown).await
         },
     )
 }

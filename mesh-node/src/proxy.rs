@@ -36,14 +36,17 @@ pub struct Policy {
     pub limits: Limits,
     /// Who the client is.
     pub client_address: ClientAddress,
-    /// Rate-limit zones.
-    pub zones: Zones,
+    /// Rate-limit zones (kept across a reload that leaves them unchanged, with their
+    /// limiters' state).
+    pub zones: Arc<Zones>,
     /// Tunnel flows.
     pub flows: Arc<Flows>,
     /// The challenge, when a secret is configured.
     pub challenger: Option<Challenger>,
     /// Hosts under attack.
     pub under_attack: UnderAttackState,
+    /// The automatic "under attack" trigger, if configured.
+    pub auto: Option<crate::config::policy::AutoTrigger>,
 }
 
 /// Everything a request handler needs.
@@ -57,6 +60,8 @@ pub struct Edge {
     pub policy: Policy,
     /// The HTTP cache, when configured.
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// `[[cache.rules]]`, first match wins (reloadable, unlike the cache's storage).
+    pub cache_rules: Arc<Vec<crate::config::cache::Rule>>,
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

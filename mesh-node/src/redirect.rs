@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::phases::accept::Admission;
 use crate::phases::connection::{self, ConnWatch, Watched};
-use crate::proxy::Edge;
+use crate::reload::Live;
 
 /// The redirect for one request.
 pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes>> {
@@ -52,7 +52,7 @@ pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes
 pub async fn serve(
     listener: tokio::net::TcpListener,
     https_port: u16,
-    edge: Arc<Edge>,
+    live: Arc<Live>,
     admission: Arc<Admission>,
     stop: CancellationToken,
 ) {
@@ -62,7 +62,8 @@ pub async fn serve(
         else {
             return;
         };
-        let edge = edge.clone();
+        // Each connection runs under the config in force when it arrived.
+        let edge = live.edge();
         let admission = admission.clone();
         let stop = stop.clone();
         tokio::spawn(async move {

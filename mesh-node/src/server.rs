@@ -22,14 +22,12 @@ use tokio_util::task::TaskTracker;
 use crate::cache::{Cache, purge};
 use crate::config::Config;
 use crate::phases::accept::{Admission, ConnPermit};
-use crate::phases::challenge::Challenger;
 use crate::phases::client_addr::{Peer, read_proxy_header};
 use crate::phases::connection::{self, ConnWatch, Watched};
 use crate::phases::flows::Flows;
-use crate::phases::rate_limit::Zones;
 use crate::phases::under_attack::{self, AutoWatch, UnderAttackState};
-use crate::proxy::{self, Edge, Policy};
-use crate::routes::Routes;
+use crate::proxy::{self, Edge};
+use crate::reload::{self, Live};
 use crate::tunnel::TunnelPool;
 
 /// Descriptors kept back from `max_connections` when it comes from the open-file limit:
@@ -81,7 +79,7 @@ struct Status {
     name: String,
     id: String,
     socket: Arc<MeshSocket>,
-    edge: Arc<Edge>,
+    live: Arc<Live>,
     admission: Arc<Admission>,
     control: Arc<MeshControl>,
     draining: CancellationToken,
@@ -108,14 +106,17 @@ struct UnderAttackAction {
 
 impl AdminRoutes for Status {
     fn status(&self) -> serde_json::Value {
-        let policy = &self.edge.policy;
+        let generation = self.live.generation();
+        let edge = &generation.edge;
+        let policy = &edge.policy;
         json!({
             "node": self.name,
             "id": self.id,
             "role": "edge",
             "mesh_socket": self.socket.udp_addr().map(|a| a.to_string()).unwrap_or_default(),
             "draining": self.draining.is_cancelled(),
-            "tunnels": self.edge.tunnels.status(),
+            "config_generation": generation.number,
+            "tunnels": edge.tunnels.status(),
             "connections": {
                 "open": self.admission.open(),
                 "max": self.admission.max_total(),
@@ -129,18 +130,24 @@ impl AdminRoutes for Status {
                 "available": policy.challenger.is_some(),
                 "switches": policy.under_attack.switches(),
             },
-            "cache": self.edge.cache.as_ref().map(|c| c.status()),
+            "cache": edge.cache.as_ref().map(|c| c.status()),
             "frames": self.socket.counters().snapshot(),
             "mesh": self.control.status(),
         })
     }
 
     fn ready(&self) -> bool {
-        !self.draining.is_cancelled() && self.edge.tunnels.any_up()
+        !self.draining.is_cancelled() && self.live.edge().tunnels.any_up()
     }
 
     fn action(&self, path: &str, body: &[u8]) -> Option<Result<serde_json::Value, String>> {
         match path {
+            // The node reads its own config file: the body names nothing.
+            "/reload" => Some(
+                self.live
+                    .reload()
+                    .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            ),
             "/under-attack" => Some(self.under_attack(body)),
             "/purge" => Some(self.purge(body)),
             _ => None,
@@ -163,7 +170,8 @@ impl Status {
             )
             .map_err(|e| e.to_string())?;
         let removed = self
-            .edge
+            .live
+            .edge()
             .cache
             .as_ref()
             .and_then(|c| c.apply_purge(&id, &p))
@@ -188,7 +196,8 @@ impl Status {
         if !valid_host {
             return Err(format!("{:?} is not a host name or pattern", action.host));
         }
-        if action.on && self.edge.policy.challenger.is_none() {
+        let edge = self.live.edge();
+        if action.on && edge.policy.challenger.is_none() {
             return Err(
                 "this edge has no [under_attack] secret_file, so it cannot challenge anyone".into(),
             );
@@ -198,13 +207,13 @@ impl Status {
         self.control
             .post(&key, under_attack::manual_switch(action.on), ttl)
             .map_err(|e| e.to_string())?;
-        refresh_switches(&self.control, &self.edge.policy.under_attack);
+        refresh_switches(&self.control, &edge.policy.under_attack);
         tracing::warn!(%host, on = action.on, for_s = ttl.as_secs(), "under-attack switch set by an operator");
         Ok(json!({
             "host": host,
             "on": action.on,
             "for_s": ttl.as_secs(),
-            "switches": self.edge.policy.under_attack.switches(),
+            "switches": edge.policy.under_attack.switches(),
         }))
     }
 }
@@ -251,9 +260,10 @@ fn apply_purges(control: &MeshControl, cache: &Cache) {
 
 /// Keeps the switches current and applies purges: on every bulletin change, and every
 /// second (expiry).
-async fn follow_switches(control: Arc<MeshControl>, edge: Arc<Edge>, stop: CancellationToken) {
+async fn follow_switches(control: Arc<MeshControl>, live: Arc<Live>, stop: CancellationToken) {
     let mut changes = control.bulletin_changes();
     loop {
+        let edge = live.edge();
         refresh_switches(&control, &edge.policy.under_attack);
         if let Some(cache) = &edge.cache {
             apply_purges(&control, cache);
@@ -268,24 +278,35 @@ async fn follow_switches(control: Arc<MeshControl>, edge: Arc<Edge>, stop: Cance
 
 /// The automatic trigger: every window, each route's counts are judged, and a route
 /// over its threshold switches its host on mesh-wide for the cool-down.
-async fn auto_trigger(
-    control: Arc<MeshControl>,
-    edge: Arc<Edge>,
-    auto: crate::config::policy::AutoTrigger,
-    stop: CancellationToken,
-) {
-    let watch = AutoWatch::new(edge.routes.all().len());
+async fn auto_trigger(control: Arc<MeshControl>, live: Arc<Live>, stop: CancellationToken) {
+    // The cool-downs of the generation's routes (a reload starts them afresh).
+    let mut watch = (u64::MAX, AutoWatch::new(0));
     loop {
+        let window = live
+            .edge()
+            .policy
+            .auto
+            .as_ref()
+            .map_or(Duration::from_secs(1), |a| a.window);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(auto.window) => {}
+            _ = tokio::time::sleep(window) => {}
         }
+        let generation = live.generation();
+        let edge = &generation.edge;
+        let Some(auto) = &edge.policy.auto else {
+            continue;
+        };
+        if watch.0 != generation.number {
+            watch = (generation.number, AutoWatch::new(edge.routes.all().len()));
+        }
+        let watch = &watch.1;
         for (i, routed) in edge.routes.all().iter().enumerate() {
             let (requests, errors) = routed.load.take();
             if routed.route.api {
                 continue;
             }
-            let Some(why) = under_attack::should_trigger(&auto, requests, errors, auto.window)
+            let Some(why) = under_attack::should_trigger(auto, requests, errors, auto.window)
             else {
                 continue;
             };
@@ -304,14 +325,31 @@ async fn auto_trigger(
     }
 }
 
+/// Reloads the config on every SIGHUP (see [`reload`]).
+async fn reload_on_signal(
+    live: Arc<Live>,
+    signal: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = signal.notified() => {
+                // Logged and counted inside; a refused config leaves the old one serving.
+                let _ = live.reload();
+            }
+        }
+    }
+}
+
 /// Drops limiter state of clients gone quiet.
-async fn housekeeping(edge: Arc<Edge>, admission: Arc<Admission>, stop: CancellationToken) {
+async fn housekeeping(live: Arc<Live>, admission: Arc<Admission>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(HOUSEKEEPING) => {}
         }
-        edge.policy.zones.housekeeping();
+        live.edge().policy.zones.housekeeping();
         admission.housekeeping();
     }
 }
@@ -327,6 +365,7 @@ fn max_connections(config: &Config) -> usize {
 /// Runs the edge until shutdown.
 pub async fn serve(
     config: Config,
+    config_path: std::path::PathBuf,
     socket: Arc<MeshSocket>,
     listeners: Listeners,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -351,62 +390,56 @@ pub async fn serve(
         config.tunnel.clone(),
         stop_tunnels.clone(),
     );
-    let ua = &config.under_attack;
-    let challenger = ua
-        .secret
-        .as_ref()
-        .map(|s| Challenger::new(s, ua.difficulty_bits, ua.clearance_ttl, ua.challenge_ttl));
-    let edge = Arc::new(Edge {
-        routes: Routes::new(config.routes.clone()),
-        tunnels: tunnels.clone(),
-        policy: Policy {
-            timeouts: config.timeouts.clone(),
-            limits: config.limits.clone(),
-            client_address: config.client_address.clone(),
-            zones: Zones::new(&config.rate_limits),
-            flows: Flows::new(&config.limits),
-            challenger,
-            under_attack: UnderAttackState::new(ua.hosts.clone()),
-        },
-        cache: match config.cache.clone() {
-            Some(c) => {
-                Some(Arc::new(Cache::new(c).map_err(|e| {
-                    anyhow::anyhow!("cannot open the cache: {e}")
-                })?))
-            }
-            None => None,
-        },
-    });
+    let cache = match config.cache.clone() {
+        Some(c) => {
+            Some(Arc::new(Cache::new(c).map_err(|e| {
+                anyhow::anyhow!("cannot open the cache: {e}")
+            })?))
+        }
+        None => None,
+    };
     let admission = Admission::new(config.limits.clone(), max_connections(&config));
     tracing::info!(
         max_connections = admission.max_total(),
         max_flows = config.limits.max_flows,
         "edge limits"
     );
+    let carried = reload::Carried {
+        tunnels: tunnels.clone(),
+        cache,
+        flows: Flows::new(&config.limits),
+    };
+    let admin_token = config.admin.as_ref().and_then(|a| a.token.clone());
+    let https_listen = config.https.as_ref().map(|h| h.listen);
+    let shutdown_grace = config.shutdown_grace;
+    let live = Arc::new(Live::start(config_path, config, carried)?);
     let draining = shutdown.drain.clone();
     tokio::spawn(follow_switches(
         control.clone(),
-        edge.clone(),
+        live.clone(),
         stop_tunnels.clone(),
     ));
     tokio::spawn(housekeeping(
-        edge.clone(),
+        live.clone(),
         admission.clone(),
         stop_tunnels.clone(),
     ));
-    if let Some(auto) = config.under_attack.auto.clone() {
-        tokio::spawn(auto_trigger(
-            control.clone(),
-            edge.clone(),
-            auto,
-            stop_tunnels.clone(),
-        ));
-    }
+    tokio::spawn(auto_trigger(
+        control.clone(),
+        live.clone(),
+        stop_tunnels.clone(),
+    ));
+    tokio::spawn(reload_on_signal(
+        live.clone(),
+        shutdown.reload.clone(),
+        stop_tunnels.clone(),
+    ));
     {
-        let (edge, admission) = (edge.clone(), admission.clone());
+        let (live, admission) = (live.clone(), admission.clone());
         control.spawn_reporter(
             move || {
                 let (requests, errors) = crate::request_metrics::totals();
+                let edge = live.edge();
                 report::Sample {
                     requests,
                     errors,
@@ -423,7 +456,7 @@ pub async fn serve(
             name: identity.me.name.clone(),
             id: identity.key.id().to_string(),
             socket: socket.clone(),
-            edge: edge.clone(),
+            live: live.clone(),
             admission: admission.clone(),
             control,
             draining: draining.clone(),
@@ -432,21 +465,19 @@ pub async fn serve(
             admin,
             metrics,
             status,
-            config.admin.as_ref().and_then(|a| a.token.clone()),
+            admin_token,
             shutdown.now.clone(),
         ));
     }
     let tracker = TaskTracker::new();
     let connections = TaskTracker::new();
     let mut https_port = 443;
-    if let (Some(listener), Some(https)) = (listeners.https, &config.https) {
+    if let (Some(listener), Some(_)) = (listeners.https, https_listen) {
         https_port = listener.local_addr()?.port();
-        let tls = Arc::new(crate::tls::server_config(https)?);
         tracing::info!(listen = %listener.local_addr()?, "https listening");
         tracker.spawn(accept_https(
             listener,
-            tls,
-            edge.clone(),
+            live.clone(),
             admission.clone(),
             connections.clone(),
             draining.clone(),
@@ -457,7 +488,7 @@ pub async fn serve(
         tracker.spawn(crate::redirect::serve(
             listener,
             https_port,
-            edge.clone(),
+            live.clone(),
             admission.clone(),
             draining.clone(),
         ));
@@ -467,7 +498,7 @@ pub async fn serve(
         tracker.spawn(crate::tcp::serve(
             listener,
             service,
-            edge.clone(),
+            live.clone(),
             admission.clone(),
             draining.clone(),
         ));
@@ -478,7 +509,7 @@ pub async fn serve(
         _ = shutdown.now.cancelled() => {}
     }
     tracing::info!(
-        grace_ms = config.shutdown_grace.as_millis() as u64,
+        grace_ms = shutdown_grace.as_millis() as u64,
         "draining connections"
     );
     tracker.close();
@@ -486,7 +517,7 @@ pub async fn serve(
     connections.close();
     tokio::select! {
         _ = connections.wait() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("grace period over; closing open connections"),
+        _ = tokio::time::sleep(shutdown_grace) => tracing::warn!("grace period over; closing open connections"),
         _ = shutdown.now.cancelled() => {}
     }
     stop_tunnels.cancel();
@@ -552,16 +583,14 @@ pub fn http_builder(edge: &Edge) -> auto::Builder<TokioExecutor> {
 
 async fn accept_https(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    edge: Arc<Edge>,
+    live: Arc<Live>,
     admission: Arc<Admission>,
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let builder = Arc::new(http_builder(&edge));
+    // `max_concurrent_tls_handshakes` is one of the `[limits]` a reload does not change.
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
-        edge.policy.limits.max_concurrent_tls_handshakes,
+        live.edge().policy.limits.max_concurrent_tls_handshakes,
     ));
     loop {
         let Some((tcp, tcp_peer)) =
@@ -569,14 +598,19 @@ async fn accept_https(
         else {
             return;
         };
-        let acceptor = acceptor.clone();
-        let edge = edge.clone();
+        // The connection keeps the certificates, HTTP settings and timeouts in force now;
+        // each of its requests reads the routes and policy in force when it arrives.
+        let generation = live.generation();
+        let Some(acceptor) = generation.tls.clone() else {
+            return;
+        };
+        let live = live.clone();
         let admission = admission.clone();
-        let builder = builder.clone();
         let stop = stop.clone();
         let handshakes = handshakes.clone();
         connections.spawn(async move {
-            let Some((tcp, peer, permit)) = admit(tcp, tcp_peer, &edge, &admission, "https").await else {
+            let edge = &generation.edge;
+            let Some((tcp, peer, permit)) = admit(tcp, tcp_peer, edge, &admission, "https").await else {
                 return;
             };
             let timeouts = &edge.policy.timeouts;
@@ -599,13 +633,13 @@ async fn accept_https(
             };
             let watch = ConnWatch::new(Some(permit));
             let service = {
-                let (edge, watch) = (edge.clone(), watch.clone());
+                let watch = watch.clone();
                 hyper::service::service_fn(move |req| {
-                    proxy::handle(edge.clone(), watch.clone(), req, peer, "https")
+                    proxy::handle(live.edge(), watch.clone(), req, peer, "https")
                 })
             };
             let io = TokioIo::new(Watched::new(tls, watch.clone()));
-            let conn = builder.serve_connection_with_upgrades(io, service);
+            let conn = generation.http.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             let result = connection::supervise(
                 conn.as_mut(),

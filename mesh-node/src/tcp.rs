@@ -8,14 +8,14 @@ use skylane_shared::wire::{self, Reply, StreamHeader, StreamKind, WIRE_VERSION};
 use tokio_util::sync::CancellationToken;
 
 use crate::phases::accept::Admission;
-use crate::proxy::Edge;
+use crate::reload::Live;
 use crate::tunnel::OpenError;
 
 /// Accepts connections on `listener` and tunnels them to `service` until `stop`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: String,
-    edge: Arc<Edge>,
+    live: Arc<Live>,
     admission: Arc<Admission>,
     stop: CancellationToken,
 ) {
@@ -26,7 +26,8 @@ pub async fn serve(
             return;
         };
         let service = service.clone();
-        let edge = edge.clone();
+        // Each connection runs under the config in force when it arrived.
+        let edge = live.edge();
         let admission = admission.clone();
         tokio::spawn(async move {
             let Some((tcp, peer, _permit)) =

@@ -19,7 +19,7 @@ use crate::stream_metrics::{self, StreamMetrics};
 #[derive(Clone, Debug)]
 pub struct Context {
     /// Services by name.
-    pub services: Arc<std::collections::BTreeMap<String, Arc<ServicePool>>>,
+    pub services: Arc<crate::reload::Services>,
     /// Resolves origin names.
     pub resolver: Resolver,
     /// Set while draining: new streams are refused so edges use another connector.
@@ -83,7 +83,7 @@ async fn serve_stream(
         .await;
         return;
     }
-    let Some(pool) = ctx.services.get(&header.service).cloned() else {
+    let Some(pool) = ctx.services.get(&header.service) else {
         tracing::warn!(%peer, service = %header.service, "stream names an unknown service");
         refuse(
             &mut send,

@@ -8,5 +8,6 @@
 pub mod config;
 pub mod forward;
 pub mod origin;
+pub mod reload;
 pub mod server;
 pub mod stream_metrics;

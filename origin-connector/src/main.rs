@@ -42,6 +42,10 @@ enum Command {
     /// Show a running connector's view of the mesh: members, routes back to each edge,
     /// probed paths and the gossiped links, read from its admin API.
     Status(skylane_shared::cli::StatusArgs),
+    /// Make a running connector read its config file again (as SIGHUP does): services
+    /// and log level change; tunnels and streams in flight stay. An invalid config is
+    /// refused and the one in force keeps serving.
+    Reload(skylane_shared::cli::AdminArgs),
 }
 
 fn main() {
@@ -54,6 +58,11 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         Some(Command::Keygen { out, force }) => return skylane_shared::cli::keygen(&out, force),
         Some(Command::Status(args)) => {
             return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
+                origin_connector::config::load(path).map(|c| c.admin)
+            });
+        }
+        Some(Command::Reload(target)) => {
+            return skylane_shared::cli::reload(target, cli.config.as_deref(), |path| {
                 origin_connector::config::load(path).map(|c| c.admin)
             });
         }
@@ -84,7 +93,7 @@ fn real_main(cli: Cli) -> Result<(), i32> {
                 })?),
                 None => None,
             };
-            origin_connector::server::serve(config, socket, admin, metrics, shutdown).await
+            origin_connector::server::serve(config, path, socket, admin, metrics, shutdown).await
         },
     )
 }

@@ -1,7 +1,7 @@
 //! The connector's main loop: accept tunnels from members, serve their streams, drain on
 //! shutdown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::forward::{self, Context};
-use crate::origin::ServicePool;
+use crate::reload::Services;
 
 /// Open tunnels, for the status page.
 #[derive(Default)]
@@ -32,7 +32,7 @@ struct Status {
     node_id: String,
     socket: Arc<MeshSocket>,
     tunnels: Arc<Tunnels>,
-    services: Arc<BTreeMap<String, Arc<ServicePool>>>,
+    services: Arc<Services>,
     control: Arc<MeshControl>,
     draining: CancellationToken,
 }
@@ -58,6 +58,7 @@ impl AdminRoutes for Status {
             .unwrap_or_default();
         let services: Vec<_> = self
             .services
+            .all()
             .values()
             .map(|p| {
                 json!({
@@ -73,6 +74,7 @@ impl AdminRoutes for Status {
             "role": "connector",
             "mesh_socket": self.socket.udp_addr().map(|a| a.to_string()).unwrap_or_default(),
             "draining": self.draining.is_cancelled(),
+            "config_generation": self.services.generation(),
             "tunnels": tunnels,
             "services": services,
             "frames": self.socket.counters().snapshot(),
@@ -83,11 +85,21 @@ impl AdminRoutes for Status {
     fn ready(&self) -> bool {
         !self.draining.is_cancelled()
     }
+
+    fn action(&self, path: &str, _body: &[u8]) -> Option<Result<serde_json::Value, String>> {
+        // The node reads its own config file: the body names nothing.
+        (path == "/reload").then(|| {
+            self.services
+                .reload()
+                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+        })
+    }
 }
 
 /// Runs the connector on an already-bound mesh socket (and admin listener) until shutdown.
 pub async fn serve(
     config: Config,
+    config_path: std::path::PathBuf,
     socket: Arc<MeshSocket>,
     admin: Option<tokio::net::TcpListener>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -109,14 +121,31 @@ pub async fn serve(
         config.membership.clone(),
         stop_checks.clone(),
     )?;
-    let services: BTreeMap<String, Arc<ServicePool>> = config
-        .services
-        .values()
-        .map(|s| (s.name.clone(), Arc::new(ServicePool::new(s.clone()))))
-        .collect();
-    let services = Arc::new(services);
-    for pool in services.values() {
-        pool.spawn_health_checks(resolver.clone(), stop_checks.clone(), &tracker);
+    let shutdown_grace = config.shutdown_grace;
+    let admin_token = config.admin.as_ref().and_then(|a| a.token.clone());
+    let service_count = config.services.len();
+    let services = Services::start(
+        config_path,
+        config,
+        resolver.clone(),
+        stop_checks.clone(),
+        tracker.clone(),
+    );
+    {
+        let (services, signal, stop) = (
+            services.clone(),
+            shutdown.reload.clone(),
+            stop_checks.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    // Logged and counted inside; a refused config leaves the old one serving.
+                    _ = signal.notified() => { let _ = services.reload(); }
+                }
+            }
+        });
     }
     let draining = CancellationToken::new();
     let streams = TaskTracker::new();
@@ -158,7 +187,7 @@ pub async fn serve(
             listener,
             metrics,
             status,
-            config.admin.as_ref().and_then(|a| a.token.clone()),
+            admin_token,
             shutdown.now.clone(),
         ));
     }
@@ -166,7 +195,7 @@ pub async fn serve(
         node = %identity.me.name,
         id = %identity.key.id(),
         mesh = %socket.udp_addr()?,
-        services = services.len(),
+        services = service_count,
         "origin connector ready"
     );
     loop {
@@ -230,13 +259,10 @@ pub async fn serve(
     // streams finish within the grace period, then close the tunnels.
     draining.cancel();
     streams.close();
-    tracing::info!(
-        grace_ms = config.shutdown_grace.as_millis() as u64,
-        "draining"
-    );
+    tracing::info!(grace_ms = shutdown_grace.as_millis() as u64, "draining");
     tokio::select! {
         _ = streams.wait() => tracing::info!("all streams finished"),
-        _ = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("grace period over; closing open streams"),
+        _ = tokio::time::sleep(shutdown_grace) => tracing::warn!("grace period over; closing open streams"),
         _ = shutdown.now.cancelled() => {}
     }
     stop_checks.cancel();

@@ -210,6 +210,37 @@ pub fn status<E: std::fmt::Display>(
     Ok(())
 }
 
+/// `reload`: asks a running node to read its config file again (as SIGHUP does) and
+/// prints what changed, or why the node refused the new config.
+pub fn reload<E: std::fmt::Display>(
+    target: AdminArgs,
+    config: Option<&Path>,
+    admin_of: impl FnOnce(&Path) -> Result<Option<Admin>, E>,
+) -> Result<(), i32> {
+    let admin = target.resolve(config, admin_of).inspect_err(|_| {
+        eprintln!("(the running node was not asked to reload; --admin ADDR asks it directly)");
+    })?;
+    let answer = admin_call(&admin, "POST", "/reload", Some("{}")).map_err(|e| {
+        eprintln!("error: {e:#}");
+        1
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+    let changed: Vec<&str> = v["changed"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "reloaded: config generation {}; changed: {}",
+        v["generation"],
+        if changed.is_empty() {
+            "nothing".to_owned()
+        } else {
+            changed.join(", ")
+        }
+    );
+    Ok(())
+}
+
 /// One request to an admin listener over plain HTTP/1.0 with a short timeout; the body
 /// of a 200 answer, or an error carrying the status and the node's reason.
 pub fn admin_call(

@@ -5,17 +5,21 @@ use std::time::Duration;
 use rand::Rng as _;
 use tokio_util::sync::CancellationToken;
 
-/// The two ways a node is asked to stop.
+/// The two ways a node is asked to stop, and the way it is asked to read its config again.
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
     /// Stop accepting new work and drain what is in flight (SIGTERM).
     pub drain: CancellationToken,
     /// Stop now (SIGINT, or the drain grace period ran out).
     pub now: CancellationToken,
+    /// Read the config file again (SIGHUP). A SIGHUP that arrives before the node waits
+    /// for it is kept, not lost.
+    pub reload: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Shutdown {
-    /// Listens for SIGTERM (drain) and SIGINT (exit fast). A second SIGTERM also exits fast.
+    /// Listens for SIGTERM (drain), SIGINT (exit fast) and SIGHUP (reload). A second
+    /// SIGTERM also exits fast.
     pub fn from_signals() -> std::io::Result<Self> {
         let s = Self::default();
         #[cfg(unix)]
@@ -23,10 +27,16 @@ impl Shutdown {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
+            // From here on SIGHUP no longer ends the process (its default).
+            let mut hup = signal(SignalKind::hangup())?;
             let task = s.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
+                        _ = hup.recv() => {
+                            tracing::info!("SIGHUP: reloading the config");
+                            task.reload.notify_one();
+                        }
                         _ = term.recv() => {
                             if task.drain.is_cancelled() {
                                 tracing::info!("second SIGTERM: exiting now");

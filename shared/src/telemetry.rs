@@ -14,25 +14,60 @@ use crate::config::LogFormat;
 
 /// Sets up `tracing` to stderr. `RUST_LOG` overrides `level`.
 pub fn init_tracing(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(directives(level)))
+        .unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+    };
+    if installed.is_ok() {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// The filter of the installed subscriber, for [`set_log_level`].
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// The filter directives for a configured `level` (default `info`).
+fn directives(level: Option<&str>) -> String {
     let configured = level.unwrap_or("info");
     // rustls warns about every client that bends the handshake (curl, wrk and h2load send
     // an IP address as SNI): that is the client's business, not the node's health, and it
     // would let anyone fill the log. A configured `rustls=…` directive still wins.
-    let directives = if configured.contains("rustls") {
+    if configured.contains("rustls") {
         configured.to_owned()
     } else {
         format!("{configured},rustls=error")
+    }
+}
+
+/// Checks a `[log] level` filter: the reason it is not one, if it is not.
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    EnvFilter::try_new(directives(Some(level)))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Switches the running node's log filter to `level` (a config reload). `RUST_LOG`, when
+/// set, keeps winning, as it did at start. `Ok(false)`: nothing to change.
+pub fn set_log_level(level: Option<&str>) -> Result<bool, String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(false);
+    }
+    let filter = EnvFilter::try_new(directives(level)).map_err(|e| e.to_string())?;
+    let Some(handle) = LOG_FILTER.get() else {
+        return Ok(false);
     };
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&directives))
-        .unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    handle.reload(filter).map_err(|e| e.to_string())?;
+    Ok(true)
 }
 
 /// Installs the Prometheus recorder (the handle renders `/metrics`) and its upkeep task;

@@ -82,7 +82,8 @@ pub async fn handle(
     req: Request<Incoming>,
     held: Held,
 ) -> Response<ProxyBody> {
-    let rule = key::rule_for(&cache.config.rules, &ctx.host, req.uri().path());
+    let rules = edge.cache_rules.clone();
+    let rule = key::rule_for(&rules, &ctx.host, req.uri().path());
     let mode = key::mode_of(rule);
     let method = req.method().clone();
     let cacheable = (method == Method::GET || method == Method::HEAD)

@@ -105,6 +105,11 @@ pub struct Limited {
 }
 
 impl Zones {
+    /// The zones' settings, in config order.
+    pub fn configured(&self) -> Vec<RateLimit> {
+        self.zones.iter().map(|(z, _)| z.clone()).collect()
+    }
+
     /// Limiters for `zones`.
     pub fn new(zones: &[RateLimit]) -> Self {
         Self {

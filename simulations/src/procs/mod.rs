@@ -105,9 +105,19 @@ impl Proc {
 
     /// Sends SIGTERM (graceful drain).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP (reload the config).
+    pub fn hangup(&self) {
+        self.signal("HUP");
+    }
+
+    /// Sends the signal named `name` (`TERM`, `HUP`, …) with kill(1).
+    fn signal(&self, name: &str) {
         if let Some(pid) = self.pid() {
             let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args([&format!("-{name}"), &pid.to_string()])
                 .stderr(Stdio::null())
                 .status();
         }

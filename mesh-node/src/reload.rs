@@ -1,0 +1,315 @@
+//! Hot reload: on SIGHUP, or `mesh-node reload` (`POST /reload` on the admin API), the edge
+//! reads its config file again and, when it is valid, swaps in a new [`Generation`] —
+//! routes and their per-route policy, certificates, rate limits, timeouts, trusted
+//! proxies, the challenge, cache rules and the log level — while every open connection
+//! and websocket goes on.
+//!
+//! Each new connection takes the generation in force when it is accepted (its TLS
+//! certificates, HTTP settings and timeouts); each request takes the one in force when it
+//! arrives (routes, limits, cache rules), so a keep-alive connection follows a reload from
+//! its next request on. What carries state lives on across generations: the tunnels, the
+//! cache's objects, the flow counts, the "under attack" switches from the mesh, and the
+//! rate limiters of zones whose settings did not change.
+//!
+//! A config that fails validation, or that changes what only a restart can change (the
+//! node's identity and members, listener addresses, the admin listener, tunnels, routing,
+//! `[limits]`, the cache's storage), is refused as a whole: nothing is applied, the reason
+//! is logged and answered, and the generation in force keeps serving.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+
+use crate::cache::Cache;
+use crate::config::{self, Config};
+use crate::phases::challenge::Challenger;
+use crate::phases::flows::Flows;
+use crate::phases::rate_limit::Zones;
+use crate::phases::under_attack::UnderAttackState;
+use crate::proxy::{Edge, Policy};
+use crate::routes::Routes;
+use crate::tunnel::TunnelPool;
+
+/// What one config makes of the edge.
+pub struct Generation {
+    /// Routes, policy and the shared parts.
+    pub edge: Arc<Edge>,
+    /// The TLS acceptor with this generation's certificates (when HTTPS is configured).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// HTTP server settings from this generation's limits and timeouts.
+    pub http: Arc<auto::Builder<TokioExecutor>>,
+    /// How many times the config was reloaded before this generation (0: the first).
+    pub number: u64,
+}
+
+/// The parts of an edge that outlive a config.
+pub struct Carried {
+    /// Tunnels to the connectors.
+    pub tunnels: Arc<TunnelPool>,
+    /// The cache's store.
+    pub cache: Option<Arc<Cache>>,
+    /// Open flows.
+    pub flows: Arc<Flows>,
+}
+
+/// The generation in force, and how to make the next one.
+pub struct Live {
+    path: PathBuf,
+    current: ArcSwap<Generation>,
+    /// The config in force, to compare a new one with.
+    in_force: Mutex<Config>,
+    carried: Carried,
+}
+
+/// What a reload did.
+#[derive(Debug, serde::Serialize)]
+pub struct Reloaded {
+    /// The generation now in force.
+    pub generation: u64,
+    /// The sections that changed, in config terms.
+    pub changed: Vec<&'static str>,
+}
+
+impl Live {
+    /// The first generation, from the config read at start.
+    pub fn start(path: PathBuf, config: Config, carried: Carried) -> anyhow::Result<Self> {
+        let first = build(&config, &carried, None, 0)?;
+        Ok(Self {
+            path,
+            current: ArcSwap::from_pointee(first),
+            in_force: Mutex::new(config),
+            carried,
+        })
+    }
+
+    /// The generation in force.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// The edge of the generation in force.
+    pub fn edge(&self) -> Arc<Edge> {
+        self.current.load().edge.clone()
+    }
+
+    /// Reads the config file again and, if it is valid and only changes what a reload
+    /// can change, puts it in force. `Err`: why not; the generation in force stays.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let result = self.try_reload();
+        match &result {
+            Ok(r) => {
+                tracing::info!(generation = r.generation, changed = ?r.changed, "config reloaded");
+                metrics::counter!("skylane_config_reloads_total", "result" => "applied")
+                    .increment(1);
+            }
+            Err(why) => {
+                tracing::error!(reason = %why, "config reload refused; the config in force keeps serving");
+                metrics::counter!("skylane_config_reloads_total", "result" => "refused")
+                    .increment(1);
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<Reloaded, String> {
+        let new = config::load(&self.path).map_err(|e| e.to_string())?;
+        if let Some(level) = &new.log.level {
+            skylane_shared::telemetry::check_log_level(level)
+                .map_err(|e| format!("{}: log.level: {e}", self.path.display()))?;
+        }
+        let mut in_force = self
+            .in_force
+            .lock()
+            .map_err(|_| "the config in force is unreadable".to_owned())?;
+        let restart = needs_restart(&in_force, &new);
+        if !restart.is_empty() {
+            return Err(format!(
+                "{}: {} only take effect on a restart; nothing was changed",
+                self.path.display(),
+                restart.join(", ")
+            ));
+        }
+        let changed = changes(&in_force, &new);
+        let old = self.current.load_full();
+        let next = build(&new, &self.carried, Some(&old), old.number + 1)
+            .map_err(|e| format!("{}: {e:#}", self.path.display()))?;
+        if new.log.level != in_force.log.level {
+            skylane_shared::telemetry::set_log_level(new.log.level.as_deref())?;
+        }
+        let generation = next.number;
+        self.current.store(Arc::new(next));
+        *in_force = new;
+        Ok(Reloaded {
+            generation,
+            changed,
+        })
+    }
+}
+
+/// Makes a generation of `config`, keeping what `previous` holds that must live on.
+fn build(
+    config: &Config,
+    carried: &Carried,
+    previous: Option<&Generation>,
+    number: u64,
+) -> anyhow::Result<Generation> {
+    let ua = &config.under_attack;
+    let under_attack = UnderAttackState::new(ua.hosts.clone());
+    // The mesh's switches hold across a reload (the bulletin would bring them back within
+    // a second, but no request should see them missing).
+    let zones = match previous {
+        Some(p) => {
+            under_attack.set_switches(p.edge.policy.under_attack.switches());
+            if same(&p.edge.policy.zones.configured(), &config.rate_limits) {
+                p.edge.policy.zones.clone()
+            } else {
+                Arc::new(Zones::new(&config.rate_limits))
+            }
+        }
+        None => Arc::new(Zones::new(&config.rate_limits)),
+    };
+    let edge = Arc::new(Edge {
+        routes: Routes::new(config.routes.clone()),
+        tunnels: carried.tunnels.clone(),
+        policy: Policy {
+            timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
+            client_address: config.client_address.clone(),
+            zones,
+            flows: carried.flows.clone(),
+            challenger: ua.secret.as_ref().map(|s| {
+                Challenger::new(s, ua.difficulty_bits, ua.clearance_ttl, ua.challenge_ttl)
+            }),
+            under_attack,
+            auto: ua.auto.clone(),
+        },
+        cache: carried.cache.clone(),
+        cache_rules: Arc::new(
+            config
+                .cache
+                .as_ref()
+                .map(|c| c.rules.clone())
+                .unwrap_or_default(),
+        ),
+    });
+    let tls = match &config.https {
+        Some(https) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            crate::tls::server_config(https)
+                .map_err(|e| anyhow::anyhow!("https.certificates: {e}"))?,
+        ))),
+        None => None,
+    };
+    Ok(Generation {
+        http: Arc::new(crate::server::http_builder(&edge)),
+        edge,
+        tls,
+        number,
+    })
+}
+
+/// Whether two values print the same: the config types are plain data whose `Debug`
+/// shows every field (secrets masked, so those are compared on their own).
+fn same(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// The member list, in a stable order (it is kept in hash maps).
+fn members(c: &Config) -> Vec<String> {
+    let mut m: Vec<String> = c
+        .identity
+        .members
+        .iter()
+        .map(|m| format!("{m:?}"))
+        .collect();
+    m.sort();
+    m
+}
+
+/// The settings `new` changes that only a restart applies.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let storage = |c: &Config| {
+        c.cache.as_ref().map(|c| {
+            (
+                c.memory_bytes,
+                c.max_object_bytes,
+                c.disk_dir.clone(),
+                c.disk_bytes,
+                c.coalesce_wait,
+                c.max_variants,
+            )
+        })
+    };
+    let admin = |c: &Config| {
+        c.admin
+            .as_ref()
+            .map(|a| (a.listen, a.token.as_ref().map(|t| t.0.clone())))
+    };
+    let checks: [(&'static str, bool); 13] = [
+        (
+            "node.name and node.key_file",
+            old.identity.me.name == new.identity.me.name
+                && old.identity.key.id() == new.identity.key.id(),
+        ),
+        ("node.listen", old.listen == new.listen),
+        (
+            "node.worker_threads",
+            old.worker_threads == new.worker_threads,
+        ),
+        ("mesh.members", members(old) == members(new)),
+        ("admin", admin(old) == admin(new)),
+        (
+            "https.listen",
+            old.https.as_ref().map(|h| h.listen) == new.https.as_ref().map(|h| h.listen),
+        ),
+        ("http_redirect", old.http_redirect == new.http_redirect),
+        ("tcp", same(&old.tcp, &new.tcp)),
+        ("tunnel", same(&old.tunnel, &new.tunnel)),
+        (
+            "routing and membership",
+            same(&old.routing, &new.routing) && same(&old.membership, &new.membership),
+        ),
+        ("limits", same(&old.limits, &new.limits)),
+        (
+            "shutdown_grace_ms",
+            old.shutdown_grace == new.shutdown_grace,
+        ),
+        ("the cache's storage", storage(old) == storage(new)),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, unchanged)| !unchanged)
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// The reloadable sections `new` changes.
+fn changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let certificates = |c: &Config| c.https.as_ref().map(|h| format!("{:?}", h.certificates));
+    let secret = |c: &Config| c.under_attack.secret.as_ref().map(|s| s.0.clone());
+    let rules = |c: &Config| c.cache.as_ref().map(|c| format!("{:?}", c.rules));
+    let checks: [(&'static str, bool); 8] = [
+        ("routes", same(&old.routes, &new.routes)),
+        // The files may hold new certificates under the same names: always re-read.
+        ("https.certificates (re-read)", certificates(old).is_none()),
+        ("timeouts", same(&old.timeouts, &new.timeouts)),
+        (
+            "client_address",
+            same(&old.client_address, &new.client_address),
+        ),
+        ("rate_limits", same(&old.rate_limits, &new.rate_limits)),
+        (
+            "under_attack",
+            same(&old.under_attack, &new.under_attack) && secret(old) == secret(new),
+        ),
+        ("cache.rules", rules(old) == rules(new)),
+        ("log.level", old.log.level == new.log.level),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, unchanged)| !unchanged)
+        .map(|(name, _)| name)
+        .collect()
+}

@@ -1,0 +1,245 @@
+//! Hot reload of the connector: on SIGHUP, or `origin-connector reload` (`POST /reload`),
+//! it reads its config file again and, when it is valid, puts the new `[services]` and log
+//! level in force. Streams in flight, upgraded connections and tunnels go on: a stream
+//! keeps the service pool it started with, new streams take the new one.
+//!
+//! A service whose settings did not change keeps its pool — pooled origin connections,
+//! health state, flow count. A changed or new one gets a fresh pool and health checks; the
+//! health checks of a removed or replaced pool stop. A config that fails validation, or
+//! that changes what only a restart can change (identity, members, the mesh and admin
+//! listeners, routing, membership, worker threads, the drain time), is refused as a whole,
+//! and the config in force keeps serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use skylane_shared::resolve::Resolver;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Config};
+use crate::origin::ServicePool;
+
+/// The services in force, by name.
+pub type ServiceMap = BTreeMap<String, Arc<ServicePool>>;
+
+/// The services in force, and how to make the next set.
+pub struct Services {
+    path: PathBuf,
+    current: ArcSwap<ServiceMap>,
+    /// The health checks of each pool in force, to stop when it is replaced.
+    checks: Mutex<HashMap<String, CancellationToken>>,
+    in_force: Mutex<Config>,
+    generation: std::sync::atomic::AtomicU64,
+    resolver: Resolver,
+    /// Parent of every pool's health checks (the connector's shutdown).
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("services", &self.current.load().keys().collect::<Vec<_>>())
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, serde::Serialize)]
+pub struct Reloaded {
+    /// The generation now in force.
+    pub generation: u64,
+    /// What changed: `services.<name>` (added, changed or removed) and `log.level`.
+    pub changed: Vec<String>,
+}
+
+impl Services {
+    /// The services of the config read at start, with their health checks running.
+    pub fn start(
+        path: PathBuf,
+        config: Config,
+        resolver: Resolver,
+        stop: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        let configured = config.services.clone();
+        let services = Arc::new(Self {
+            path,
+            current: ArcSwap::from_pointee(ServiceMap::new()),
+            checks: Mutex::new(HashMap::new()),
+            in_force: Mutex::new(config),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            resolver,
+            stop,
+            tracker,
+        });
+        let pools = configured
+            .values()
+            .map(|s| (s.name.clone(), services.launch(s)))
+            .collect();
+        services.current.store(Arc::new(pools));
+        services
+    }
+
+    /// A pool for `service`, its health checks started.
+    fn launch(&self, service: &config::Service) -> Arc<ServicePool> {
+        let pool = Arc::new(ServicePool::new(service.clone()));
+        let checks = self.stop.child_token();
+        pool.spawn_health_checks(self.resolver.clone(), checks.clone(), &self.tracker);
+        if let Ok(mut all) = self.checks.lock()
+            && let Some(old) = all.insert(service.name.clone(), checks)
+        {
+            old.cancel();
+        }
+        pool
+    }
+
+    /// The service named `name`, as it is now.
+    pub fn get(&self, name: &str) -> Option<Arc<ServicePool>> {
+        self.current.load().get(name).cloned()
+    }
+
+    /// Every service in force.
+    pub fn all(&self) -> Arc<ServiceMap> {
+        self.current.load_full()
+    }
+
+    /// How many reloads were applied.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads the config file again and puts its services and log level in force, or
+    /// says why not (nothing is changed then).
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let result = self.try_reload();
+        match &result {
+            Ok(r) => {
+                tracing::info!(generation = r.generation, changed = ?r.changed, "config reloaded");
+                metrics::counter!("skylane_config_reloads_total", "result" => "applied")
+                    .increment(1);
+            }
+            Err(why) => {
+                tracing::error!(reason = %why, "config reload refused; the config in force keeps serving");
+                metrics::counter!("skylane_config_reloads_total", "result" => "refused")
+                    .increment(1);
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<Reloaded, String> {
+        let new = config::load(&self.path).map_err(|e| e.to_string())?;
+        if let Some(level) = &new.log.level {
+            skylane_shared::telemetry::check_log_level(level)
+                .map_err(|e| format!("{}: log.level: {e}", self.path.display()))?;
+        }
+        let mut in_force = self
+            .in_force
+            .lock()
+            .map_err(|_| "the config in force is unreadable".to_owned())?;
+        let restart = needs_restart(&in_force, &new);
+        if !restart.is_empty() {
+            return Err(format!(
+                "{}: {} only take effect on a restart; nothing was changed",
+                self.path.display(),
+                restart.join(", ")
+            ));
+        }
+        if new.log.level != in_force.log.level {
+            skylane_shared::telemetry::set_log_level(new.log.level.as_deref())?;
+        }
+        let old = self.current.load_full();
+        let mut changed = Vec::new();
+        let mut next = ServiceMap::new();
+        for (name, service) in &new.services {
+            let kept = old
+                .get(name)
+                .filter(|pool| same(&pool.service, service))
+                .cloned();
+            let pool = match kept {
+                Some(pool) => pool,
+                None => {
+                    changed.push(format!("services.{name}"));
+                    self.launch(service)
+                }
+            };
+            next.insert(name.clone(), pool);
+        }
+        for name in old.keys().filter(|n| !new.services.contains_key(*n)) {
+            changed.push(format!("services.{name}"));
+            if let Ok(mut checks) = self.checks.lock()
+                && let Some(c) = checks.remove(name)
+            {
+                c.cancel();
+            }
+        }
+        if new.log.level != in_force.log.level {
+            changed.push("log.level".to_owned());
+        }
+        self.current.store(Arc::new(next));
+        *in_force = new;
+        let generation = 1 + self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Reloaded {
+            generation,
+            changed,
+        })
+    }
+}
+
+/// Whether two values print the same (the config types are plain data).
+fn same(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// The settings `new` changes that only a restart applies.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let members = |c: &Config| {
+        let mut m: Vec<String> = c
+            .identity
+            .members
+            .iter()
+            .map(|m| format!("{m:?}"))
+            .collect();
+        m.sort();
+        m
+    };
+    let admin = |c: &Config| {
+        c.admin
+            .as_ref()
+            .map(|a| (a.listen, a.token.as_ref().map(|t| t.0.clone())))
+    };
+    let checks: [(&'static str, bool); 7] = [
+        (
+            "node.name and node.key_file",
+            old.identity.me.name == new.identity.me.name
+                && old.identity.key.id() == new.identity.key.id(),
+        ),
+        ("node.listen", old.listen == new.listen),
+        (
+            "node.worker_threads",
+            old.worker_threads == new.worker_threads,
+        ),
+        ("mesh.members", members(old) == members(new)),
+        ("admin", admin(old) == admin(new)),
+        (
+            "routing and membership",
+            same(&old.routing, &new.routing) && same(&old.membership, &new.membership),
+        ),
+        (
+            "shutdown_grace_ms",
+            old.shutdown_grace == new.shutdown_grace,
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, unchanged)| !unchanged)
+        .map(|(name, _)| name)
+        .collect()
+}

@@ -1,0 +1,200 @@
+//! Hot reload of a running edge, as an operator does it: edit the config file, then
+//! SIGHUP or `POST /reload`. New routes, policy and certificates take effect; an invalid
+//! config or one that needs a restart is refused and the config in force keeps serving;
+//! an open websocket and open connections stay up through all of it.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use skylane_tests::{Cluster, ClusterOptions, admin_post, bin, status};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The edge's config generation, from `/status`.
+fn generation(c: &Cluster) -> Option<u64> {
+    status(c.edges[0].admin)?["config_generation"].as_u64()
+}
+
+/// Waits until the edge reports generation `n`.
+fn wait_generation(c: &Cluster, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while generation(c) != Some(n) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the edge is at config generation {:?}, not {n}\n{}",
+            generation(c),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+async fn echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    ws.send(Message::Text(text.into())).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await? {
+            Some(Ok(Message::Text(t))) => {
+                anyhow::ensure!(t.as_str() == text, "echo {t:?}, not {text:?}");
+                return Ok(());
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => anyhow::bail!("the websocket did not echo {text:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() -> anyhow::Result<()>
+{
+    let c = Cluster::start(ClusterOptions {
+        challenge_secret: true,
+        ..ClusterOptions::default()
+    })?;
+    let edge = &c.edges[0];
+    let original = std::fs::read_to_string(&edge.config)?;
+    assert_eq!(generation(&c), Some(0));
+
+    // A websocket and a keep-alive client, open before any reload.
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", edge.https.port()),
+        stream,
+    )
+    .await?;
+    echo(&mut ws, "before").await?;
+    let client = c.client(0)?;
+    assert_eq!(client.get(c.url(0, "/health")).send().await?.status(), 200);
+    assert_eq!(client.get(c.url(0, "/")).send().await?.status(), 200);
+
+    // 1. A new route and "under attack" for localhost, by SIGHUP.
+    let reloaded = format!(
+        "{original}\n[[routes]]\nhost = \"*\"\npath_prefix = \"/health\"\nservice = \"no-such-service\"\n\n\
+         [under_attack]\nsecret_file = \"keys/challenge.secret\"\nhosts = [\"localhost\"]\n"
+    );
+    std::fs::write(&edge.config, &reloaded)?;
+    edge.proc.hangup();
+    wait_generation(&c, 1)?;
+    let health = client.get(c.url(0, "/health")).send().await?;
+    assert_ne!(health.status(), 200, "the new route is not in force");
+    let chat = client.get(c.url(0, "/")).send().await?;
+    assert_eq!(chat.status(), 403, "the challenge is not in force");
+    assert!(chat.text().await?.contains("Checking your browser"));
+    echo(&mut ws, "after the first reload").await?;
+
+    // 2. An invalid config: refused, logged, and the one in force keeps serving.
+    std::fs::write(&edge.config, format!("no_such_key = 1\n{reloaded}"))?;
+    edge.proc.hangup();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !edge.proc.log().contains("config reload refused") {
+        anyhow::ensure!(Instant::now() < deadline, "no refusal logged\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        edge.proc.log().contains("no_such_key"),
+        "{}",
+        edge.proc.log()
+    );
+    assert_eq!(generation(&c), Some(1));
+    assert_eq!(client.get(c.url(0, "/")).send().await?.status(), 403);
+    echo(&mut ws, "after a refused reload").await?;
+
+    // 3. A change only a restart applies, asked for through the admin API: refused.
+    std::fs::write(
+        &edge.config,
+        reloaded.replace("shutdown_grace_ms = 2000", "shutdown_grace_ms = 3000"),
+    )?;
+    assert_eq!(admin_post(edge.admin, "/reload", "{}")?, 400);
+    assert_eq!(generation(&c), Some(1));
+
+    // 4. New certificate files under the same names (a renewal), and "under attack" off.
+    let fresh = c.dir.path().join("certs-renewed");
+    let made = std::process::Command::new(bin("mesh-node"))
+        .args(["dev-cert", "--out-dir"])
+        .arg(&fresh)
+        .output()?;
+    anyhow::ensure!(made.status.success(), "dev-cert failed");
+    let certs = c.dir.path().join("certs");
+    std::fs::copy(fresh.join("edge.pem"), certs.join("edge.pem"))?;
+    std::fs::copy(fresh.join("edge.key"), certs.join("edge.key"))?;
+    std::fs::write(&edge.config, &original)?;
+    assert_eq!(admin_post(edge.admin, "/reload", "{}")?, 200);
+    assert_eq!(generation(&c), Some(2));
+    // New connections get the new certificate: the old CA no longer verifies it, the
+    // new one does.
+    let old_ca = skylane_tests::https_client(&c.ca_pem, edge.https)?;
+    assert!(
+        old_ca.get(c.url(0, "/health")).send().await.is_err(),
+        "the edge still presents the old certificate"
+    );
+    let new_ca = skylane_tests::https_client(&fresh.join("ca.pem"), edge.https)?;
+    assert_eq!(new_ca.get(c.url(0, "/health")).send().await?.status(), 200);
+    assert_eq!(new_ca.get(c.url(0, "/")).send().await?.status(), 200);
+    // The websocket opened under the first certificate and config is still up.
+    echo(&mut ws, "after the certificate reload").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connector_reloads_its_services_and_keeps_the_websocket() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    let second = skylane_tests::start_origin("127.0.0.1:0", "origin-2", c.dir.path())?;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
+        stream,
+    )
+    .await?;
+    echo(&mut ws, "before").await?;
+    let client = c.client(0)?;
+    let served_by = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-origin-name")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let r = client.get(c.url(0, "/health")).send().await?;
+    assert_eq!(served_by(&r).as_deref(), Some("origin-1"));
+
+    // The web service moves to the second origin: SIGHUP, and new requests go there.
+    let original = std::fs::read_to_string(&c.connector_config)?;
+    let moved = original.replace(
+        &format!("servers = [\"{}\"]\nresponse_timeout_ms", c.origin.addr),
+        &format!("servers = [\"{}\"]\nresponse_timeout_ms", second.addr),
+    );
+    anyhow::ensure!(moved != original, "the test did not change the config");
+    std::fs::write(&c.connector_config, &moved)?;
+    c.connector.hangup();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = client.get(c.url(0, "/health")).send().await?;
+        if served_by(&r).as_deref() == Some("origin-2") {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "still served by {:?}\n{}",
+            served_by(&r),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status(c.connector_admin).and_then(|s| s["config_generation"].as_u64()),
+        Some(1)
+    );
+    // The websocket opened to the first origin is still up through the connector.
+    echo(&mut ws, "after the connector's reload").await?;
+
+    // A bad config is refused; the second origin keeps serving.
+    std::fs::write(
+        &c.connector_config,
+        moved.replace("kind = \"tcp\"", "kind = \"udp\""),
+    )?;
+    assert_eq!(admin_post(c.connector_admin, "/reload", "{}")?, 400);
+    let r = client.get(c.url(0, "/health")).send().await?;
+    assert_eq!(served_by(&r).as_deref(), Some("origin-2"));
+    Ok(())
+}
