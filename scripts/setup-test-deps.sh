@@ -2,10 +2,12 @@
 # Installs what the test suite needs beyond the Rust toolchain. Idempotent.
 #   curl       deploy/local/up.sh
 #   chromium   tests/tests/browser.rs: a real browser solves the "under attack" challenge
+#   pebble     tests/tests/acme.rs: Let's Encrypt's test CA (with pebble-challtestsrv for DNS)
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
 command -v chromium >/dev/null || need+=(chromium)
+command -v pebble >/dev/null || need+=(pebble)
 if ((${#need[@]})); then
   if [[ $(id -u) == 0 ]]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -27,11 +27,14 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// A body that holds `guard` until it is dropped (after its last byte went out, or when
-/// the client went away): the request's in-flight mark and its place in the tunnel.
+/// A response body from the tunnel that holds `guard` until it is dropped (after its last
+/// byte went out, or when the client went away): the request's in-flight mark and its
+/// place in the tunnel. Its bytes count in `skylane_edge_bytes_total{direction="to_client"}`
+/// when it is dropped.
 pub struct Guarded<B, G> {
     inner: B,
     _guard: G,
+    bytes: u64,
 }
 
 impl<B, G> Guarded<B, G> {
@@ -40,6 +43,22 @@ impl<B, G> Guarded<B, G> {
         Self {
             inner,
             _guard: guard,
+            bytes: 0,
+        }
+    }
+}
+
+impl<B, G> Drop for Guarded<B, G> {
+    fn drop(&mut self) {
+        // One handle for every response: a lookup by name and label per response would
+        // hash both each time.
+        static TO_CLIENT: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+        if self.bytes > 0 {
+            TO_CLIENT
+                .get_or_init(
+                    || metrics::counter!("skylane_edge_bytes_total", "direction" => "to_client"),
+                )
+                .increment(self.bytes);
         }
     }
 }
@@ -52,7 +71,13 @@ impl<B: Body + Unpin, G: Unpin> Body for Guarded<B, G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += bytes::Buf::remaining(data) as u64;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -5,6 +5,7 @@
 //! It does not talk to origin servers itself (the connector does), and it never forwards
 //! a flow anywhere but a mesh member.
 
+pub mod acme;
 pub mod body;
 pub mod cache;
 pub mod config;

@@ -211,7 +211,8 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         EXIT_CONFIG
     })?;
     if let Some(https) = &config.https
-        && let Err(e) = mesh_node::tls::server_config(https)
+        && !https.certificates.is_empty()
+        && let Err(e) = mesh_node::tls::server_config(https, None)
     {
         eprintln!("error: {}: https.certificates: {e}", path.display());
         return Err(EXIT_CONFIG);
@@ -220,6 +221,8 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         println!("{}: ok", path.display());
         return Ok(());
     }
+    // One crypto provider for every rustls config the node makes, the ACME client's too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let log = config.log.clone();
     skylane_shared::cli::run(
         &log,

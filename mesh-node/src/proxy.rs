@@ -60,6 +60,8 @@ pub struct Edge {
     pub policy: Policy,
     /// The HTTP cache, when configured.
     pub cache: Option<Arc<crate::cache::Cache>>,
+    /// ACME certificates and the mesh's challenge answers, if `[acme]` is on.
+    pub acme: Option<Arc<crate::acme::Acme>>,
     /// `[[cache.rules]]`, first match wins (reloadable, unlike the cache's storage).
     pub cache_rules: Arc<Vec<crate::config::cache::Rule>>,
 }

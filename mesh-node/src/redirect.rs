@@ -1,4 +1,5 @@
-//! The plain-HTTP listener: every request is redirected to HTTPS (308 keeps the method).
+//! The plain-HTTP listener: every request is redirected to HTTPS (308 keeps the method),
+//! except the ACME CA's HTTP-01 validations, answered from the mesh's challenge answers.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +14,33 @@ use tokio_util::sync::CancellationToken;
 use crate::phases::accept::Admission;
 use crate::phases::connection::{self, ConnWatch, Watched};
 use crate::reload::Live;
+
+/// Where the CA fetches an HTTP-01 token (RFC 8555, section 8.3).
+const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
+/// The HTTP-01 answer to `req`, if it asks for one: the key authorization, or 404 when no
+/// edge of the mesh posted one for the token.
+fn acme_answer<B>(
+    req: &Request<B>,
+    acme: Option<&crate::acme::Acme>,
+) -> Option<Response<Full<Bytes>>> {
+    let token = req.uri().path().strip_prefix(ACME_CHALLENGE_PATH)?;
+    let acme = acme?;
+    let (status, body) = match acme.http01_answer(token) {
+        Some(answer) => (StatusCode::OK, Bytes::from(answer)),
+        None => (
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"no such token\n"),
+        ),
+    };
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Some(r)
+}
 
 /// The redirect for one request.
 pub fn redirect_for<B>(req: &Request<B>, https_port: u16) -> Response<Full<Bytes>> {
@@ -75,10 +103,13 @@ pub async fn serve(
             let watch = ConnWatch::new(Some(permit));
             let svc = {
                 let watch = watch.clone();
+                let acme = edge.acme.clone();
                 hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let in_flight = watch.request_started(false);
+                    let acme = acme.clone();
                     async move {
-                        let resp = redirect_for(&req, https_port);
+                        let resp = acme_answer(&req, acme.as_deref())
+                            .unwrap_or_else(|| redirect_for(&req, https_port));
                         drop(in_flight);
                         Ok::<_, Infallible>(resp)
                     }

@@ -13,7 +13,7 @@
 //!
 //! A config that fails validation, or that changes what only a restart can change (the
 //! node's identity and members, listener addresses, the admin listener, tunnels, routing,
-//! `[limits]`, the cache's storage), is refused as a whole: nothing is applied, the reason
+//! `[limits]`, the cache's storage, `[acme]`), is refused as a whole: nothing is applied, the reason
 //! is logged and answered, and the generation in force keeps serving.
 
 use std::path::PathBuf;
@@ -53,6 +53,8 @@ pub struct Carried {
     pub cache: Option<Arc<Cache>>,
     /// Open flows.
     pub flows: Arc<Flows>,
+    /// ACME certificates and challenge answers, if `[acme]` is on.
+    pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
 /// The generation in force, and how to make the next one.
@@ -187,6 +189,7 @@ fn build(
             auto: ua.auto.clone(),
         },
         cache: carried.cache.clone(),
+        acme: carried.acme.clone(),
         cache_rules: Arc::new(
             config
                 .cache
@@ -197,7 +200,7 @@ fn build(
     });
     let tls = match &config.https {
         Some(https) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            crate::tls::server_config(https)
+            crate::tls::server_config(https, carried.acme.clone())
                 .map_err(|e| anyhow::anyhow!("https.certificates: {e}"))?,
         ))),
         None => None,
@@ -247,7 +250,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             .as_ref()
             .map(|a| (a.listen, a.token.as_ref().map(|t| t.0.clone())))
     };
-    let checks: [(&'static str, bool); 13] = [
+    let checks: [(&'static str, bool); 14] = [
         (
             "node.name and node.key_file",
             old.identity.me.name == new.identity.me.name
@@ -264,7 +267,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             "https.listen",
             old.https.as_ref().map(|h| h.listen) == new.https.as_ref().map(|h| h.listen),
         ),
-        ("http_redirect", old.http_redirect == new.http_redirect),
+        (
+            "http",
+            old.http_redirect == new.http_redirect
+                && old.redirect_https_port == new.redirect_https_port,
+        ),
         ("tcp", same(&old.tcp, &new.tcp)),
         ("tunnel", same(&old.tunnel, &new.tunnel)),
         (
@@ -277,6 +284,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             old.shutdown_grace == new.shutdown_grace,
         ),
         ("the cache's storage", storage(old) == storage(new)),
+        ("acme", same(&old.acme, &new.acme)),
     ];
     checks
         .into_iter()

@@ -131,6 +131,7 @@ impl AdminRoutes for Status {
                 "switches": policy.under_attack.switches(),
             },
             "cache": edge.cache.as_ref().map(|c| c.status()),
+            "acme": edge.acme.as_ref().map(|a| a.status()),
             "frames": self.socket.counters().snapshot(),
             "mesh": self.control.status(),
         })
@@ -404,13 +405,22 @@ pub async fn serve(
         max_flows = config.limits.max_flows,
         "edge limits"
     );
+    let acme = config
+        .acme
+        .clone()
+        .map(|a| crate::acme::Acme::new(a, control.clone()));
+    if let Some(acme) = &acme {
+        tokio::spawn(acme.clone().run(stop_tunnels.clone()));
+    }
     let carried = reload::Carried {
         tunnels: tunnels.clone(),
         cache,
         flows: Flows::new(&config.limits),
+        acme,
     };
     let admin_token = config.admin.as_ref().and_then(|a| a.token.clone());
     let https_listen = config.https.as_ref().map(|h| h.listen);
+    let redirect_https_port = config.redirect_https_port;
     let shutdown_grace = config.shutdown_grace;
     let live = Arc::new(Live::start(config_path, config, carried)?);
     let draining = shutdown.drain.clone();
@@ -487,7 +497,7 @@ pub async fn serve(
         tracing::info!(listen = %listener.local_addr()?, "http redirect listening");
         tracker.spawn(crate::redirect::serve(
             listener,
-            https_port,
+            redirect_https_port.unwrap_or(https_port),
             live.clone(),
             admission.clone(),
             draining.clone(),
@@ -631,6 +641,10 @@ async fn accept_https(
                     return;
                 }
             };
+            // The CA's TLS-ALPN-01 validation only needs the handshake (RFC 8737).
+            if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+                return;
+            }
             let watch = ConnWatch::new(Some(permit));
             let service = {
                 let watch = watch.clone();

@@ -1,4 +1,5 @@
-//! Users' TLS: certificates from PEM files, chosen by SNI, with ALPN `h2` and `http/1.1`.
+//! Users' TLS: certificates from PEM files and from ACME, chosen by SNI, with ALPN `h2` and
+//! `http/1.1` (and `acme-tls/1` for the CA's TLS-ALPN-01 validation when ACME is on).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +10,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::acme::{ACME_TLS_ALPN, Acme};
 use crate::config::Https;
 
 /// Errors loading certificates.
@@ -27,20 +29,34 @@ pub enum TlsError {
     Config(String),
 }
 
-/// Picks a certificate by SNI: exact name, then `*.parent` wildcard, then the default.
+/// Picks a certificate by SNI: the CA's TLS-ALPN-01 validation gets its challenge
+/// certificate; otherwise an ACME certificate for the exact name, then a configured one
+/// for the exact name, then a `*.parent` wildcard, then the default (the first configured).
 #[derive(Debug)]
 struct SniResolver {
     exact: HashMap<String, Arc<CertifiedKey>>,
     wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Arc<CertifiedKey>,
+    default: Option<Arc<CertifiedKey>>,
+    acme: Option<Arc<Acme>>,
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let Some(name) = hello.server_name() else {
-            return Some(self.default.clone());
+            return self.default.clone();
         };
         let name = name.to_ascii_lowercase();
+        if let Some(acme) = &self.acme {
+            let validation = hello
+                .alpn()
+                .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+            if validation {
+                return acme.alpn_certificate(&name);
+            }
+            if let Some(k) = acme.certificate_for(&name) {
+                return Some(k);
+            }
+        }
         if let Some(k) = self.exact.get(&name) {
             return Some(k.clone());
         }
@@ -49,7 +65,7 @@ impl ResolvesServerCert for SniResolver {
         {
             return Some(k.clone());
         }
-        Some(self.default.clone())
+        self.default.clone()
     }
 }
 
@@ -78,8 +94,12 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     Ok(CertifiedKey::new(chain, signing))
 }
 
-/// The rustls server config for the HTTPS listener.
-pub fn server_config(https: &Https) -> Result<rustls::ServerConfig, TlsError> {
+/// The rustls server config for the HTTPS listener; `acme` adds its certificates and
+/// answers TLS-ALPN-01 validations.
+pub fn server_config(
+    https: &Https,
+    acme: Option<Arc<Acme>>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut exact = HashMap::new();
     let mut wildcard = HashMap::new();
     let mut default = None;
@@ -93,7 +113,10 @@ pub fn server_config(https: &Https) -> Result<rustls::ServerConfig, TlsError> {
             };
         }
     }
-    let default = default.ok_or_else(|| TlsError::Config("no certificates".into()))?;
+    if default.is_none() && acme.is_none() {
+        return Err(TlsError::Config("no certificates".into()));
+    }
+    let acme_on = acme.is_some();
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -104,8 +127,12 @@ pub fn server_config(https: &Https) -> Result<rustls::ServerConfig, TlsError> {
         exact,
         wildcard,
         default,
+        acme,
     }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme_on {
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     Ok(config)
 }
 

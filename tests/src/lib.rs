@@ -95,6 +95,24 @@ pub async fn introduce(
     bail!("the socket never became writable")
 }
 
+/// Whether `proc` exited at start because a port it was given was taken meanwhile: a port
+/// from [`free_tcp`] is free when chosen, and another test may bind it before the node
+/// does. `false` once its admin listener answers (every listener is bound by then), or
+/// when it failed for another reason (the caller's readiness wait reports that).
+fn lost_a_port(proc: &mut Proc, admin: SocketAddr) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if http_get_status(admin, "/healthz").is_some() {
+            return false;
+        }
+        if !proc.is_running() {
+            return proc.log().contains("Address already in use");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; fine for tests).
 pub fn free_tcp() -> SocketAddr {
     skylane_simulations::procs::free_tcp().expect("free tcp port")
@@ -160,6 +178,9 @@ pub struct ClusterOptions {
     pub worker_threads: Option<usize>,
     /// TOML appended to every edge's config only (`[limits]`, `[timeouts]`…).
     pub edge_config: String,
+    /// TOML appended to one edge's config: entry `i` to edge `i` (an `[http]` listener on
+    /// a port the test chose, an `[acme]` section with its own state directory).
+    pub edge_config_each: Vec<String>,
     /// The edges' `[[routes]]` instead of the default ones (`*` → `web`, and a route to a
     /// service the connector does not know under `/unknown-service`).
     pub routes: Option<String>,
@@ -183,6 +204,7 @@ impl Default for ClusterOptions {
             extra_config: String::new(),
             worker_threads: None,
             edge_config: String::new(),
+            edge_config_each: Vec::new(),
             routes: None,
             challenge_secret: false,
             tunnel_config: String::new(),
@@ -278,7 +300,7 @@ impl Cluster {
         let edge_extra = &opts.edge_config;
         let tunnel_extra = &opts.tunnel_config;
         let connector_udp = opts.connector_udp.unwrap_or_else(free_udp);
-        let connector_admin = free_tcp();
+        let mut connector_admin = free_tcp();
         let edge_udp: Vec<SocketAddr> = (0..opts.edges).map(|_| free_udp()).collect();
         // Every member but the connector, with edges' addresses so they can relay for
         // each other.
@@ -310,65 +332,83 @@ impl Cluster {
             .map(|n| format!("worker_threads = {n}\n"))
             .unwrap_or_default();
         let connector_config = d.join("connector.toml");
-        std::fs::write(
-            &connector_config,
-            format!(
-                "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n{threads}\n\
+        let mut attempt = 0;
+        let connector = loop {
+            std::fs::write(
+                &connector_config,
+                format!(
+                    "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n{threads}\n\
                  {members}[admin]\nlisten = \"{connector_admin}\"\n\n\
                  [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n{web}\n\n\
                  [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
                  [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n\n{extra}\n",
-                origin = origin.addr,
-                rt = opts.response_timeout_ms,
-                web = opts.web_service_config,
-                hi = opts.health_interval_ms,
-            ),
-        )?;
-        let connector = Proc::spawn(
-            "connector",
-            &bin("origin-connector"),
-            &["--config", path_str(&connector_config)?],
-            d,
-        )?;
+                    origin = origin.addr,
+                    rt = opts.response_timeout_ms,
+                    web = opts.web_service_config,
+                    hi = opts.health_interval_ms,
+                ),
+            )?;
+            let mut connector = Proc::spawn(
+                "connector",
+                &bin("origin-connector"),
+                &["--config", path_str(&connector_config)?],
+                d,
+            )?;
+            if attempt < 4 && lost_a_port(&mut connector, connector_admin) {
+                attempt += 1;
+                connector_admin = free_tcp();
+                continue;
+            }
+            break connector;
+        };
         let mut edges = Vec::new();
         for (i, &udp) in edge_udp.iter().enumerate() {
-            let (https, admin, tcp) = (free_tcp(), free_tcp(), free_tcp());
-            let members = members_with(
-                opts.connector_addr_for_edge
-                    .get(i)
-                    .copied()
-                    .flatten()
-                    .unwrap_or(connector_udp),
-            );
+            let mut attempt = 0;
             let config = d.join(format!("edge-{i}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "shutdown_grace_ms = 2000\n\n[node]\nname = \"edge-{i}\"\nkey_file = \"keys/edge-{i}.key\"\nlisten = \"{udp}\"\n{threads}\n\
+            let (proc, https, admin, tcp) = loop {
+                let (https, admin, tcp) = (free_tcp(), free_tcp(), free_tcp());
+                let members = members_with(
+                    opts.connector_addr_for_edge
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .unwrap_or(connector_udp),
+                );
+                let own = opts.edge_config_each.get(i).map_or("", String::as_str);
+                std::fs::write(
+                    &config,
+                    format!(
+                        "shutdown_grace_ms = 2000\n\n[node]\nname = \"edge-{i}\"\nkey_file = \"keys/edge-{i}.key\"\nlisten = \"{udp}\"\n{threads}\n\
                      {members}[https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\nserver_names = [\"localhost\"]\n\n\
                      {routes}\n\
                      [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
-                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n{tunnel_extra}\n\n{extra}\n{edge_extra}\n"
-                ),
-            )?;
-            // SKYLANE_EDGE_WRAPPER="valgrind --tool=massif" (say) runs the edges under a
-            // profiler, and SKYLANE_EDGE_BIN another build of mesh-node (one with the
-            // system allocator, for massif), for the benchmarks' "where do the bytes go".
-            let mesh_node = std::env::var_os("SKYLANE_EDGE_BIN")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| bin("mesh-node"));
-            let wrapper = std::env::var("SKYLANE_EDGE_WRAPPER").unwrap_or_default();
-            let mut argv: Vec<&str> = wrapper.split_whitespace().collect();
-            let program = match argv.first() {
-                Some(p) => PathBuf::from(p),
-                None => mesh_node.clone(),
+                     [admin]\nlisten = \"{admin}\"\n\n[tunnel]\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n{tunnel_extra}\n\n{extra}\n{edge_extra}\n{own}\n"
+                    ),
+                )?;
+                // SKYLANE_EDGE_WRAPPER="valgrind --tool=massif" (say) runs the edges under a
+                // profiler, and SKYLANE_EDGE_BIN another build of mesh-node (one with the
+                // system allocator, for massif), for the benchmarks' "where do the bytes go".
+                let mesh_node = std::env::var_os("SKYLANE_EDGE_BIN")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| bin("mesh-node"));
+                let wrapper = std::env::var("SKYLANE_EDGE_WRAPPER").unwrap_or_default();
+                let mut argv: Vec<&str> = wrapper.split_whitespace().collect();
+                let program = match argv.first() {
+                    Some(p) => PathBuf::from(p),
+                    None => mesh_node.clone(),
+                };
+                if !argv.is_empty() {
+                    argv.remove(0);
+                    argv.push(path_str(&mesh_node)?);
+                }
+                argv.extend(["--config", path_str(&config)?]);
+                let mut proc = Proc::spawn(&format!("edge-{i}"), &program, &argv, d)?;
+                if attempt < 4 && lost_a_port(&mut proc, admin) {
+                    attempt += 1;
+                    continue;
+                }
+                break (proc, https, admin, tcp);
             };
-            if !argv.is_empty() {
-                argv.remove(0);
-                argv.push(path_str(&mesh_node)?);
-            }
-            argv.extend(["--config", path_str(&config)?]);
-            let proc = Proc::spawn(&format!("edge-{i}"), &program, &argv, d)?;
             edges.push(Edge {
                 proc,
                 https,

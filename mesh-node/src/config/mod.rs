@@ -1,6 +1,7 @@
 //! The edge's config file, parsed with unknown keys rejected and validated into [`Config`]
 //! before any port is bound. The edge-policy sections live in [`policy`].
 
+pub mod acme;
 pub mod cache;
 pub mod policy;
 
@@ -56,6 +57,7 @@ struct File {
     rate_limits: Vec<RateLimitSection>,
     under_attack: Option<UnderAttackSection>,
     cache: Option<cache::CacheSection>,
+    acme: Option<acme::AcmeSection>,
 }
 
 fn default_grace_ms() -> u64 {
@@ -66,6 +68,8 @@ fn default_grace_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 struct HttpsSection {
     listen: SocketAddr,
+    /// Certificate files; may be empty when `[acme]` provides the certificates.
+    #[serde(default)]
     certificates: Vec<CertificateSection>,
 }
 
@@ -84,6 +88,10 @@ struct CertificateSection {
 #[serde(deny_unknown_fields)]
 struct HttpSection {
     listen: SocketAddr,
+    /// The HTTPS port the redirect sends browsers to, when users reach the edge through a
+    /// port mapping (a load balancer's 443 in front of the edge's 8443). Default: the
+    /// HTTPS listener's own port.
+    https_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +186,8 @@ pub struct Config {
     pub https: Option<Https>,
     /// Plain-HTTP listener that redirects to HTTPS.
     pub http_redirect: Option<SocketAddr>,
+    /// The port in the redirects' `Location`, if not the HTTPS listener's.
+    pub redirect_https_port: Option<u16>,
     /// Host/path routes to connector services.
     pub routes: Vec<Route>,
     /// Raw TCP listeners.
@@ -206,6 +216,8 @@ pub struct Config {
     pub under_attack: UnderAttack,
     /// The HTTP cache, if on.
     pub cache: Option<cache::CacheConfig>,
+    /// Certificates from an ACME CA, if configured.
+    pub acme: Option<acme::Acme>,
 }
 
 /// The HTTPS listener.
@@ -302,8 +314,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let https = match file.https {
         None => None,
         Some(h) => {
-            if h.certificates.is_empty() {
-                return Err(v.invalid("https.certificates", "at least one certificate is needed"));
+            if h.certificates.is_empty() && file.acme.is_none() {
+                return Err(v.invalid(
+                    "https.certificates",
+                    "at least one certificate is needed (or an [acme] section to get them)",
+                ));
             }
             let certificates = h
                 .certificates
@@ -331,6 +346,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         return Err(v.invalid(
             "http",
             "the plain-HTTP listener redirects to HTTPS, so [https] is needed",
+        ));
+    }
+    let acme = acme::validate(&v, file.acme.as_ref(), file.http.is_some(), https.is_some())?;
+    if acme.is_some() && https.is_none() {
+        return Err(v.invalid(
+            "acme",
+            "ACME certificates are for the HTTPS listener: configure [https]",
         ));
     }
     let rate_limits = policy::validate_rate_limits(&v, &file.rate_limits)?;
@@ -415,7 +437,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         admin: v.admin(file.admin.as_ref())?,
         log: file.log,
         https,
-        http_redirect: file.http.map(|h| h.listen),
+        http_redirect: file.http.as_ref().map(|h| h.listen),
+        redirect_https_port: file.http.as_ref().and_then(|h| h.https_port),
         routes,
         tcp: file
             .tcp
@@ -446,5 +469,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         rate_limits,
         under_attack,
         cache: cache::validate(&v, file.cache.as_ref())?,
+        acme,
     })
 }

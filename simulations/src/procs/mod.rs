@@ -56,22 +56,35 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `program args…` with stderr to `<log_dir>/<name>.log`.
+    /// Starts `program args…` with stdout and stderr to `<log_dir>/<name>.log`.
     pub fn spawn(
         name: &str,
         program: &Path,
         args: &[&str],
         log_dir: &Path,
     ) -> Result<Self, ProcError> {
+        Self::spawn_with_env(name, program, args, log_dir, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log_dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self, ProcError> {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).map_err(|source| ProcError::Log {
             path: log.display().to_string(),
             source,
         })?;
+        let stdout = file.try_clone().map_or(Stdio::null(), Stdio::from);
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(file)
             .env(
                 "RUST_LOG",
