@@ -12,7 +12,7 @@
 //! thus limited by its file descriptors and memory, not by a stream limit; a flow that
 //! finds no room within the open timeout is refused with 503 instead of waiting.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,13 @@ pub struct ConnectorLink {
     grown: Notify,
     /// Flows per connection before the pool grows.
     per_connection: usize,
+    /// Until when (ms on [`crate::phases::connection::now_ms`]'s clock) the connector said
+    /// it is draining: new flows go elsewhere first. Cleared when a new tunnel comes up.
+    draining_until_ms: AtomicU64,
 }
+
+/// How long a connector that refused a flow as draining is passed over.
+const DRAINING_HOLD_MS: u64 = 30_000;
 
 #[derive(Debug, Default)]
 struct LinkState {
@@ -166,6 +172,8 @@ pub struct LinkStatus {
     pub connections: usize,
     /// Flows it carries now.
     pub flows: usize,
+    /// Whether the connector refused a flow as draining lately (new flows go elsewhere).
+    pub draining: bool,
 }
 
 /// The tunnels of this edge.
@@ -173,6 +181,7 @@ pub struct LinkStatus {
 pub struct TunnelPool {
     links: Vec<Arc<ConnectorLink>>,
     socket: Arc<MeshSocket>,
+    control: Arc<MeshControl>,
 }
 
 impl TunnelPool {
@@ -195,13 +204,14 @@ impl TunnelPool {
                     grow: Notify::new(),
                     grown: Notify::new(),
                     per_connection: timing.streams_per_connection,
+                    draining_until_ms: AtomicU64::new(0),
                 })
             })
             .collect();
         let dialer = Arc::new(Dialer {
             endpoint,
             socket: socket.clone(),
-            control,
+            control: control.clone(),
             key,
             timing,
             resolver: Resolver::from_system(),
@@ -210,27 +220,81 @@ impl TunnelPool {
             tokio::spawn(keep_up(link.clone(), dialer.clone(), stop.clone()));
             tokio::spawn(grow_pool(link.clone(), dialer.clone(), stop.clone()));
         }
-        Arc::new(Self { links, socket })
+        Arc::new(Self {
+            links,
+            socket,
+            control,
+        })
     }
 
-    /// Connectors with a live tunnel, lowest RTT first.
-    fn live(&self) -> Vec<(&Arc<ConnectorLink>, Duration)> {
+    /// Connectors with a live tunnel, in the order new flows try them: not draining
+    /// first, then the one routing prefers (it moves only when another is clearly
+    /// cheaper, so flows do not flap between connectors), then by RTT. `exclude`: names
+    /// already tried by this flow.
+    fn live(&self, exclude: &[String]) -> Vec<(&Arc<ConnectorLink>, Duration)> {
+        let preferred = self.control.preferred_destination();
+        let now = crate::phases::connection::now_ms();
         let mut v: Vec<_> = self
             .links
             .iter()
+            .filter(|l| !exclude.contains(&l.member.name))
             .filter_map(|l| l.primary().map(|c| (l, c.rtt())))
             .collect();
-        v.sort_by_key(|(_, rtt)| *rtt);
+        v.sort_by_key(|(l, rtt)| {
+            (
+                l.draining_until_ms.load(Ordering::Relaxed) > now,
+                Some(l.member.id.short()) != preferred,
+                *rtt,
+            )
+        });
         v
     }
 
-    /// Opens a stream on the best tunnel with room, falling back to the others in RTT
-    /// order. When every connection is full it asks for another one and waits for it, at
-    /// most `timeout`.
-    pub async fn open_stream(&self, timeout: Duration) -> Result<TunnelStream, OpenError> {
+    /// Resolves when `connector` loses its last route while it had one when this was
+    /// called (the connector died or is cut off); never, if it had none then (a tunnel
+    /// whose route is still being set up is not given up on).
+    pub async fn route_lost(&self, connector: &str) {
+        let Some(link) = self.links.iter().find(|l| l.member.name == connector) else {
+            return std::future::pending().await;
+        };
+        let id = link.member.id.short();
+        let mut changes = self.control.route_changes();
+        if !self.control.has_route(&id) {
+            return std::future::pending().await;
+        }
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !self.control.has_route(&id) {
+                return;
+            }
+        }
+    }
+
+    /// Notes that `connector` refused a flow because it is draining: new flows go to the
+    /// other connectors first for a while.
+    pub fn mark_draining(&self, connector: &str) {
+        if let Some(l) = self.links.iter().find(|l| l.member.name == connector) {
+            l.draining_until_ms.store(
+                crate::phases::connection::now_ms() + DRAINING_HOLD_MS,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Opens a stream on the best tunnel with room (see [`TunnelPool::live`] for the
+    /// order), falling back to the others; never to a connector named in `exclude`. When
+    /// every connection is full it asks for another one and waits for it, at most
+    /// `timeout`.
+    pub async fn open_stream(
+        &self,
+        timeout: Duration,
+        exclude: &[String],
+    ) -> Result<TunnelStream, OpenError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let live = self.live();
+            let live = self.live(exclude);
             if live.is_empty() {
                 return Err(OpenError::NoTunnel);
             }
@@ -278,6 +342,11 @@ impl TunnelPool {
         self.links.iter().filter(|l| l.primary().is_some()).count()
     }
 
+    /// How many connectors this edge tunnels to (up or not).
+    pub fn connector_count(&self) -> usize {
+        self.links.len()
+    }
+
     /// Status of every tunnel.
     pub fn status(&self) -> Vec<LinkStatus> {
         self.links
@@ -313,6 +382,8 @@ impl TunnelPool {
                     last_error,
                     connections,
                     flows,
+                    draining: l.draining_until_ms.load(Ordering::Relaxed)
+                        > crate::phases::connection::now_ms(),
                 }
             })
             .collect()
@@ -485,6 +556,8 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
             s.conns.insert(0, Pooled::new(conn.clone()));
             s.since = Some(Instant::now());
         }
+        // A new tunnel is a new connector process: no longer draining.
+        link.draining_until_ms.store(0, Ordering::Relaxed);
         link.grown.notify_waiters();
         let reason = tokio::select! {
             _ = stop.cancelled() => {

@@ -191,6 +191,8 @@ pub struct ClusterOptions {
     /// Write a shared `[under_attack]` secret to `keys/challenge.secret` (edges' configs
     /// name it in `edge_config`).
     pub challenge_secret: bool,
+    /// A second connector, `connector-b`, beside the same origin (redundant connectors).
+    pub second_connector: bool,
 }
 
 impl Default for ClusterOptions {
@@ -207,6 +209,7 @@ impl Default for ClusterOptions {
             edge_config_each: Vec::new(),
             routes: None,
             challenge_secret: false,
+            second_connector: false,
             tunnel_config: String::new(),
             web_service_config: String::new(),
         }
@@ -251,6 +254,17 @@ pub struct Cluster {
     pub ca_pem: PathBuf,
     /// A member key the test can use to act as an extra edge (`edge-test`).
     pub spare_member_key: NodeKey,
+    /// The second connector, `connector-b`, if asked for.
+    pub second: Option<SecondConnector>,
+}
+
+/// The second connector of a cluster.
+#[derive(Debug)]
+pub struct SecondConnector {
+    /// The process.
+    pub proc: Proc,
+    /// Its admin listener.
+    pub admin: SocketAddr,
 }
 
 fn member_block(name: &str, role: &str, key_file: &str, address: Option<SocketAddr>) -> String {
@@ -278,6 +292,9 @@ impl Cluster {
         }
         let mut names = vec!["connector".to_string(), "edge-test".to_string()];
         names.extend((0..opts.edges).map(|i| format!("edge-{i}")));
+        if opts.second_connector {
+            names.push("connector-b".into());
+        }
         let mut spare = None;
         for n in &names {
             let key = NodeKey::generate()?;
@@ -300,7 +317,7 @@ impl Cluster {
         let edge_extra = &opts.edge_config;
         let tunnel_extra = &opts.tunnel_config;
         let connector_udp = opts.connector_udp.unwrap_or_else(free_udp);
-        let mut connector_admin = free_tcp();
+        let second_udp = free_udp();
         let edge_udp: Vec<SocketAddr> = (0..opts.edges).map(|_| free_udp()).collect();
         // Every member but the connector, with edges' addresses so they can relay for
         // each other.
@@ -310,9 +327,14 @@ impl Cluster {
                 .strip_prefix("edge-")
                 .and_then(|i| i.parse::<usize>().ok())
                 .and_then(|i| edge_udp.get(i).copied());
+            let (role, address) = if n == "connector-b" {
+                ("connector", Some(second_udp))
+            } else {
+                ("edge", address)
+            };
             others.push_str(&member_block(
                 n,
-                "edge",
+                role,
                 &format!("keys/{n}.key.pub"),
                 address,
             ));
@@ -331,35 +353,49 @@ impl Cluster {
             .worker_threads
             .map(|n| format!("worker_threads = {n}\n"))
             .unwrap_or_default();
-        let connector_config = d.join("connector.toml");
-        let mut attempt = 0;
-        let connector = loop {
-            std::fs::write(
-                &connector_config,
-                format!(
-                    "shutdown_grace_ms = 2000\n\n[node]\nname = \"connector\"\nkey_file = \"keys/connector.key\"\nlisten = \"{connector_udp}\"\n{threads}\n\
-                 {members}[admin]\nlisten = \"{connector_admin}\"\n\n\
-                 [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n{web}\n\n\
-                 [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
-                 [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n\n{extra}\n",
-                    origin = origin.addr,
-                    rt = opts.response_timeout_ms,
-                    web = opts.web_service_config,
-                    hi = opts.health_interval_ms,
-                ),
-            )?;
-            let mut connector = Proc::spawn(
-                "connector",
-                &bin("origin-connector"),
-                &["--config", path_str(&connector_config)?],
-                d,
-            )?;
-            if attempt < 4 && lost_a_port(&mut connector, connector_admin) {
-                attempt += 1;
-                connector_admin = free_tcp();
-                continue;
+        // A connector named `name` on `udp`, its admin port chosen afresh if another test
+        // took it first.
+        let spawn_connector = |name: &str,
+                               udp: SocketAddr|
+         -> anyhow::Result<(Proc, SocketAddr, PathBuf)> {
+            let config = d.join(format!("{name}.toml"));
+            let mut attempt = 0;
+            loop {
+                let admin = free_tcp();
+                std::fs::write(
+                    &config,
+                    format!(
+                        "shutdown_grace_ms = 2000\n\n[node]\nname = \"{name}\"\nkey_file = \"keys/{name}.key\"\nlisten = \"{udp}\"\n{threads}\n\
+                     {members}[admin]\nlisten = \"{admin}\"\n\n\
+                     [services.web]\nservers = [\"{origin}\"]\nresponse_timeout_ms = {rt}\n{web}\n\n\
+                     [services.web.health_check]\npath = \"/health\"\ninterval_ms = {hi}\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 2\n\n\
+                     [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"{origin}\"]\n\n{extra}\n",
+                        origin = origin.addr,
+                        rt = opts.response_timeout_ms,
+                        web = opts.web_service_config,
+                        hi = opts.health_interval_ms,
+                    ),
+                )?;
+                let mut proc = Proc::spawn(
+                    name,
+                    &bin("origin-connector"),
+                    &["--config", path_str(&config)?],
+                    d,
+                )?;
+                if attempt < 4 && lost_a_port(&mut proc, admin) {
+                    attempt += 1;
+                    continue;
+                }
+                return Ok((proc, admin, config));
             }
-            break connector;
+        };
+        let (connector, connector_admin, connector_config) =
+            spawn_connector("connector", connector_udp)?;
+        let second = if opts.second_connector {
+            let (proc, admin, _) = spawn_connector("connector-b", second_udp)?;
+            Some(SecondConnector { proc, admin })
+        } else {
+            None
         };
         let mut edges = Vec::new();
         for (i, &udp) in edge_udp.iter().enumerate() {
@@ -428,6 +464,7 @@ impl Cluster {
             connector_admin,
             edges,
             spare_member_key: spare.context("spare key")?,
+            second,
         };
         for e in &cluster.edges {
             wait_ready(e.admin, Duration::from_secs(15)).with_context(|| {

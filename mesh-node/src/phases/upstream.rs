@@ -208,78 +208,156 @@ where
         request_id: ctx.id.clone(),
         kind: StreamKind::Http(head),
     };
-    let stream = edge
-        .tunnels
-        .open_stream(edge.policy.timeouts.tunnel_open)
-        .await;
-    let stream = match stream {
-        Ok(s) => s,
-        Err(OpenError::NoTunnel) => {
-            tracing::warn!(request_id = %ctx.id, "no connector reachable");
-            return error_response(ErrorKind::NoConnector, &ctx.id);
-        }
-        Err(OpenError::Saturated) => {
-            tracing::warn!(request_id = %ctx.id, "tunnel saturated: no stream within the open timeout");
-            return retry_later(ErrorKind::Overloaded, &ctx.id, 2);
-        }
-    };
-    let (connector, mut send, recv) = (stream.connector, stream.send, stream.recv);
-    let held = (held.0, held.1, stream.slot);
-    let span = tracing::debug_span!("request", request_id = %ctx.id, %connector, service = %route.service());
-    async move {
-        if wire::write_frame(&mut send, &header).await.is_err() {
-            return error_response(ErrorKind::TunnelFailed, &ctx.id);
-        }
-        let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        if has_body {
-            let body = Bounded::new(
-                req.into_body(),
-                edge.policy.timeouts.request_body_idle,
-                route.route.max_body_bytes,
-            );
-            let mut body_send = send;
-            tokio::spawn(
-                async move {
-                    match body_to_stream(body, &mut body_send).await {
-                        Ok(n) => metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin")
-                            .increment(n),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "request body ended early");
-                            let _ = body_send.reset(1u32.into());
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let method = req.method().clone();
+    let mut body = has_body.then(|| {
+        Bounded::new(
+            req.into_body(),
+            edge.policy.timeouts.request_body_idle,
+            route.route.max_body_bytes,
+        )
+    });
+    // Connectors this request was refused by (or lost on): a request that sent no body
+    // tries the next one, so a draining or failing connector costs it a round trip, not
+    // an error.
+    let mut tried: Vec<String> = Vec::new();
+    let mut on_upgrade = on_upgrade;
+    loop {
+        let stream = edge
+            .tunnels
+            .open_stream(edge.policy.timeouts.tunnel_open, &tried)
+            .await;
+        let stream = match stream {
+            Ok(s) => s,
+            Err(OpenError::NoTunnel) if !tried.is_empty() => {
+                tracing::warn!(request_id = %ctx.id, tried = ?tried, "every connector refused or failed");
+                return error_response(ErrorKind::NoHealthyOrigin, &ctx.id);
+            }
+            Err(OpenError::NoTunnel) => {
+                tracing::warn!(request_id = %ctx.id, "no connector reachable");
+                return error_response(ErrorKind::NoConnector, &ctx.id);
+            }
+            Err(OpenError::Saturated) => {
+                tracing::warn!(request_id = %ctx.id, "tunnel saturated: no stream within the open timeout");
+                return retry_later(ErrorKind::Overloaded, &ctx.id, 2);
+            }
+        };
+        let (connector, mut send, mut recv, slot) =
+            (stream.connector, stream.send, stream.recv, stream.slot);
+        let span = tracing::debug_span!("request", request_id = %ctx.id, %connector, service = %route.service());
+        let retry_possible = body.is_none() && tried.len() + 1 < edge.tunnels.connector_count();
+        let attempt = async {
+            if wire::write_frame(&mut send, &header).await.is_err() {
+                return Attempt::Failed;
+            }
+            if let Some(body) = body.take() {
+                let mut body_send = send;
+                tokio::spawn(
+                    async move {
+                        match body_to_stream(body, &mut body_send).await {
+                            Ok(n) => metrics::counter!("skylane_edge_bytes_total", "direction" => "to_origin")
+                                .increment(n),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "request body ended early");
+                                let _ = body_send.reset(1u32.into());
+                            }
                         }
                     }
+                    .in_current_span(),
+                );
+                return Attempt::Replied(reply_or_lost(&edge, &connector, &mut recv).await, None);
+            }
+            if upgrade.is_none() {
+                let _ = send.finish();
+            }
+            Attempt::Replied(reply_or_lost(&edge, &connector, &mut recv).await, Some(send))
+        }
+        .instrument(span.clone())
+        .await;
+        let (reply, send) = match attempt {
+            Attempt::Failed => (None, None),
+            Attempt::Replied(reply, send) => (reply, send),
+        };
+        let again = match &reply {
+            // Nothing reached the origin: any request may go to another connector.
+            Some(Reply::Refused(r)) => match r.kind {
+                RefusalKind::Draining => {
+                    edge.tunnels.mark_draining(&connector);
+                    true
                 }
-                .in_current_span(),
-            );
-            return respond(&edge, recv, None, is_h2, ctx, held).await;
+                RefusalKind::NoHealthyOrigin
+                | RefusalKind::OriginUnreachable
+                | RefusalKind::Overloaded => true,
+                _ => false,
+            },
+            // The stream failed before the response head: the origin may have seen the
+            // request, so only an idempotent one is sent again (RFC 9110, 9.2.2).
+            None => is_idempotent(&method),
+            Some(_) => false,
+        };
+        if again && retry_possible {
+            tracing::info!(request_id = %ctx.id, %connector, "connector refused or failed; trying another");
+            metrics::counter!("skylane_edge_retries_total").increment(1);
+            tried.push(connector);
+            continue;
         }
-        if upgrade.is_none() {
-            let _ = send.finish();
-        }
-        let pending = on_upgrade.map(|u| (u, send));
-        respond(&edge, recv, pending, is_h2, ctx, held).await
+        let pending = on_upgrade.take().zip(send);
+        let held = (held.0, held.1, slot);
+        return respond(&edge, reply, recv, pending, is_h2, ctx, held)
+            .instrument(span)
+            .await;
     }
-    .instrument(span)
-    .await
+}
+
+/// The connector's reply; `None` when the stream failed first, or when routing lost the
+/// connector meanwhile (it died or is cut off: a QUIC connection would only notice at its
+/// idle timeout, seconds later).
+async fn reply_or_lost(
+    edge: &Edge,
+    connector: &str,
+    recv: &mut quinn::RecvStream,
+) -> Option<Reply> {
+    tokio::select! {
+        reply = wire::read_frame(recv) => reply.ok(),
+        () = edge.tunnels.route_lost(connector) => {
+            tracing::info!(%connector, "connector lost while waiting for its reply");
+            None
+        }
+    }
+}
+
+/// One try of a request on one connector.
+enum Attempt {
+    /// The stream header could not be sent.
+    Failed,
+    /// The connector's reply (`None`: the stream failed first), and the sending half
+    /// when no body task took it (an upgrade's byte pipe needs it).
+    Replied(Option<Reply>, Option<quinn::SendStream>),
+}
+
+/// Methods that mean the same when sent twice (RFC 9110, section 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// Reads the connector's reply and turns it into the user's response; for a successful
 /// upgrade, spawns the byte pipe.
 async fn respond(
     edge: &Edge,
-    mut recv: quinn::RecvStream,
+    reply: Option<Reply>,
+    recv: quinn::RecvStream,
     upgrade: Option<(hyper::upgrade::OnUpgrade, quinn::SendStream)>,
     is_h2: bool,
     ctx: &RequestCtx,
     held: HeldStream,
 ) -> Response<ProxyBody> {
     let id = &ctx.id;
-    let reply: Reply = match wire::read_frame(&mut recv).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(request_id = %id, error = %e, "tunnel stream failed before the response");
-            return error_response(ErrorKind::TunnelFailed, id);
-        }
+    let Some(reply) = reply else {
+        tracing::warn!(request_id = %id, "tunnel stream failed before the response");
+        return error_response(ErrorKind::TunnelFailed, id);
     };
     let head = match reply {
         Reply::Response(head) => head,

@@ -60,6 +60,13 @@ pub struct MeshControl {
     epoch: Instant,
     socket: Arc<MeshSocket>,
     members: Members,
+    /// The destination new flows should go to (routing's nearest, with hysteresis), as
+    /// the bytes of its short id; 0: none. Read on every new flow, so kept out of the lock.
+    preferred: std::sync::atomic::AtomicU64,
+    /// Destinations with a route now, and a signal that moves whenever that changes: a
+    /// flow waiting on a destination that lost its last path can give up at once.
+    routed: std::sync::RwLock<std::collections::HashSet<ShortId>>,
+    routes_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Why the control loop could not start.
@@ -152,6 +159,9 @@ impl MeshControl {
             epoch,
             socket: socket.clone(),
             members,
+            preferred: std::sync::atomic::AtomicU64::new(0),
+            routed: std::sync::RwLock::new(std::collections::HashSet::new()),
+            routes_changed: tokio::sync::watch::Sender::new(0),
         });
         control.flush();
         if let Some(rx) = socket.take_control() {
@@ -269,6 +279,12 @@ impl MeshControl {
                 changed
             });
             let events: Vec<_> = std::iter::from_fn(|| core.router.poll_event()).collect();
+            let preferred = core
+                .router
+                .nearest_destination()
+                .map_or(0, |r| u64::from_be_bytes(r.destination.0));
+            self.preferred
+                .store(preferred, std::sync::atomic::Ordering::Relaxed);
             (transmits, events)
         };
         for (to, body_type, body) in transmits {
@@ -297,6 +313,7 @@ impl MeshControl {
             router.remove_peer(&id);
             // No route event follows a removal: stop sending along the old path now.
             self.socket.set_route(id, None);
+            self.set_routed(id, false);
         }
         metrics::counter!("skylane_mesh_member_changes_total", "change" => if up { "up" } else { "down" })
             .increment(1);
@@ -416,7 +433,34 @@ impl MeshControl {
         });
     }
 
+    /// Records whether `destination` has a route, and signals the change.
+    fn set_routed(&self, destination: ShortId, routed: bool) {
+        if let Ok(mut set) = self.routed.write() {
+            let changed = if routed {
+                set.insert(destination)
+            } else {
+                set.remove(&destination)
+            };
+            if changed {
+                self.routes_changed.send_modify(|g| *g += 1);
+            }
+        }
+    }
+
+    /// Whether `destination` has a route now.
+    pub fn has_route(&self, destination: &ShortId) -> bool {
+        self.routed
+            .read()
+            .is_ok_and(|set| set.contains(destination))
+    }
+
+    /// A receiver that sees a change whenever a destination gains or loses its route.
+    pub fn route_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.routes_changed.subscribe()
+    }
+
     fn apply(&self, event: RouteEvent<ShortId>) {
+        self.set_routed(event.destination, event.new.is_some());
         self.socket
             .set_route(event.destination, event.new.as_ref().map(|p| p.nodes()));
         self.nudge_connections(event.destination);
@@ -434,6 +478,15 @@ impl MeshControl {
             "route changed"
         );
         metrics::counter!("skylane_route_switches_total", "reason" => reason).increment(1);
+    }
+
+    /// Where new flows should go: the destination routing prefers (the nearest healthy
+    /// one, switched only when another is clearly cheaper), if any.
+    pub fn preferred_destination(&self) -> Option<ShortId> {
+        match self.preferred.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            id => Some(ShortId(id.to_be_bytes())),
+        }
     }
 
     /// The name of member `id` (its id when it is not a member).
