@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
+use skylane_shared::reload::{self, same};
 
 use crate::cache::Cache;
 use crate::config::{self, Config};
@@ -101,39 +102,18 @@ impl Live {
     /// can change, puts it in force. `Err`: why not; the generation in force stays.
     pub fn reload(&self) -> Result<Reloaded, String> {
         let result = self.try_reload();
-        match &result {
-            Ok(r) => {
-                tracing::info!(generation = r.generation, changed = ?r.changed, "config reloaded");
-                metrics::counter!("skylane_config_reloads_total", "result" => "applied")
-                    .increment(1);
-            }
-            Err(why) => {
-                tracing::error!(reason = %why, "config reload refused; the config in force keeps serving");
-                metrics::counter!("skylane_config_reloads_total", "result" => "refused")
-                    .increment(1);
-            }
-        }
+        reload::record(&result, |r| r.generation, |r| r.changed.join(", "));
         result
     }
 
     fn try_reload(&self) -> Result<Reloaded, String> {
         let new = config::load(&self.path).map_err(|e| e.to_string())?;
-        if let Some(level) = &new.log.level {
-            skylane_shared::telemetry::check_log_level(level)
-                .map_err(|e| format!("{}: log.level: {e}", self.path.display()))?;
-        }
+        reload::check_log(&self.path, &new.log)?;
         let mut in_force = self
             .in_force
             .lock()
             .map_err(|_| "the config in force is unreadable".to_owned())?;
-        let restart = needs_restart(&in_force, &new);
-        if !restart.is_empty() {
-            return Err(format!(
-                "{}: {} only take effect on a restart; nothing was changed",
-                self.path.display(),
-                restart.join(", ")
-            ));
-        }
+        reload::refuse_restart_only(&self.path, &needs_restart(&in_force, &new))?;
         let changed = changes(&in_force, &new);
         let old = self.current.load_full();
         let next = build(&new, &self.carried, Some(&old), old.number + 1)
@@ -213,26 +193,19 @@ fn build(
     })
 }
 
-/// Whether two values print the same: the config types are plain data whose `Debug`
-/// shows every field (secrets masked, so those are compared on their own).
-fn same(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
-    format!("{a:?}") == format!("{b:?}")
-}
-
-/// The member list, in a stable order (it is kept in hash maps).
-fn members(c: &Config) -> Vec<String> {
-    let mut m: Vec<String> = c
-        .identity
-        .members
-        .iter()
-        .map(|m| format!("{m:?}"))
-        .collect();
-    m.sort();
-    m
-}
-
 /// The settings `new` changes that only a restart applies.
 fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    fn settings(c: &Config) -> reload::NodeSettings<'_> {
+        reload::NodeSettings {
+            identity: &c.identity,
+            listen: c.listen,
+            worker_threads: c.worker_threads,
+            admin: c.admin.as_ref(),
+            routing: &c.routing,
+            membership: &c.membership,
+            shutdown_grace: c.shutdown_grace,
+        }
+    }
     let storage = |c: &Config| {
         c.cache.as_ref().map(|c| {
             (
@@ -245,24 +218,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             )
         })
     };
-    let admin = |c: &Config| {
-        c.admin
-            .as_ref()
-            .map(|a| (a.listen, a.token.as_ref().map(|t| t.0.clone())))
-    };
-    let checks: [(&'static str, bool); 14] = [
-        (
-            "node.name and node.key_file",
-            old.identity.me.name == new.identity.me.name
-                && old.identity.key.id() == new.identity.key.id(),
-        ),
-        ("node.listen", old.listen == new.listen),
-        (
-            "node.worker_threads",
-            old.worker_threads == new.worker_threads,
-        ),
-        ("mesh.members", members(old) == members(new)),
-        ("admin", admin(old) == admin(new)),
+    let edge_only = [
         (
             "https.listen",
             old.https.as_ref().map(|h| h.listen) == new.https.as_ref().map(|h| h.listen),
@@ -274,23 +230,18 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("tcp", same(&old.tcp, &new.tcp)),
         ("tunnel", same(&old.tunnel, &new.tunnel)),
-        (
-            "routing and membership",
-            same(&old.routing, &new.routing) && same(&old.membership, &new.membership),
-        ),
         ("limits", same(&old.limits, &new.limits)),
-        (
-            "shutdown_grace_ms",
-            old.shutdown_grace == new.shutdown_grace,
-        ),
         ("the cache's storage", storage(old) == storage(new)),
         ("acme", same(&old.acme, &new.acme)),
     ];
-    checks
-        .into_iter()
-        .filter(|(_, unchanged)| !unchanged)
-        .map(|(name, _)| name)
-        .collect()
+    let mut changed = reload::restart_only_changes(settings(old), settings(new));
+    changed.extend(
+        edge_only
+            .into_iter()
+            .filter(|(_, unchanged)| !unchanged)
+            .map(|(name, _)| name),
+    );
+    changed
 }
 
 /// The reloadable sections `new` changes.

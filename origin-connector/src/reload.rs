@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use skylane_shared::reload;
 use skylane_shared::resolve::Resolver;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -117,39 +118,21 @@ impl Services {
     /// says why not (nothing is changed then).
     pub fn reload(&self) -> Result<Reloaded, String> {
         let result = self.try_reload();
-        match &result {
-            Ok(r) => {
-                tracing::info!(generation = r.generation, changed = ?r.changed, "config reloaded");
-                metrics::counter!("skylane_config_reloads_total", "result" => "applied")
-                    .increment(1);
-            }
-            Err(why) => {
-                tracing::error!(reason = %why, "config reload refused; the config in force keeps serving");
-                metrics::counter!("skylane_config_reloads_total", "result" => "refused")
-                    .increment(1);
-            }
-        }
+        reload::record(&result, |r| r.generation, |r| r.changed.join(", "));
         result
     }
 
     fn try_reload(&self) -> Result<Reloaded, String> {
         let new = config::load(&self.path).map_err(|e| e.to_string())?;
-        if let Some(level) = &new.log.level {
-            skylane_shared::telemetry::check_log_level(level)
-                .map_err(|e| format!("{}: log.level: {e}", self.path.display()))?;
-        }
+        reload::check_log(&self.path, &new.log)?;
         let mut in_force = self
             .in_force
             .lock()
             .map_err(|_| "the config in force is unreadable".to_owned())?;
-        let restart = needs_restart(&in_force, &new);
-        if !restart.is_empty() {
-            return Err(format!(
-                "{}: {} only take effect on a restart; nothing was changed",
-                self.path.display(),
-                restart.join(", ")
-            ));
-        }
+        reload::refuse_restart_only(
+            &self.path,
+            &reload::restart_only_changes(settings(&in_force), settings(&new)),
+        )?;
         if new.log.level != in_force.log.level {
             skylane_shared::telemetry::set_log_level(new.log.level.as_deref())?;
         }
@@ -159,7 +142,7 @@ impl Services {
         for (name, service) in &new.services {
             let kept = old
                 .get(name)
-                .filter(|pool| same(&pool.service, service))
+                .filter(|pool| reload::same(&pool.service, service))
                 .cloned();
             let pool = match kept {
                 Some(pool) => pool,
@@ -193,53 +176,15 @@ impl Services {
     }
 }
 
-/// Whether two values print the same (the config types are plain data).
-fn same(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
-    format!("{a:?}") == format!("{b:?}")
-}
-
-/// The settings `new` changes that only a restart applies.
-fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let members = |c: &Config| {
-        let mut m: Vec<String> = c
-            .identity
-            .members
-            .iter()
-            .map(|m| format!("{m:?}"))
-            .collect();
-        m.sort();
-        m
-    };
-    let admin = |c: &Config| {
-        c.admin
-            .as_ref()
-            .map(|a| (a.listen, a.token.as_ref().map(|t| t.0.clone())))
-    };
-    let checks: [(&'static str, bool); 7] = [
-        (
-            "node.name and node.key_file",
-            old.identity.me.name == new.identity.me.name
-                && old.identity.key.id() == new.identity.key.id(),
-        ),
-        ("node.listen", old.listen == new.listen),
-        (
-            "node.worker_threads",
-            old.worker_threads == new.worker_threads,
-        ),
-        ("mesh.members", members(old) == members(new)),
-        ("admin", admin(old) == admin(new)),
-        (
-            "routing and membership",
-            same(&old.routing, &new.routing) && same(&old.membership, &new.membership),
-        ),
-        (
-            "shutdown_grace_ms",
-            old.shutdown_grace == new.shutdown_grace,
-        ),
-    ];
-    checks
-        .into_iter()
-        .filter(|(_, unchanged)| !unchanged)
-        .map(|(name, _)| name)
-        .collect()
+/// The node settings of a connector config.
+fn settings(c: &Config) -> reload::NodeSettings<'_> {
+    reload::NodeSettings {
+        identity: &c.identity,
+        listen: c.listen,
+        worker_threads: c.worker_threads,
+        admin: c.admin.as_ref(),
+        routing: &c.routing,
+        membership: &c.membership,
+        shutdown_grace: c.shutdown_grace,
+    }
 }

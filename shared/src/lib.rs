@@ -13,6 +13,7 @@ pub mod membership;
 pub mod mesh;
 pub mod pipe;
 pub mod quic;
+pub mod reload;
 pub mod resolve;
 pub mod routing;
 /// SWIM membership liveness (foca), sans-IO: which members are alive, suspect or down.
