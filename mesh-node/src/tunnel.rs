@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use skylane_shared::flow::{self, FlowRecv, FlowSend};
 use skylane_shared::identity::NodeKey;
 use skylane_shared::lifecycle::Backoff;
 use skylane_shared::membership::Member;
@@ -77,9 +78,9 @@ pub struct TunnelStream {
     /// The connector it goes to.
     pub connector: String,
     /// Its sending half.
-    pub send: quinn::SendStream,
+    pub send: FlowSend,
     /// Its receiving half.
-    pub recv: quinn::RecvStream,
+    pub recv: FlowRecv,
     /// Its place on the connection: keep it as long as the flow.
     pub slot: StreamSlot,
 }
@@ -304,7 +305,8 @@ impl TunnelPool {
                     continue;
                 };
                 match tokio::time::timeout_at(deadline, conn.open_bi()).await {
-                    Ok(Ok((send, recv))) => {
+                    Ok(Ok(halves)) => {
+                        let (send, recv) = flow::from_quic(halves);
                         return Ok(TunnelStream {
                             connector: link.member.name.clone(),
                             send,

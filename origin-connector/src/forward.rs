@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http_body_util::BodyExt as _;
-use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, read_end_if_there, splice};
+use skylane_shared::flow::{FlowRecv, FlowSend};
+use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, splice};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::wire::{
     self, Refusal, RefusalKind, Reply, RequestHead, ResponseHead, StreamKind,
@@ -37,8 +38,8 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn handle_stream(
     ctx: Context,
     peer: Arc<str>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: FlowSend,
+    mut recv: FlowRecv,
 ) {
     let started = Instant::now();
     let header = match tokio::time::timeout(HEADER_TIMEOUT, wire::read_header(&mut recv)).await {
@@ -47,14 +48,14 @@ pub async fn handle_stream(
             metrics::counter!("skylane_connector_bad_streams_total").increment(1);
             tracing::warn!(%peer, error = %e, "malformed stream header");
             refuse(&mut send, RefusalKind::BadHeader, e.to_string()).await;
-            let _ = recv.stop(0u32.into());
+            recv.stop();
             return;
         }
         Err(_) => {
             metrics::counter!("skylane_connector_bad_streams_total").increment(1);
             tracing::debug!(%peer, "no stream header in time");
-            let _ = recv.stop(0u32.into());
-            let _ = send.reset(0u32.into());
+            recv.stop();
+            send.reset();
             return;
         }
     };
@@ -70,8 +71,8 @@ async fn serve_stream(
     ctx: Context,
     peer: Arc<str>,
     header: wire::StreamHeader,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: FlowSend,
+    mut recv: FlowRecv,
     started: Instant,
 ) {
     if ctx.draining.is_cancelled() {
@@ -91,7 +92,7 @@ async fn serve_stream(
             format!("no service named {:?}", header.service),
         )
         .await;
-        let _ = recv.stop(0u32.into());
+        recv.stop();
         return;
     };
     match (&header.kind, pool.service.kind) {
@@ -126,7 +127,7 @@ async fn serve_stream(
             ),
         )
         .await;
-        let _ = recv.stop(0u32.into());
+        recv.stop();
         return;
     };
     let metrics = pool.metrics();
@@ -157,7 +158,7 @@ async fn serve_stream(
 /// the edge.
 async fn healthy_candidates(
     pool: &ServicePool,
-    send: &mut quinn::SendStream,
+    send: &mut FlowSend,
 ) -> Option<Vec<std::sync::Arc<OriginServer>>> {
     let candidates = pool.candidates();
     if candidates.is_empty() {
@@ -171,10 +172,10 @@ async fn healthy_candidates(
     Some(candidates)
 }
 
-async fn refuse(send: &mut quinn::SendStream, kind: RefusalKind, message: String) {
+async fn refuse(send: &mut FlowSend, kind: RefusalKind, message: String) {
     crate::stream_metrics::stream_refused(kind.label());
     let _ = wire::write_frame(send, &Reply::Refused(Refusal { kind, message })).await;
-    let _ = send.finish();
+    let _ = send.finish().await;
 }
 
 /// Headers the connector sets itself on the origin request.
@@ -202,8 +203,8 @@ async fn forward_http(
     ctx: &Context,
     pool: &ServicePool,
     head: RequestHead,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: FlowSend,
+    recv: FlowRecv,
     home: PipeHome<'_>,
 ) -> bool {
     let Some(candidates) = healthy_candidates(pool, &mut send).await else {
@@ -304,8 +305,8 @@ async fn relay_response(
     server: &OriginServer,
     head: &RequestHead,
     mut response: http::Response<hyper::body::Incoming>,
-    mut send: quinn::SendStream,
-    recv: Option<quinn::RecvStream>,
+    mut send: FlowSend,
+    recv: Option<FlowRecv>,
     home: PipeHome<'_>,
 ) -> bool {
     let PipeHome {
@@ -355,7 +356,7 @@ async fn relay_response(
             }
             Err(e) => {
                 tracing::warn!(server = %server.spec, error = %e, "origin upgrade failed");
-                let _ = send.reset(1u32.into());
+                send.reset();
                 false
             }
         };
@@ -363,13 +364,13 @@ async fn relay_response(
     let sent = head_and_body_to_stream(reply, response.into_body(), &mut send).await;
     if let Some(mut recv) = recv {
         // A bodiless request: its end came right after the header.
-        read_end_if_there(&mut recv);
+        recv.end_if_there();
     }
     match sent {
         Ok(n) => stream_metrics::bytes().from_origin.increment(n),
         Err(e) => {
             tracing::debug!(error = %e, "response body ended early");
-            let _ = send.reset(1u32.into());
+            send.reset();
         }
     }
     false
@@ -378,8 +379,8 @@ async fn relay_response(
 async fn forward_tcp(
     ctx: &Context,
     pool: &ServicePool,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: FlowSend,
+    recv: FlowRecv,
 ) {
     let Some(candidates) = healthy_candidates(pool, &mut send).await else {
         return;

@@ -242,6 +242,7 @@ pub async fn serve(
                         }
                     },
                 };
+                let (send, recv) = skylane_shared::flow::from_quic((send, recv));
                 streams.spawn(forward::handle_stream(
                     ctx.clone(),
                     peer.clone(),

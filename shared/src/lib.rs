@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod flow;
 pub mod identity;
 pub mod lifecycle;
 pub mod membership;
@@ -21,3 +22,4 @@ pub mod swim;
 pub mod telemetry;
 pub mod trust;
 pub mod wire;
+pub mod wireguard;

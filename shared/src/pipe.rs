@@ -11,13 +11,15 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::flow::{FlowRecv, FlowSend};
+
 /// Largest chunk read from a tunnel stream at once. quinn hands out what it has received,
 /// so this only bounds one frame of the body, not latency.
 const CHUNK: usize = 64 * 1024;
 
 /// An HTTP body that streams a tunnel stream's bytes until the peer finishes it.
 pub struct TunnelBody {
-    recv: quinn::RecvStream,
+    recv: FlowRecv,
     done: bool,
     /// Known total length, when the head carried `Content-Length`, for the size hint.
     expected: Option<u64>,
@@ -27,36 +29,13 @@ pub struct TunnelBody {
 
 impl TunnelBody {
     /// Wraps a receive stream positioned at the first body byte.
-    pub fn new(recv: quinn::RecvStream, expected: Option<u64>) -> Self {
+    pub fn new(recv: FlowRecv, expected: Option<u64>) -> Self {
         Self {
             recv,
             done: false,
             expected,
             received: 0,
         }
-    }
-}
-
-/// Reads the end of a stream whose data has all been read, if it is already there, and
-/// says whether it was.
-///
-/// A `RecvStream` dropped before its end was read makes quinn send STOP_SENDING, even when
-/// the end had arrived: one spurious frame per stream, and often a packet of its own, each
-/// way, for every request. Polled once with a no-op waker: it never waits.
-pub fn read_end_if_there(recv: &mut quinn::RecvStream) -> bool {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    let fut = recv.read_chunk(1, true);
-    tokio::pin!(fut);
-    match fut.poll(&mut cx) {
-        Poll::Ready(Ok(None)) => true,
-        Poll::Ready(Ok(Some(extra))) => {
-            tracing::debug!(
-                bytes = extra.bytes.len(),
-                "data past the announced end of a stream ignored"
-            );
-            false
-        }
-        Poll::Ready(Err(_)) | Poll::Pending => false,
     }
 }
 
@@ -71,23 +50,16 @@ impl Body for TunnelBody {
         if self.done {
             return Poll::Ready(None);
         }
-        // Polling a fresh `read_chunk` future each time is sound: it takes data only when
-        // it completes, and registers the waker otherwise.
-        let polled = {
-            let fut = self.recv.read_chunk(CHUNK, true);
-            tokio::pin!(fut);
-            fut.poll(cx)
-        };
-        match polled {
+        match self.recv.poll_chunk(cx, CHUNK) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(chunk))) => {
-                self.received += chunk.bytes.len() as u64;
+                self.received += chunk.len() as u64;
                 // hyper stops polling once `Content-Length` bytes came; take the end of the
                 // stream now if it came with them, so dropping the body sends nothing.
-                if self.expected == Some(self.received) && read_end_if_there(&mut self.recv) {
+                if self.expected == Some(self.received) && self.recv.end_if_there() {
                     self.done = true;
                 }
-                Poll::Ready(Some(Ok(Frame::data(chunk.bytes))))
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
             }
             Poll::Ready(Ok(None)) => {
                 self.done = true;
@@ -95,7 +67,7 @@ impl Body for TunnelBody {
             }
             Poll::Ready(Err(e)) => {
                 self.done = true;
-                Poll::Ready(Some(Err(io::Error::other(e))))
+                Poll::Ready(Some(Err(e)))
             }
         }
     }
@@ -115,7 +87,7 @@ impl Body for TunnelBody {
 /// Writes every data frame of `body` to `send`, then finishes the stream. Returns the
 /// bytes written. Each write waits for flow-control credit: back-pressure reaches the
 /// body's producer.
-pub async fn body_to_stream<B>(mut body: B, send: &mut quinn::SendStream) -> io::Result<u64>
+pub async fn body_to_stream<B>(mut body: B, send: &mut FlowSend) -> io::Result<u64>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -125,10 +97,10 @@ where
         let frame = frame.map_err(|e| io::Error::other(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             total += data.len() as u64;
-            send.write_chunk(data).await.map_err(io::Error::other)?;
+            send.write_chunk(data).await?;
         }
     }
-    send.finish().map_err(io::Error::other)?;
+    send.finish().await?;
     Ok(total)
 }
 
@@ -142,7 +114,7 @@ where
 pub async fn head_and_body_to_stream<B>(
     head: Bytes,
     mut body: B,
-    send: &mut quinn::SendStream,
+    send: &mut FlowSend,
 ) -> io::Result<u64>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -159,14 +131,12 @@ where
     };
     let sent = first.as_ref().map_or(0, |d| d.len() as u64);
     let mut chunks = [head, first.unwrap_or_default()];
-    send.write_all_chunks(&mut chunks)
-        .await
-        .map_err(io::Error::other)?;
+    send.write_all_chunks(&mut chunks).await?;
     if let Some(e) = failed {
         return Err(io::Error::other(e));
     }
     if ended || body.is_end_stream() {
-        send.finish().map_err(io::Error::other)?;
+        send.finish().await?;
         return Ok(sent);
     }
     Ok(sent + body_to_stream(body, send).await?)
@@ -277,8 +247,8 @@ thread_local! {
 /// other side cannot take at once is kept. `hooks` see the traffic and may inject bytes
 /// or end the splice (see [`SpliceHooks`]).
 pub struct Splice<IO, H> {
-    recv: quinn::RecvStream,
-    send: quinn::SendStream,
+    recv: FlowRecv,
+    send: FlowSend,
     io: IO,
     hooks: H,
     down: Pending,
@@ -286,13 +256,15 @@ pub struct Splice<IO, H> {
     down_unflushed: bool,
     down_done: bool,
     up: Pending,
+    /// `io` reached its end; the tunnel's direction is being finished.
+    up_ending: bool,
     up_done: bool,
     down_bytes: u64,
     up_bytes: u64,
 }
 
 /// A splice without hooks (see [`Splice`]).
-pub fn splice<IO>(recv: quinn::RecvStream, send: quinn::SendStream, io: IO) -> Splice<IO, NoHooks>
+pub fn splice<IO>(recv: FlowRecv, send: FlowSend, io: IO) -> Splice<IO, NoHooks>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -305,7 +277,7 @@ where
     H: SpliceHooks,
 {
     /// A splice with `hooks`.
-    pub fn new(recv: quinn::RecvStream, send: quinn::SendStream, io: IO, hooks: H) -> Self {
+    pub fn new(recv: FlowRecv, send: FlowSend, io: IO, hooks: H) -> Self {
         Self {
             recv,
             send,
@@ -315,6 +287,7 @@ where
             down_unflushed: false,
             down_done: false,
             up: Pending::default(),
+            up_ending: false,
             up_done: false,
             down_bytes: 0,
             up_bytes: 0,
@@ -351,18 +324,13 @@ where
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) | Poll::Pending => {}
             }
-            let polled = {
-                let fut = self.recv.read_chunk(CHUNK, true);
-                tokio::pin!(fut);
-                fut.poll(cx)
-            };
-            match polled {
+            match self.recv.poll_chunk(cx, CHUNK) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(Some(chunk))) => {
-                    self.down_bytes += chunk.bytes.len() as u64;
-                    self.hooks.sent_down(&chunk.bytes);
+                    self.down_bytes += chunk.len() as u64;
+                    self.hooks.sent_down(&chunk);
                     self.down = Pending {
-                        bytes: chunk.bytes,
+                        bytes: chunk,
                         offset: 0,
                     };
                 }
@@ -371,7 +339,7 @@ where
                     self.down_done = true;
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -383,10 +351,15 @@ where
         }
         loop {
             if !self.up.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut self.send).poll_write(cx, self.up.rest()))
-                    .map_err(io::Error::other)?;
+                let n = std::task::ready!(Pin::new(&mut self.send).poll_write(cx, self.up.rest()))?;
                 self.up.offset += n;
                 continue;
+            }
+            if self.up_ending {
+                // A direction that cannot be finished cleanly is over all the same.
+                let _ = std::task::ready!(self.send.poll_finish(cx));
+                self.up_done = true;
+                return Poll::Ready(Ok(()));
             }
             let read = SCRATCH_BUF.with_borrow_mut(|scratch| {
                 let mut buf = tokio::io::ReadBuf::new(scratch);
@@ -401,7 +374,7 @@ where
                         // Hand quinn what it takes now; keep only the rest.
                         let taken = match Pin::new(&mut self.send).poll_write(cx, data) {
                             Poll::Ready(Ok(n)) => n,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                             Poll::Pending => 0,
                         };
                         Poll::Ready(Ok(Some((
@@ -413,9 +386,7 @@ where
             });
             match std::task::ready!(read)? {
                 None => {
-                    let _ = self.send.finish();
-                    self.up_done = true;
-                    return Poll::Ready(Ok(()));
+                    self.up_ending = true;
                 }
                 Some((n, rest)) => {
                     self.up_bytes += n as u64;

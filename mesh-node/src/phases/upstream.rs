@@ -13,6 +13,7 @@ use std::sync::Arc;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
+use skylane_shared::flow::{FlowRecv, FlowSend};
 use skylane_shared::pipe::{Splice, TunnelBody, body_to_stream};
 use skylane_shared::wire::{
     self, RefusalKind, Reply, RequestHead, StreamHeader, StreamKind, WIRE_VERSION,
@@ -259,7 +260,7 @@ where
                                 .increment(n),
                             Err(e) => {
                                 tracing::debug!(error = %e, "request body ended early");
-                                let _ = body_send.reset(1u32.into());
+                                body_send.reset();
                             }
                         }
                     }
@@ -268,7 +269,7 @@ where
                 return Attempt::Replied(reply_or_lost(&edge, &connector, &mut recv).await, None);
             }
             if upgrade.is_none() {
-                let _ = send.finish();
+                let _ = send.finish().await;
             }
             Attempt::Replied(reply_or_lost(&edge, &connector, &mut recv).await, Some(send))
         }
@@ -315,7 +316,7 @@ where
 async fn reply_or_lost(
     edge: &Edge,
     connector: &str,
-    recv: &mut quinn::RecvStream,
+    recv: &mut FlowRecv,
 ) -> Option<Reply> {
     tokio::select! {
         reply = wire::read_frame(recv) => reply.ok(),
@@ -332,7 +333,7 @@ enum Attempt {
     Failed,
     /// The connector's reply (`None`: the stream failed first), and the sending half
     /// when no body task took it (an upgrade's byte pipe needs it).
-    Replied(Option<Reply>, Option<quinn::SendStream>),
+    Replied(Option<Reply>, Option<FlowSend>),
 }
 
 /// Methods that mean the same when sent twice (RFC 9110, section 9.2.2).
@@ -348,8 +349,8 @@ fn is_idempotent(method: &Method) -> bool {
 async fn respond(
     edge: &Edge,
     reply: Option<Reply>,
-    recv: quinn::RecvStream,
-    upgrade: Option<(hyper::upgrade::OnUpgrade, quinn::SendStream)>,
+    recv: FlowRecv,
+    upgrade: Option<(hyper::upgrade::OnUpgrade, FlowSend)>,
     is_h2: bool,
     ctx: &RequestCtx,
     held: HeldStream,
@@ -421,8 +422,8 @@ async fn respond(
 /// as soon as the client is switched over.
 async fn pipe(
     on_upgrade: hyper::upgrade::OnUpgrade,
-    recv: quinn::RecvStream,
-    send: quinn::SendStream,
+    recv: FlowRecv,
+    send: FlowSend,
     keepalive: Keepalive,
     held: HeldStream,
     id: String,

@@ -1,0 +1,350 @@
+//! The userspace TCP/IP stack inside one WireGuard tunnel (smoltcp): IP packets in and
+//! out through two bounded queues, one TCP socket per flow, and nothing that reads a clock
+//! — the caller passes `now`.
+//!
+//! A flow whose handle is dropped is not cut off: its socket is closed (a FIN, or a RST
+//! when unread data is left, as a kernel does) and kept until the close is over, so the
+//! far side never holds a connection nobody answers for.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+/// IP packets queued each way at most; past that, inbound packets are dropped (TCP sends
+/// them again) and the stack stops emitting until the queue drains.
+const QUEUE_PACKETS: usize = 1024;
+/// Local ports flows are given, as a kernel's ephemeral range.
+const PORTS: std::ops::RangeInclusive<u16> = 49_152..=65_535;
+/// A flow with data unacknowledged this long is given up (the far side is gone).
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keepalive probes on idle flows, so a dead far side is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(25);
+
+/// Why a flow could not be opened.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OpenError {
+    /// The tunnel carries its configured maximum of flows.
+    #[error("the tunnel carries its maximum of {0} flows")]
+    Full(usize),
+    /// Every local port is taken.
+    #[error("no free local port")]
+    NoPort,
+    /// smoltcp refused the connect (an address it cannot use).
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, String),
+}
+
+/// The two packet queues smoltcp reads from and writes to.
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = vec![0; len];
+        let r = f(&mut packet);
+        self.0.push_back(packet);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(Rx, Tx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<Tx<'_>> {
+        (self.tx.len() < QUEUE_PACKETS).then(|| Tx(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        caps
+    }
+}
+
+/// One tunnel's TCP/IP stack.
+pub struct Stack {
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    queues: Queues,
+    local: IpAddr,
+    /// Ports in use, and where the search for a free one starts.
+    ports: HashSet<u16>,
+    next_port: u16,
+    /// Flows whose handle was dropped, still closing.
+    closing: Vec<(SocketHandle, u16)>,
+    /// Open flows (handles held by a stream).
+    open: usize,
+    buffer_bytes: usize,
+    max_flows: usize,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("local", &self.local)
+            .field("open", &self.open)
+            .field("closing", &self.closing.len())
+            .finish()
+    }
+}
+
+impl Stack {
+    /// A stack with the address `local` (this side's address inside the tunnel), packets
+    /// of at most `mtu` bytes, `buffer_bytes` of send and of receive buffer per flow (the
+    /// largest TCP window a flow can use), and at most `max_flows` flows.
+    pub fn new(local: IpAddr, mtu: usize, buffer_bytes: usize, max_flows: usize, now: Instant) -> Self {
+        let mut queues = Queues {
+            rx: VecDeque::new(),
+            tx: VecDeque::new(),
+            mtu,
+        };
+        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut queues, now);
+        iface.update_ip_addrs(|addrs| {
+            // One address on a fresh interface always fits.
+            let _ = addrs.push(IpCidr::new(IpAddress::from(local), host_prefix(local)));
+        });
+        // Everything leaves through the tunnel: the peer's allowed IPs decide what may.
+        // On an IP medium the gateway is never resolved, only the route looked up.
+        match local {
+            IpAddr::V4(v4) => {
+                let _ = iface.routes_mut().add_default_ipv4_route(v4);
+            }
+            IpAddr::V6(v6) => {
+                let _ = iface.routes_mut().add_default_ipv6_route(v6);
+            }
+        }
+        Self {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            queues,
+            local,
+            ports: HashSet::new(),
+            next_port: *PORTS.start(),
+            closing: Vec::new(),
+            open: 0,
+            buffer_bytes,
+            max_flows,
+        }
+    }
+
+    /// This side's address inside the tunnel.
+    pub fn local(&self) -> IpAddr {
+        self.local
+    }
+
+    /// Flows open now, and flows still closing.
+    pub fn flows(&self) -> (usize, usize) {
+        (self.open, self.closing.len())
+    }
+
+    /// Queues an IP packet that came out of the tunnel. False when the queue is full and
+    /// the packet was dropped.
+    pub fn push_inbound(&mut self, packet: &[u8]) -> bool {
+        if self.queues.rx.len() >= QUEUE_PACKETS {
+            return false;
+        }
+        self.queues.rx.push_back(packet.to_vec());
+        true
+    }
+
+    /// Runs the stack: takes the inbound packets, moves socket data, emits packets, and
+    /// frees the sockets of flows whose close is over.
+    pub fn poll(&mut self, now: Instant) {
+        // Only flows released before this poll: the RST of an abort leaves in it.
+        let closing = std::mem::take(&mut self.closing);
+        self.iface.poll(now, &mut self.queues, &mut self.sockets);
+        for (handle, port) in closing {
+            if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed {
+                self.sockets.remove(handle);
+                self.ports.remove(&port);
+            } else {
+                self.closing.push((handle, port));
+            }
+        }
+    }
+
+    /// The next packet for the tunnel, if any.
+    pub fn pop_outbound(&mut self) -> Option<Vec<u8>> {
+        self.queues.tx.pop_front()
+    }
+
+    /// How long until [`Stack::poll`] has work again (a retransmit, a keepalive), if ever.
+    pub fn poll_delay(&mut self, now: Instant) -> Option<Duration> {
+        self.iface.poll_delay(now, &self.sockets)
+    }
+
+    /// Starts a TCP connection to `remote`; the SYN leaves at the next poll.
+    pub fn connect(&mut self, remote: SocketAddr) -> Result<SocketHandle, OpenError> {
+        if self.open >= self.max_flows {
+            return Err(OpenError::Full(self.max_flows));
+        }
+        let port = self.free_port().ok_or(OpenError::NoPort)?;
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.buffer_bytes]),
+            tcp::SocketBuffer::new(vec![0; self.buffer_bytes]),
+        );
+        // Flows carry requests and websocket frames: no Nagle delay, as TCP_NODELAY.
+        socket.set_nagle_enabled(false);
+        socket.set_keep_alive(Some(KEEPALIVE));
+        socket.set_timeout(Some(ACK_TIMEOUT));
+        socket
+            .connect(self.iface.context(), remote, port)
+            .map_err(|e| OpenError::Connect(remote, e.to_string()))?;
+        self.ports.insert(port);
+        self.open += 1;
+        Ok(self.sockets.add(socket))
+    }
+
+    /// The socket of an open flow.
+    pub fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    /// The flow's handle was dropped: close it (RST when data was left unread) and free it
+    /// once closed.
+    pub fn release(&mut self, handle: SocketHandle) {
+        self.open = self.open.saturating_sub(1);
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let port = socket.local_endpoint().map_or(0, |e| e.port);
+        if socket.recv_queue() > 0 {
+            socket.abort();
+        } else {
+            socket.close();
+        }
+        self.closing.push((handle, port));
+    }
+
+    fn free_port(&mut self) -> Option<u16> {
+        let span = usize::from(PORTS.end() - PORTS.start()) + 1;
+        for _ in 0..span {
+            let p = self.next_port;
+            self.next_port = if p == *PORTS.end() { *PORTS.start() } else { p + 1 };
+            if !self.ports.contains(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+}
+
+fn host_prefix(a: IpAddr) -> u8 {
+    match a {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+/// smoltcp's clock from tokio's, so paused-clock tests drive it too.
+pub fn smol_now(origin: tokio::time::Instant) -> Instant {
+    Instant::from_micros(i64::try_from(origin.elapsed().as_micros()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Stack, Stack) {
+        let now = Instant::from_millis(0);
+        (
+            Stack::new("10.9.0.1".parse().expect("ip"), 1420, 64 * 1024, 4, now),
+            Stack::new("10.9.0.2".parse().expect("ip"), 1420, 64 * 1024, 4, now),
+        )
+    }
+
+    /// Moves every packet between the two stacks until both are quiet.
+    fn settle(a: &mut Stack, b: &mut Stack, now: Instant) {
+        for _ in 0..100 {
+            a.poll(now);
+            b.poll(now);
+            let mut moved = false;
+            while let Some(p) = a.pop_outbound() {
+                b.push_inbound(&p);
+                moved = true;
+            }
+            while let Some(p) = b.pop_outbound() {
+                a.push_inbound(&p);
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn a_flow_connects_carries_data_and_frees_its_socket_when_released() {
+        let (mut a, mut b) = pair();
+        let now = Instant::from_millis(1);
+        // b listens on one socket.
+        let mut l = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 4096]),
+            tcp::SocketBuffer::new(vec![0; 4096]),
+        );
+        l.listen(7000).expect("listen");
+        let lh = b.sockets.add(l);
+        let h = a.connect("10.9.0.2:7000".parse().expect("addr")).expect("connect");
+        settle(&mut a, &mut b, now);
+        assert_eq!(a.socket(h).state(), tcp::State::Established);
+        a.socket(h).send_slice(b"hello").expect("send");
+        settle(&mut a, &mut b, now);
+        let mut got = [0u8; 16];
+        let n = b.socket(lh).recv_slice(&mut got).expect("recv");
+        assert_eq!(&got[..n], b"hello");
+        assert_eq!(a.flows(), (1, 0));
+        a.release(h);
+        assert_eq!(a.flows(), (0, 1));
+        b.socket(lh).close();
+        settle(&mut a, &mut b, now);
+        // TIME-WAIT on the closing side ends after its timer.
+        settle(&mut a, &mut b, Instant::from_secs(60));
+        assert_eq!(a.flows(), (0, 0), "the closed flow's socket is freed");
+    }
+
+    #[test]
+    fn the_flow_cap_holds() {
+        let (mut a, _) = pair();
+        for i in 0..4 {
+            a.connect(SocketAddr::new("10.9.0.2".parse().expect("ip"), 7000 + i))
+                .expect("connect");
+        }
+        assert_eq!(
+            a.connect("10.9.0.2:7100".parse().expect("addr")).unwrap_err(),
+            OpenError::Full(4)
+        );
+    }
+
+    #[test]
+    fn a_full_inbound_queue_drops_instead_of_growing() {
+        let (mut a, _) = pair();
+        for _ in 0..QUEUE_PACKETS {
+            assert!(a.push_inbound(&[0x45; 20]));
+        }
+        assert!(!a.push_inbound(&[0x45; 20]));
+        a.poll(Instant::from_millis(1));
+        assert!(a.push_inbound(&[0x45; 20]), "a poll drains the queue");
+    }
+}

@@ -1,0 +1,541 @@
+//! One WireGuard tunnel to one peer, in user space: boringtun's `Tunn` (Noise IK, timers,
+//! rekeying) over a UDP socket of its own, and the [`Stack`] carrying TCP flows inside it.
+//!
+//! One task drives it: datagrams in → decapsulate → IP packets to the stack; the stack's
+//! packets → encapsulate → datagrams out; boringtun's timers every 250 ms (handshake
+//! retries, keepalives, rekey). Flows ([`WgStream`]) are tokio `AsyncRead`/`AsyncWrite`
+//! handles on the stack's sockets; they wake the task when they have written or read.
+//!
+//! Only packets from the peer's allowed IPs are let in, and flows go only to allowed IPs
+//! (cryptokey routing). The peer may roam: an authenticated datagram from a new source
+//! moves the endpoint there, as WireGuard does, so a relayed or re-NATed path keeps working.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use boringtun::noise::{Tunn, TunnResult};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::config::Peer;
+use super::keys::{SecretKey, format_key};
+use super::stack::{self, Stack};
+use crate::resolve::Resolver;
+
+/// How often boringtun's timers run (its own device uses the same tick).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
+const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// While down, the endpoint name is resolved again this often.
+const RERESOLVE: Duration = Duration::from_secs(30);
+/// Datagrams taken from the socket per wake-up before the stack runs.
+const BATCH: usize = 64;
+/// Largest datagram handled; WireGuard adds 32 bytes to an MTU-sized packet.
+const DATAGRAM: usize = 65_536;
+
+/// What an operator sees of a tunnel.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TunnelStatus {
+    /// The peer's name.
+    pub peer: String,
+    /// The peer's public key.
+    pub public_key: String,
+    /// This side's public key (what goes in the peer's config).
+    pub local_public_key: String,
+    /// Where datagrams go now.
+    pub endpoint: Option<String>,
+    /// This side's tunnel address.
+    pub address: String,
+    /// Whether a session is up (a handshake in the last three minutes).
+    pub up: bool,
+    /// Seconds since the last completed handshake.
+    pub handshake_age_s: Option<u64>,
+    /// Round-trip time of the last handshake, ms.
+    pub rtt_ms: Option<u32>,
+    /// Bytes sent and received inside the tunnel.
+    pub tx_bytes: u64,
+    /// Bytes received inside the tunnel.
+    pub rx_bytes: u64,
+    /// Flows open, and flows still closing.
+    pub flows: usize,
+    /// Flows whose close is not over yet.
+    pub closing: usize,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// State the driver task and the flows share.
+struct Shared {
+    stack: Mutex<Stack>,
+    /// Wakes the driver: a flow wrote, read (window update), opened or closed.
+    wake: Notify,
+    /// Where the peer is now, once known.
+    endpoint: Mutex<Option<SocketAddr>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn stack(&self) -> MutexGuard<'_, Stack> {
+        // A flow that panicked while holding the lock leaves the stack usable: its data
+        // structures are smoltcp's, consistent between calls.
+        self.stack.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running tunnel.
+pub struct WgTunnel {
+    peer: Peer,
+    local_public: [u8; 32],
+    shared: Arc<Shared>,
+    tunn: Arc<Mutex<Tunn>>,
+    clock: tokio::time::Instant,
+}
+
+impl std::fmt::Debug for WgTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgTunnel").field("peer", &self.peer.name).finish()
+    }
+}
+
+/// Why a flow could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address is not in the peer's allowed IPs.
+    #[error("{0} is not in the allowed IPs of peer {1}")]
+    NotAllowed(SocketAddr, String),
+    /// The stack refused (full, no port).
+    #[error(transparent)]
+    Stack(#[from] stack::OpenError),
+    /// The far side refused, or the handshake did not complete, in time.
+    #[error("connecting to {0} through the tunnel failed: {1}")]
+    Failed(SocketAddr, String),
+}
+
+impl WgTunnel {
+    /// Binds the tunnel's UDP socket and starts its task; the first handshake starts at
+    /// once (and is retried by boringtun's timers until the peer answers).
+    pub async fn start(
+        peer: Peer,
+        key: &SecretKey,
+        resolver: Resolver,
+        stop: CancellationToken,
+    ) -> io::Result<Arc<Self>> {
+        let bind: SocketAddr = match resolver.resolve(&peer.endpoint).await {
+            Ok(r) if r.addrs.first().is_some_and(SocketAddr::is_ipv6) => {
+                (std::net::Ipv6Addr::UNSPECIFIED, peer.listen_port.unwrap_or(0)).into()
+            }
+            _ => (std::net::Ipv4Addr::UNSPECIFIED, peer.listen_port.unwrap_or(0)).into(),
+        };
+        let udp = UdpSocket::bind(bind).await?;
+        let clock = tokio::time::Instant::now();
+        let stack = Stack::new(
+            peer.address,
+            peer.mtu,
+            peer.flow_buffer_bytes,
+            peer.max_flows,
+            stack::smol_now(clock),
+        );
+        let tunn = Tunn::new(
+            key.static_secret(),
+            boringtun::x25519::PublicKey::from(peer.public_key),
+            peer.preshared_key.as_ref().map(|k| k.0),
+            peer.keepalive.map(|d| u16::try_from(d.as_secs()).unwrap_or(u16::MAX)),
+            rand::random::<u32>() >> 8,
+            None,
+        );
+        let tunnel = Arc::new(Self {
+            local_public: key.public_key(),
+            shared: Arc::new(Shared {
+                stack: Mutex::new(stack),
+                wake: Notify::new(),
+                endpoint: Mutex::new(None),
+                last_error: Mutex::new(None),
+            }),
+            tunn: Arc::new(Mutex::new(tunn)),
+            peer,
+            clock,
+        });
+        tracing::info!(
+            peer = %tunnel.peer.name,
+            endpoint = %tunnel.peer.endpoint,
+            local = %udp.local_addr()?,
+            public_key = %format_key(&tunnel.local_public),
+            "wireguard tunnel starting"
+        );
+        tokio::spawn(tunnel.clone().run(udp, resolver, stop));
+        Ok(tunnel)
+    }
+
+    /// The peer's name.
+    pub fn name(&self) -> &str {
+        &self.peer.name
+    }
+
+    /// Whether a session is up.
+    pub fn is_up(&self) -> bool {
+        self.tunn()
+            .time_since_last_handshake()
+            .is_some_and(|t| t < SESSION_LIFETIME)
+    }
+
+    /// Round-trip time of the last handshake, when a session is up.
+    pub fn rtt(&self) -> Option<Duration> {
+        let (age, _, _, _, rtt) = self.tunn().stats();
+        age.filter(|a| *a < SESSION_LIFETIME)?;
+        rtt.map(|ms| Duration::from_millis(u64::from(ms)))
+    }
+
+    /// Opens a TCP flow to `addr` inside the tunnel, within `timeout`.
+    pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<WgStream, ConnectError> {
+        if !self.peer.allows(addr.ip()) {
+            return Err(ConnectError::NotAllowed(addr, self.peer.name.clone()));
+        }
+        let handle = self.shared.stack().connect(addr)?;
+        let stream = WgStream {
+            shared: self.shared.clone(),
+            handle,
+            peer: addr,
+        };
+        self.shared.wake.notify_one();
+        let established = std::future::poll_fn(|cx| stream.poll_established(cx));
+        match tokio::time::timeout(timeout, established).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(ConnectError::Failed(addr, e.to_string())),
+            Err(_) => Err(ConnectError::Failed(
+                addr,
+                if self.is_up() {
+                    "no answer in time".into()
+                } else {
+                    "no WireGuard handshake with the peer".into()
+                },
+            )),
+        }
+    }
+
+    /// What an operator sees.
+    pub fn status(&self) -> TunnelStatus {
+        let (age, tx, rx, _loss, rtt) = self.tunn().stats();
+        let (flows, closing) = self.shared.stack().flows();
+        TunnelStatus {
+            peer: self.peer.name.clone(),
+            public_key: format_key(&self.peer.public_key),
+            local_public_key: format_key(&self.local_public),
+            endpoint: lock(&self.shared.endpoint).map(|a| a.to_string()),
+            address: self.peer.address.to_string(),
+            up: age.is_some_and(|a| a < SESSION_LIFETIME),
+            handshake_age_s: age.map(|a| a.as_secs()),
+            rtt_ms: rtt,
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+            flows,
+            closing,
+            last_error: lock(&self.shared.last_error).clone(),
+        }
+    }
+
+    fn tunn(&self) -> MutexGuard<'_, Tunn> {
+        self.tunn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_error(&self, e: String) {
+        *lock(&self.shared.last_error) = Some(e);
+    }
+
+    /// The driver task.
+    async fn run(self: Arc<Self>, udp: UdpSocket, resolver: Resolver, stop: CancellationToken) {
+        let name = self.peer.name.clone();
+        let mut inbuf = vec![0u8; DATAGRAM];
+        let mut outbuf = vec![0u8; DATAGRAM + 32];
+        let mut timers = tokio::time::interval(TIMER_TICK);
+        timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resolved_at: Option<tokio::time::Instant> = None;
+        loop {
+            // Resolve the endpoint at start, and again while the tunnel is down.
+            let due = resolved_at.is_none_or(|t| t.elapsed() >= RERESOLVE);
+            if due && !self.is_up() {
+                resolved_at = Some(tokio::time::Instant::now());
+                match resolver.resolve(&self.peer.endpoint).await {
+                    Ok(r) => {
+                        if let Some(a) = r.addrs.first() {
+                            let first = lock(&self.shared.endpoint).replace(*a).is_none();
+                            if first {
+                                self.initiate(&udp, &mut outbuf).await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %name, error = %e, "cannot resolve the WireGuard endpoint");
+                        self.note_error(e.to_string());
+                    }
+                }
+            }
+            self.egress(&udp, &mut outbuf).await;
+            let delay = {
+                let now = stack::smol_now(self.clock);
+                self.shared.stack().poll_delay(now).map(Duration::from)
+            };
+            let sleep = tokio::time::sleep(delay.unwrap_or(TIMER_TICK).min(TIMER_TICK));
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                r = udp.recv_from(&mut inbuf) => match r {
+                    Ok((n, from)) => {
+                        self.ingress(&udp, from, n, &mut inbuf, &mut outbuf).await;
+                        for _ in 1..BATCH {
+                            match udp.try_recv_from(&mut inbuf) {
+                                Ok((n, from)) => self.ingress(&udp, from, n, &mut inbuf, &mut outbuf).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // ICMP errors surface here on some systems; the socket stays usable.
+                        tracing::debug!(peer = %name, error = %e, "wireguard socket receive error");
+                    }
+                },
+                _ = self.shared.wake.notified() => {}
+                _ = timers.tick() => self.tick(&udp, &mut outbuf).await,
+                _ = sleep => {}
+            }
+        }
+    }
+
+    /// Starts a handshake now rather than at the first flow.
+    async fn initiate(&self, udp: &UdpSocket, out: &mut [u8]) {
+        let packet = match self.tunn().format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return,
+        };
+        self.send(udp, &out[..packet]).await;
+    }
+
+    /// boringtun's timers: handshake retries, keepalives, rekeying, expiry.
+    async fn tick(&self, udp: &UdpSocket, out: &mut [u8]) {
+        let result = match self.tunn().update_timers(out) {
+            TunnResult::WriteToNetwork(p) => Ok(p.len()),
+            TunnResult::Err(e) => Err(e),
+            _ => return,
+        };
+        match result {
+            Ok(n) => self.send(udp, &out[..n]).await,
+            Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
+                tracing::debug!(peer = %self.peer.name, "wireguard session expired");
+            }
+            Err(e) => tracing::debug!(peer = %self.peer.name, error = ?e, "wireguard timer"),
+        }
+    }
+
+    /// One datagram from the network.
+    async fn ingress(&self, udp: &UdpSocket, from: SocketAddr, n: usize, inbuf: &mut [u8], out: &mut [u8]) {
+        enum Next {
+            Send(usize),
+            Tunnel(usize, IpAddr),
+            Done,
+            Drop(String),
+        }
+        let next = match self.tunn().decapsulate(Some(from.ip()), &inbuf[..n], out) {
+            TunnResult::WriteToNetwork(p) => Next::Send(p.len()),
+            TunnResult::WriteToTunnelV4(p, src) => Next::Tunnel(p.len(), src.into()),
+            TunnResult::WriteToTunnelV6(p, src) => Next::Tunnel(p.len(), src.into()),
+            TunnResult::Done => Next::Done,
+            TunnResult::Err(e) => Next::Drop(format!("{e:?}")),
+        };
+        if let Next::Drop(e) = next {
+            metrics::counter!("skylane_wireguard_dropped_total", "reason" => "bad_datagram").increment(1);
+            tracing::debug!(peer = %self.peer.name, %from, error = %e, "wireguard datagram dropped");
+            return;
+        }
+        // A cookie reply (message type 3) answers a datagram boringtun could not yet
+        // authenticate, under load: it goes back to the sender, who does not become the
+        // endpoint. Anything else passed authentication: the peer is where it came from
+        // (roaming).
+        let cookie = matches!(next, Next::Send(_)) && out.first() == Some(&3);
+        if !cookie {
+            let moved = lock(&self.shared.endpoint).replace(from) != Some(from);
+            if moved {
+                tracing::info!(peer = %self.peer.name, endpoint = %from, "wireguard peer endpoint");
+            }
+        }
+        match next {
+            Next::Send(len) => {
+                self.send_to(udp, &out[..len], from).await;
+                if cookie {
+                    return;
+                }
+                // Packets queued during the handshake go now.
+                loop {
+                    let len = match self.tunn().decapsulate(None, &[], out) {
+                        TunnResult::WriteToNetwork(p) => p.len(),
+                        _ => break,
+                    };
+                    self.send(udp, &out[..len]).await;
+                }
+            }
+            Next::Tunnel(len, src) => {
+                if !self.peer.allows(src) {
+                    metrics::counter!("skylane_wireguard_dropped_total", "reason" => "source_not_allowed")
+                        .increment(1);
+                    tracing::debug!(peer = %self.peer.name, %src, "packet from outside the allowed IPs dropped");
+                    return;
+                }
+                if !self.shared.stack().push_inbound(&out[..len]) {
+                    metrics::counter!("skylane_wireguard_dropped_total", "reason" => "queue_full").increment(1);
+                }
+            }
+            Next::Done | Next::Drop(_) => {}
+        }
+    }
+
+    /// Runs the stack and sends what it emitted.
+    async fn egress(&self, udp: &UdpSocket, out: &mut [u8]) {
+        let now = stack::smol_now(self.clock);
+        loop {
+            let packets: Vec<Vec<u8>> = {
+                let mut s = self.shared.stack();
+                s.poll(now);
+                std::iter::from_fn(|| s.pop_outbound()).take(BATCH).collect()
+            };
+            if packets.is_empty() {
+                return;
+            }
+            for p in packets {
+                let len = match self.tunn().encapsulate(&p, out) {
+                    TunnResult::WriteToNetwork(d) => d.len(),
+                    // Queued until the handshake completes (a handshake initiation, if
+                    // one was due, is what came back instead).
+                    TunnResult::Done => continue,
+                    TunnResult::Err(e) => {
+                        tracing::debug!(peer = %self.peer.name, error = ?e, "packet not encapsulated");
+                        continue;
+                    }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => continue,
+                };
+                self.send(udp, &out[..len]).await;
+            }
+        }
+    }
+
+    async fn send(&self, udp: &UdpSocket, datagram: &[u8]) {
+        let Some(to) = *lock(&self.shared.endpoint) else {
+            return;
+        };
+        self.send_to(udp, datagram, to).await;
+    }
+
+    async fn send_to(&self, udp: &UdpSocket, datagram: &[u8], to: SocketAddr) {
+        if let Err(e) = udp.send_to(datagram, to).await {
+            tracing::debug!(peer = %self.peer.name, %to, error = %e, "wireguard send failed");
+            self.note_error(format!("send to {to}: {e}"));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One TCP flow inside a tunnel. Dropping it closes the flow (see [`Stack::release`]).
+pub struct WgStream {
+    shared: Arc<Shared>,
+    handle: SocketHandle,
+    peer: SocketAddr,
+}
+
+impl std::fmt::Debug for WgStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgStream").field("peer", &self.peer).finish()
+    }
+}
+
+impl WgStream {
+    /// Where the flow goes.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn poll_established(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut stack = self.shared.stack();
+        let s = stack.socket(self.handle);
+        match s.state() {
+            tcp::State::Established | tcp::State::CloseWait => Poll::Ready(Ok(())),
+            tcp::State::Closed | tcp::State::TimeWait => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "connection refused",
+            ))),
+            _ => {
+                s.register_send_waker(cx.waker());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for WgStream {
+    fn drop(&mut self) {
+        self.shared.stack().release(self.handle);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl AsyncRead for WgStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut stack = self.shared.stack();
+        let s = stack.socket(self.handle);
+        if s.can_recv() {
+            let n = s.recv_slice(buf.initialize_unfilled()).map_err(io::Error::other)?;
+            buf.advance(n);
+            drop(stack);
+            // The window opened: the driver may owe the peer an update.
+            self.shared.wake.notify_one();
+            return Poll::Ready(Ok(()));
+        }
+        if !s.may_recv() {
+            return if s.state() == tcp::State::Closed && s.remote_endpoint().is_none() {
+                Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            } else {
+                Poll::Ready(Ok(())) // the peer's FIN: end of stream
+            };
+        }
+        s.register_recv_waker(cx.waker());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for WgStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut stack = self.shared.stack();
+        let s = stack.socket(self.handle);
+        if !s.may_send() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if s.can_send() {
+            let n = s.send_slice(data).map_err(io::Error::other)?;
+            drop(stack);
+            self.shared.wake.notify_one();
+            return Poll::Ready(Ok(n));
+        }
+        s.register_send_waker(cx.waker());
+        Poll::Pending
+    }
+
+    /// Written data is in the stack's send buffer, which sends it on its own: nothing to
+    /// flush (waiting for the peer's ACK here would stall every small write a round trip).
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends a FIN after the buffered data; reading goes on (half-close).
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.shared.stack().socket(self.handle).close();
+        self.shared.wake.notify_one();
+        Poll::Ready(Ok(()))
+    }
+}
