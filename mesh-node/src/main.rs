@@ -61,6 +61,14 @@ enum Command {
     /// certificates, policies, cache rules and log level change; open connections and
     /// websockets stay. An invalid config is refused and the one in force keeps serving.
     Reload(skylane_shared::cli::AdminArgs),
+    /// Print this edge's WireGuard public key, for the `[Peer]` entry of the WireGuard
+    /// endpoint it tunnels through: the key of `[wireguard] private_key_file`, or the one
+    /// derived from the node key.
+    WireguardKey {
+        /// Derive it from this node key file instead of reading `--config`.
+        #[arg(long, value_name = "FILE")]
+        node_key: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -189,6 +197,34 @@ fn real_main(cli: Cli) -> Result<(), i32> {
             return skylane_shared::cli::status(args, cli.config.as_deref(), |path| {
                 mesh_node::config::load(path).map(|c| c.admin)
             });
+        }
+        Some(Command::WireguardKey { node_key }) => {
+            use skylane_shared::wireguard::{SecretKey, keys};
+            let key = match (node_key, cli.config.as_deref()) {
+                (Some(path), _) => {
+                    let node = skylane_shared::identity::NodeKey::load(&path).map_err(|e| {
+                        eprintln!("error: {e}");
+                        EXIT_CONFIG
+                    })?;
+                    SecretKey::derived_from(&node)
+                }
+                (None, Some(path)) => {
+                    let config = mesh_node::config::load(path).map_err(|e| {
+                        eprintln!("error: {e}");
+                        EXIT_CONFIG
+                    })?;
+                    match config.wireguard {
+                        Some(w) => w.key,
+                        None => SecretKey::derived_from(&config.identity.key),
+                    }
+                }
+                (None, None) => {
+                    eprintln!("error: give --config FILE or --node-key FILE");
+                    return Err(EXIT_CONFIG);
+                }
+            };
+            println!("{}", keys::format_key(&key.public_key()));
+            return Ok(());
         }
         Some(Command::DevCert { out_dir, names }) => {
             let pki = mesh_node::tls::write_dev_pki(&out_dir, &names).map_err(|e| {

@@ -28,7 +28,7 @@ use crate::phases::flows::Flows;
 use crate::phases::under_attack::{self, AutoWatch, UnderAttackState};
 use crate::proxy::{self, Edge};
 use crate::reload::{self, Live};
-use crate::tunnel::TunnelPool;
+use crate::tunnel::{TunnelPool, WgLink};
 
 /// Descriptors kept back from `max_connections` when it comes from the open-file limit:
 /// tunnels, DNS, the admin listener, logs.
@@ -382,12 +382,14 @@ pub async fn serve(
         config.membership.clone(),
         stop_tunnels.clone(),
     )?;
+    let wg_links = start_wireguard(config.wireguard.as_ref(), stop_tunnels.clone()).await?;
     let tunnels = TunnelPool::start(
         endpoint.clone(),
         socket.clone(),
         control.clone(),
         identity.key.clone(),
         config.connectors.clone(),
+        wg_links,
         config.tunnel.clone(),
         stop_tunnels.clone(),
     );
@@ -669,4 +671,42 @@ async fn accept_https(
             }
         });
     }
+}
+
+/// Starts one WireGuard tunnel per `[[wireguard.peers]]` entry that a connector is behind,
+/// and returns the links to those connectors.
+async fn start_wireguard(
+    config: Option<&crate::config::wireguard::Wireguard>,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<WgLink>> {
+    let Some(wg) = config else {
+        return Ok(Vec::new());
+    };
+    let resolver = skylane_shared::resolve::Resolver::from_system();
+    let mut tunnels = std::collections::HashMap::new();
+    let mut links = Vec::new();
+    for c in &wg.connectors {
+        let tunnel = match tunnels.get(&c.peer) {
+            Some(t) => Arc::clone(t),
+            None => {
+                let Some(peer) = wg.peers.iter().find(|p| p.name == c.peer) else {
+                    continue; // validation checked every connector names a peer
+                };
+                let t = skylane_shared::wireguard::WgTunnel::start(
+                    peer.clone(),
+                    &wg.key,
+                    resolver.clone(),
+                    stop.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot start the WireGuard tunnel to {}: {e}", peer.name)
+                })?;
+                tunnels.insert(c.peer.clone(), t.clone());
+                t
+            }
+        };
+        links.push(WgLink::new(c.name.clone(), c.address, tunnel));
+    }
+    Ok(links)
 }

@@ -25,6 +25,7 @@ use skylane_shared::mesh::{MeshSocket, virtual_addr};
 use skylane_shared::quic::{self, PathStats};
 use skylane_shared::resolve::Resolver;
 use skylane_shared::trust::MESH_SERVER_NAME;
+use skylane_shared::wireguard::{TunnelStatus, WgTunnel};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -149,11 +150,58 @@ impl ConnectorLink {
     }
 }
 
+/// A connector behind a stock WireGuard endpoint: each flow is a TCP connection through
+/// the endpoint's tunnel to the connector's WireGuard address.
+#[derive(Debug)]
+pub struct WgLink {
+    /// The connector's name.
+    pub name: String,
+    /// Its address inside the tunnel.
+    pub address: std::net::SocketAddr,
+    /// The tunnel to the endpoint it is behind (shared by the connectors behind it).
+    pub tunnel: Arc<WgTunnel>,
+    flows: Arc<AtomicUsize>,
+    draining_until_ms: AtomicU64,
+}
+
+impl WgLink {
+    /// A link to the connector `name` at `address` through `tunnel`.
+    pub fn new(name: String, address: std::net::SocketAddr, tunnel: Arc<WgTunnel>) -> Self {
+        Self {
+            name,
+            address,
+            tunnel,
+            flows: Arc::new(AtomicUsize::new(0)),
+            draining_until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A connector a flow may go to, of either transport.
+#[derive(Clone, Copy)]
+enum Candidate<'a> {
+    Quic(&'a Arc<ConnectorLink>),
+    Wg(&'a WgLink),
+}
+
+impl Candidate<'_> {
+    fn draining_until_ms(&self) -> u64 {
+        match self {
+            Self::Quic(l) => l.draining_until_ms.load(Ordering::Relaxed),
+            Self::Wg(l) => l.draining_until_ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// A snapshot of one tunnel for the status page.
 #[derive(Debug, serde::Serialize)]
 pub struct LinkStatus {
     /// Connector name.
     pub connector: String,
+    /// `quic` (a mesh tunnel) or `wireguard` (through a WireGuard endpoint).
+    pub transport: &'static str,
+    /// The WireGuard tunnel's state, for a connector behind one.
+    pub wireguard: Option<TunnelStatus>,
     /// Whether the tunnel is up.
     pub up: bool,
     /// Where its datagrams go.
@@ -181,18 +229,22 @@ pub struct LinkStatus {
 #[derive(Debug)]
 pub struct TunnelPool {
     links: Vec<Arc<ConnectorLink>>,
+    wg: Vec<WgLink>,
     socket: Arc<MeshSocket>,
     control: Arc<MeshControl>,
 }
 
 impl TunnelPool {
-    /// Starts one reconnecting task and one pool task per connector.
+    /// Starts one reconnecting task and one pool task per mesh connector; `wg` are the
+    /// connectors behind WireGuard endpoints, their tunnels already started.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         endpoint: quinn::Endpoint,
         socket: Arc<MeshSocket>,
         control: Arc<MeshControl>,
         key: NodeKey,
         connectors: Vec<Member>,
+        wg: Vec<WgLink>,
         timing: Tunnel,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -223,6 +275,7 @@ impl TunnelPool {
         }
         Arc::new(Self {
             links,
+            wg,
             socket,
             control,
         })
@@ -231,24 +284,34 @@ impl TunnelPool {
     /// Connectors with a live tunnel, in the order new flows try them: not draining
     /// first, then the one routing prefers (it moves only when another is clearly
     /// cheaper, so flows do not flap between connectors), then by RTT. `exclude`: names
-    /// already tried by this flow.
-    fn live(&self, exclude: &[String]) -> Vec<(&Arc<ConnectorLink>, Duration)> {
+    /// already tried by this flow. Connectors behind WireGuard have no mesh route, so
+    /// routing never prefers them; they come by RTT after the preferred one.
+    fn live(&self, exclude: &[String]) -> Vec<Candidate<'_>> {
         let preferred = self.control.preferred_destination();
         let now = crate::phases::connection::now_ms();
-        let mut v: Vec<_> = self
+        let quic = self
             .links
             .iter()
             .filter(|l| !exclude.contains(&l.member.name))
-            .filter_map(|l| l.primary().map(|c| (l, c.rtt())))
-            .collect();
-        v.sort_by_key(|(l, rtt)| {
-            (
-                l.draining_until_ms.load(Ordering::Relaxed) > now,
-                Some(l.member.id.short()) != preferred,
-                *rtt,
-            )
-        });
-        v
+            .filter_map(|l| {
+                let rtt = l.primary()?.rtt();
+                Some((
+                    Candidate::Quic(l),
+                    Some(l.member.id.short()) == preferred,
+                    rtt,
+                ))
+            });
+        let wg = self
+            .wg
+            .iter()
+            .filter(|l| !exclude.contains(&l.name) && l.tunnel.is_up())
+            .map(|l| {
+                let rtt = l.tunnel.rtt().unwrap_or(Duration::from_secs(1));
+                (Candidate::Wg(l), false, rtt)
+            });
+        let mut v: Vec<_> = quic.chain(wg).collect();
+        v.sort_by_key(|(c, preferred, rtt)| (c.draining_until_ms() > now, !*preferred, *rtt));
+        v.into_iter().map(|(c, _, _)| c).collect()
     }
 
     /// Resolves when `connector` loses its last route while it had one when this was
@@ -276,11 +339,12 @@ impl TunnelPool {
     /// Notes that `connector` refused a flow because it is draining: new flows go to the
     /// other connectors first for a while.
     pub fn mark_draining(&self, connector: &str) {
+        let until = crate::phases::connection::now_ms() + DRAINING_HOLD_MS;
         if let Some(l) = self.links.iter().find(|l| l.member.name == connector) {
-            l.draining_until_ms.store(
-                crate::phases::connection::now_ms() + DRAINING_HOLD_MS,
-                Ordering::Relaxed,
-            );
+            l.draining_until_ms.store(until, Ordering::Relaxed);
+        }
+        if let Some(l) = self.wg.iter().find(|l| l.name == connector) {
+            l.draining_until_ms.store(until, Ordering::Relaxed);
         }
     }
 
@@ -294,14 +358,41 @@ impl TunnelPool {
         exclude: &[String],
     ) -> Result<TunnelStream, OpenError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        // WireGuard connectors that failed to connect for this flow: not tried again.
+        let mut failed: Vec<String> = exclude.to_vec();
         loop {
-            let live = self.live(exclude);
+            let live = self.live(&failed);
             if live.is_empty() {
                 return Err(OpenError::NoTunnel);
             }
-            for (link, _) in &live {
+            let mut waiting = Vec::new();
+            for candidate in &live {
+                let link = match candidate {
+                    Candidate::Quic(link) => link,
+                    Candidate::Wg(link) => {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        match link.tunnel.connect(link.address, left).await {
+                            Ok(tcp) => {
+                                link.flows.fetch_add(1, Ordering::Relaxed);
+                                let (send, recv) = flow::from_tcp(tcp);
+                                return Ok(TunnelStream {
+                                    connector: link.name.clone(),
+                                    send,
+                                    recv,
+                                    slot: StreamSlot(link.flows.clone()),
+                                });
+                            }
+                            Err(e) => {
+                                tracing::debug!(connector = %link.name, error = %e, "flow through WireGuard failed; trying another tunnel");
+                                failed.push(link.name.clone());
+                                continue;
+                            }
+                        }
+                    }
+                };
                 let Some((conn, slot)) = link.take_slot() else {
                     link.grow.notify_one();
+                    waiting.push(link);
                     continue;
                 };
                 match tokio::time::timeout_at(deadline, conn.open_bi()).await {
@@ -320,11 +411,20 @@ impl TunnelPool {
                     Err(_) => return Err(OpenError::Saturated),
                 }
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(OpenError::Saturated);
+            }
             // Every pool is full: wait for one to grow (or a flow to end), not past the
             // deadline.
-            let grown = futures_util::future::select_all(
-                live.iter().map(|(l, _)| Box::pin(l.grown.notified())),
-            );
+            let grown = async {
+                if waiting.is_empty() {
+                    return std::future::pending().await;
+                }
+                futures_util::future::select_all(
+                    waiting.iter().map(|l| Box::pin(l.grown.notified())),
+                )
+                .await;
+            };
             let wait = tokio::time::sleep(Duration::from_millis(20));
             tokio::select! {
                 _ = grown => {}
@@ -342,11 +442,12 @@ impl TunnelPool {
     /// How many connectors this edge has a tunnel up to.
     pub fn up_count(&self) -> usize {
         self.links.iter().filter(|l| l.primary().is_some()).count()
+            + self.wg.iter().filter(|l| l.tunnel.is_up()).count()
     }
 
     /// How many connectors this edge tunnels to (up or not).
     pub fn connector_count(&self) -> usize {
-        self.links.len()
+        self.links.len() + self.wg.len()
     }
 
     /// Status of every tunnel.
@@ -375,6 +476,8 @@ impl TunnelPool {
                 };
                 LinkStatus {
                     connector: l.member.name.clone(),
+                    transport: "quic",
+                    wireguard: None,
                     up,
                     address: self.socket.peer_addr(&l.member.id).map(|a| a.to_string()),
                     rtt_ms: rtt,
@@ -388,6 +491,25 @@ impl TunnelPool {
                         > crate::phases::connection::now_ms(),
                 }
             })
+            .chain(self.wg.iter().map(|l| {
+                let wg = l.tunnel.status();
+                LinkStatus {
+                    connector: l.name.clone(),
+                    transport: "wireguard",
+                    up: wg.up,
+                    address: wg.endpoint.clone(),
+                    rtt_ms: wg.rtt_ms.filter(|_| wg.up).map(f64::from),
+                    quic: None,
+                    up_for_s: None,
+                    reconnects: 0,
+                    last_error: wg.last_error.clone(),
+                    connections: usize::from(wg.up),
+                    flows: l.flows.load(Ordering::Relaxed),
+                    draining: l.draining_until_ms.load(Ordering::Relaxed)
+                        > crate::phases::connection::now_ms(),
+                    wireguard: Some(wg),
+                }
+            }))
             .collect()
     }
 }

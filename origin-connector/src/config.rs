@@ -33,6 +33,25 @@ struct File {
     shutdown_grace_ms: u64,
     #[serde(default)]
     services: BTreeMap<String, ServiceSection>,
+    wireguard: Option<WireguardSection>,
+}
+
+/// `[wireguard]`: flows from edges that reach this connector through a WireGuard endpoint
+/// (wg-quick, a firewall, a cloud VPN gateway) in front of it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireguardSection {
+    /// TCP address on the WireGuard interface that edges open flows to.
+    listen: SocketAddr,
+    /// Tunnel addresses (the edges' `address` in their peer entry) allowed to open flows.
+    allowed_sources: Vec<String>,
+    /// Flows taken at once on this listener.
+    #[serde(default = "default_wg_flows")]
+    max_flows: u64,
+}
+
+fn default_wg_flows() -> u64 {
+    16_384
 }
 
 fn default_grace_ms() -> u64 {
@@ -151,6 +170,19 @@ pub struct Config {
     pub membership: SwimConfig,
     /// Origin services by name.
     pub services: BTreeMap<String, Service>,
+    /// The listener for flows through a WireGuard endpoint, if any.
+    pub wireguard: Option<WireguardListener>,
+}
+
+/// Where flows through a WireGuard endpoint come in, and from whom.
+#[derive(Clone, Debug)]
+pub struct WireguardListener {
+    /// TCP address on the WireGuard interface.
+    pub listen: SocketAddr,
+    /// Source networks allowed.
+    pub allowed_sources: Vec<ipnet::IpNet>,
+    /// Flows at once.
+    pub max_flows: usize,
 }
 
 /// A validated origin service.
@@ -281,7 +313,45 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         None => None,
     };
     v.mesh_sections(&file.routing, &file.membership)?;
+    let wireguard = match file.wireguard {
+        None => None,
+        Some(w) => {
+            if w.listen.ip().is_unspecified() {
+                return Err(v.invalid(
+                    "wireguard.listen",
+                    "must be the connector's address on the WireGuard interface, not a wildcard: \
+                     flows here are trusted because WireGuard authenticated them",
+                ));
+            }
+            if w.allowed_sources.is_empty() {
+                return Err(v.invalid(
+                    "wireguard.allowed_sources",
+                    "name the edges' tunnel addresses (or their network)",
+                ));
+            }
+            let mut allowed_sources = Vec::new();
+            for (i, a) in w.allowed_sources.iter().enumerate() {
+                let net = a
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|e| {
+                        v.invalid(
+                            format!("wireguard.allowed_sources[{i}]"),
+                            format!("{a:?}: {e}"),
+                        )
+                    })?;
+                allowed_sources.push(net);
+            }
+            let max_flows = v.in_range("wireguard.max_flows", w.max_flows, 1..=1_000_000)? as usize;
+            Some(WireguardListener {
+                listen: w.listen,
+                allowed_sources,
+                max_flows,
+            })
+        }
+    };
     Ok(Config {
+        wireguard,
         identity,
         listen: file.node.listen,
         admin: v.admin(file.admin.as_ref())?,

@@ -35,12 +35,7 @@ pub struct Context {
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Handles one stream from an edge, start to finish.
-pub async fn handle_stream(
-    ctx: Context,
-    peer: Arc<str>,
-    mut send: FlowSend,
-    mut recv: FlowRecv,
-) {
+pub async fn handle_stream(ctx: Context, peer: Arc<str>, mut send: FlowSend, mut recv: FlowRecv) {
     let started = Instant::now();
     let header = match tokio::time::timeout(HEADER_TIMEOUT, wire::read_header(&mut recv)).await {
         Ok(Ok(h)) => h,
@@ -376,12 +371,7 @@ async fn relay_response(
     false
 }
 
-async fn forward_tcp(
-    ctx: &Context,
-    pool: &ServicePool,
-    mut send: FlowSend,
-    recv: FlowRecv,
-) {
+async fn forward_tcp(ctx: &Context, pool: &ServicePool, mut send: FlowSend, recv: FlowRecv) {
     let Some(candidates) = healthy_candidates(pool, &mut send).await else {
         return;
     };

@@ -1,6 +1,7 @@
 //! The origin connector: the tunnel terminus beside the origin.
 //!
-//! It accepts QUIC tunnels from mesh members only, reads one header per stream, and
+//! It accepts QUIC tunnels from mesh members only (and, when configured, TCP flows from
+//! edges behind a WireGuard endpoint, see [`wireguard`]), reads one header per stream, and
 //! forwards the flow over pooled keep-alive connections to the origin servers named in its
 //! config, balancing across the healthy ones. It never connects anywhere else: it is not
 //! an open proxy. It does not terminate users' TLS or apply edge policy; edges do that.
@@ -11,3 +12,4 @@ pub mod origin;
 pub mod reload;
 pub mod server;
 pub mod stream_metrics;
+pub mod wireguard;

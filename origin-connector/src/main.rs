@@ -93,7 +93,17 @@ fn real_main(cli: Cli) -> Result<(), i32> {
                 })?),
                 None => None,
             };
-            origin_connector::server::serve(config, path, socket, admin, metrics, shutdown).await
+            let wireguard = match config.wireguard.as_ref().map(|w| w.listen) {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot bind wireguard.listen on {addr} (is the WireGuard interface up?): {e}"
+                    )
+                })?),
+                None => None,
+            };
+            let listeners = origin_connector::server::Listeners { admin, wireguard };
+            origin_connector::server::serve(config, path, socket, listeners, metrics, shutdown)
+                .await
         },
     )
 }

@@ -96,12 +96,21 @@ impl AdminRoutes for Status {
     }
 }
 
-/// Runs the connector on an already-bound mesh socket (and admin listener) until shutdown.
+/// The TCP listeners a connector may have, bound before it starts.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The admin API.
+    pub admin: Option<tokio::net::TcpListener>,
+    /// Flows through a WireGuard endpoint (`[wireguard] listen`).
+    pub wireguard: Option<tokio::net::TcpListener>,
+}
+
+/// Runs the connector on an already-bound mesh socket (and TCP listeners) until shutdown.
 pub async fn serve(
     config: Config,
     config_path: std::path::PathBuf,
     socket: Arc<MeshSocket>,
-    admin: Option<tokio::net::TcpListener>,
+    listeners: Listeners,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
@@ -124,6 +133,7 @@ pub async fn serve(
     let shutdown_grace = config.shutdown_grace;
     let admin_token = config.admin.as_ref().and_then(|a| a.token.clone());
     let service_count = config.services.len();
+    let wireguard = config.wireguard.clone();
     let services = Services::start(
         config_path,
         config,
@@ -173,7 +183,16 @@ pub async fn serve(
             shutdown.now.clone(),
         );
     }
-    if let Some(listener) = admin {
+    if let (Some(listener), Some(wg)) = (listeners.wireguard, wireguard) {
+        tokio::spawn(crate::wireguard::serve(
+            listener,
+            wg,
+            ctx.clone(),
+            streams.clone(),
+            shutdown.drain.clone(),
+        ));
+    }
+    if let Some(listener) = listeners.admin {
         let status = Arc::new(Status {
             config_name: identity.me.name.clone(),
             node_id: identity.key.id().to_string(),

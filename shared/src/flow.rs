@@ -81,7 +81,11 @@ pub fn from_quic((send, recv): (quinn::SendStream, quinn::RecvStream)) -> (FlowS
 
 impl FlowRecv {
     /// Polls for the next chunk of at most `max` bytes; `None` at the end of the stream.
-    pub fn poll_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Option<Bytes>>> {
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
         match self {
             // Polling a fresh `read_chunk` future each time is sound: it takes data only
             // when it completes, and registers the waker otherwise.
@@ -145,7 +149,11 @@ impl FlowRecv {
 }
 
 impl AsyncRead for FlowRecv {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Quic(r) => Pin::new(r).poll_read(cx, buf),
             Self::Tcp(r) => r.as_mut().poll_read(cx, buf),
@@ -199,7 +207,11 @@ impl FlowSend {
 }
 
 impl AsyncWrite for FlowSend {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(io::Error::other),
             Self::Tcp(w) => w.as_mut().poll_write(cx, buf),

@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream, read_end_if_there};
+use skylane_shared::flow::{self, FlowRecv};
+use skylane_shared::pipe::{TunnelBody, head_and_body_to_stream};
+use tokio::io::AsyncReadExt as _;
 
 /// Bounds every wait, so a hang fails instead of blocking the machine.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -59,7 +61,7 @@ async fn a_content_length_body_read_to_its_length_sends_no_stop_sending() -> any
         req_send.write_all(b"GET").await?;
         req_send.finish()?;
         let (mut resp_send, mut req_recv) =
-            tokio::time::timeout(LIMIT, connector.accept_bi()).await??;
+            flow::from_quic(tokio::time::timeout(LIMIT, connector.accept_bi()).await??);
         let mut request = [0u8; 3];
         req_recv.read_exact(&mut request).await?;
         let body = http_body_util::Full::new(Bytes::from(vec![round; 100]));
@@ -69,16 +71,13 @@ async fn a_content_length_body_read_to_its_length_sends_no_stop_sending() -> any
         // The request's end came with its bytes: the connector takes it, as it does after
         // answering a bodiless request.
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(
-            read_end_if_there(&mut req_recv),
-            "the request's end had arrived"
-        );
+        assert!(req_recv.end_if_there(), "the request's end had arrived");
         drop(req_recv);
 
         let mut head = [0u8; 4];
         tokio::time::timeout(LIMIT, resp_recv.read_exact(&mut head)).await??;
         assert_eq!(&head, b"HEAD");
-        let mut body = TunnelBody::new(resp_recv, Some(100));
+        let mut body = TunnelBody::new(FlowRecv::Quic(resp_recv), Some(100));
         let mut got = Vec::new();
         // Like hyper: read frames until the announced length is in, then stop.
         while got.len() < 100 {
@@ -119,7 +118,8 @@ async fn an_unread_stream_still_sends_stop_sending() -> anyhow::Result<()> {
     let mut first = [0u8; 10];
     req_recv.read_exact(&mut first).await?;
     // Data is left and the end never came: nothing to take.
-    assert!(!read_end_if_there(&mut req_recv));
+    let mut req_recv = FlowRecv::Quic(req_recv);
+    assert!(!req_recv.end_if_there());
     drop(req_recv);
     settle(&connector).await;
     settle(&edge).await;

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use skylane_shared::identity::NodeKey;
 
 pub mod h2raw;
+pub mod wireguard;
 
 /// Directory holding the built binaries (`target/debug`), building them on first use.
 pub fn bin_dir() -> &'static Path {

@@ -4,6 +4,7 @@
 pub mod acme;
 pub mod cache;
 pub mod policy;
+pub mod wireguard;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,7 @@ struct File {
     under_attack: Option<UnderAttackSection>,
     cache: Option<cache::CacheSection>,
     acme: Option<acme::AcmeSection>,
+    wireguard: Option<wireguard::WireguardSection>,
 }
 
 fn default_grace_ms() -> u64 {
@@ -218,6 +220,8 @@ pub struct Config {
     pub cache: Option<cache::CacheConfig>,
     /// Certificates from an ACME CA, if configured.
     pub acme: Option<acme::Acme>,
+    /// WireGuard endpoints and the connectors behind them.
+    pub wireguard: Option<wireguard::Wireguard>,
 }
 
 /// The HTTPS listener.
@@ -292,10 +296,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .filter(|m| m.role == Role::Connector)
         .cloned()
         .collect();
-    if connectors.is_empty() {
+    let mesh_names: Vec<String> = connectors.iter().map(|m| m.name.clone()).collect();
+    let wireguard = wireguard::validate(&v, file.wireguard.as_ref(), &identity.key, &mesh_names)?;
+    if connectors.is_empty() && wireguard.as_ref().is_none_or(|w| w.connectors.is_empty()) {
         return Err(v.invalid(
             "mesh.members",
-            "no member has role = \"connector\"; the edge needs one to tunnel to",
+            "no member has role = \"connector\" (and no [[wireguard.connectors]]); the edge needs one to tunnel to",
         ));
     }
     for c in &connectors {
@@ -470,5 +476,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         under_attack,
         cache: cache::validate(&v, file.cache.as_ref())?,
         acme,
+        wireguard,
     })
 }

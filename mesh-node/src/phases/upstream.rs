@@ -313,11 +313,7 @@ where
 /// The connector's reply; `None` when the stream failed first, or when routing lost the
 /// connector meanwhile (it died or is cut off: a QUIC connection would only notice at its
 /// idle timeout, seconds later).
-async fn reply_or_lost(
-    edge: &Edge,
-    connector: &str,
-    recv: &mut FlowRecv,
-) -> Option<Reply> {
+async fn reply_or_lost(edge: &Edge, connector: &str, recv: &mut FlowRecv) -> Option<Reply> {
     tokio::select! {
         reply = wire::read_frame(recv) => reply.ok(),
         () = edge.tunnels.route_lost(connector) => {

@@ -126,15 +126,22 @@ impl PeerFile {
         if self.name.is_empty() {
             return Err(err("name", "must not be empty".into()));
         }
-        let public_key = keys::parse_key(&self.public_key).map_err(|e| err("public_key", e.to_string()))?;
-        crate::resolve::split_host_port(&self.endpoint).map_err(|e| err("endpoint", e.to_string()))?;
+        let public_key =
+            keys::parse_key(&self.public_key).map_err(|e| err("public_key", e.to_string()))?;
+        crate::resolve::split_host_port(&self.endpoint)
+            .map_err(|e| err("endpoint", e.to_string()))?;
         let address = self
             .address
             .strip_suffix("/32")
             .or_else(|| self.address.strip_suffix("/128"))
             .unwrap_or(&self.address)
             .parse::<IpAddr>()
-            .map_err(|e| err("address", format!("{:?}: {e} (one address, as 10.0.0.2)", self.address)))?;
+            .map_err(|e| {
+                err(
+                    "address",
+                    format!("{:?}: {e} (one address, as 10.0.0.2)", self.address),
+                )
+            })?;
         if self.allowed_ips.is_empty() {
             return Err(err("allowed_ips", "name at least one network".into()));
         }
@@ -158,10 +165,16 @@ impl PeerFile {
             }
         };
         if !(4..=1024 * 1024).contains(&self.flow_buffer_kib) {
-            return Err(err("flow_buffer_kib", "must be between 4 and 1048576".into()));
+            return Err(err(
+                "flow_buffer_kib",
+                "must be between 4 and 1048576".into(),
+            ));
         }
         if self.max_flows == 0 || self.max_flows > 16_384 {
-            return Err(err("max_flows", "must be between 1 and 16384 (the local port range)".into()));
+            return Err(err(
+                "max_flows",
+                "must be between 1 and 16384 (the local port range)".into(),
+            ));
         }
         if !(576..=9000).contains(&self.mtu) {
             return Err(err("mtu", "must be between 576 and 9000".into()));
@@ -202,7 +215,9 @@ mod tests {
 
     #[test]
     fn a_peer_validates_with_defaults() {
-        let p = file().validate(Path::new("."), "wireguard.peers[0]").expect("valid");
+        let p = file()
+            .validate(Path::new("."), "wireguard.peers[0]")
+            .expect("valid");
         assert_eq!(p.address, "10.77.0.2".parse::<IpAddr>().expect("ip"));
         assert!(p.allows("10.77.0.1".parse().expect("ip")));
         assert!(p.allows("192.168.5.7".parse().expect("ip")));
@@ -213,18 +228,25 @@ mod tests {
 
     #[test]
     fn bad_fields_name_their_key() {
-        let cases: [(&str, fn(&mut PeerFile)); 6] = [
+        type Edit = fn(&mut PeerFile);
+        let cases: [(&str, Edit); 6] = [
             ("public_key", |f| f.public_key = "short".into()),
             ("endpoint", |f| f.endpoint = "no-port".into()),
             ("address", |f| f.address = "10.77.0.0/24".into()),
-            ("allowed_ips[1]", |f| f.allowed_ips[1] = "10.0.0.0/33".into()),
-            ("preshared_key_file", |f| f.preshared_key_file = Some("/nonexistent/psk".into())),
+            ("allowed_ips[1]", |f| {
+                f.allowed_ips[1] = "10.0.0.0/33".into()
+            }),
+            ("preshared_key_file", |f| {
+                f.preshared_key_file = Some("/nonexistent/psk".into())
+            }),
             ("max_flows", |f| f.max_flows = 0),
         ];
         for (key, edit) in cases {
             let mut f = file();
             edit(&mut f);
-            let e = f.validate(Path::new("."), "wireguard.peers[0]").expect_err(key);
+            let e = f
+                .validate(Path::new("."), "wireguard.peers[0]")
+                .expect_err(key);
             assert_eq!(e.key, format!("wireguard.peers[0].{key}"), "{e}");
         }
         let unknown = toml::from_str::<PeerFile>("name = \"x\"\nendpointt = \"a:1\"");

@@ -71,10 +71,13 @@ mod tests {
         // A key pair from `wg genkey | tee k | wg pubkey`.
         let private = parse_key("UOlrBEYUnSKJ0OWl7rE+AZhEIvBTnipObAegAzcHFXU=").expect("key");
         let public = SecretKey::from_bytes(private).public_key();
-        assert_eq!(format_key(&public), "mbrzdPOI8B5f/n67FjTiOJsrCqVRvwu2NGk4u1tMCUM=");
-        assert_eq!(parse_key(" \n").unwrap_err(), KeyError::Length(0));
+        assert_eq!(
+            format_key(&public),
+            "mbrzdPOI8B5f/n67FjTiOJsrCqVRvwu2NGk4u1tMCUM="
+        );
+        assert_eq!(parse_key(" \n").expect_err("empty"), KeyError::Length(0));
         assert!(matches!(parse_key("not base64!"), Err(KeyError::Base64(_))));
-        assert_eq!(parse_key("AAAA").unwrap_err(), KeyError::Length(3));
+        assert_eq!(parse_key("AAAA").expect_err("short"), KeyError::Length(3));
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Device for Queues {
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<Tx<'_>> {
-        (self.tx.len() < QUEUE_PACKETS).then(|| Tx(&mut self.tx))
+        (self.tx.len() < QUEUE_PACKETS).then_some(Tx(&mut self.tx))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -116,7 +116,13 @@ impl Stack {
     /// A stack with the address `local` (this side's address inside the tunnel), packets
     /// of at most `mtu` bytes, `buffer_bytes` of send and of receive buffer per flow (the
     /// largest TCP window a flow can use), and at most `max_flows` flows.
-    pub fn new(local: IpAddr, mtu: usize, buffer_bytes: usize, max_flows: usize, now: Instant) -> Self {
+    pub fn new(
+        local: IpAddr,
+        mtu: usize,
+        buffer_bytes: usize,
+        max_flows: usize,
+        now: Instant,
+    ) -> Self {
         let mut queues = Queues {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
@@ -209,6 +215,10 @@ impl Stack {
         );
         // Flows carry requests and websocket frames: no Nagle delay, as TCP_NODELAY.
         socket.set_nagle_enabled(false);
+        // Without congestion control a flow sends its whole window at once: a burst that
+        // overflows the receive buffer of the endpoint's UDP socket (seen with wireguard-go:
+        // uploads at 200 KB/s, stalled on retransmission timeouts).
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
         socket.set_keep_alive(Some(KEEPALIVE));
         socket.set_timeout(Some(ACK_TIMEOUT));
         socket
@@ -242,7 +252,11 @@ impl Stack {
         let span = usize::from(PORTS.end() - PORTS.start()) + 1;
         for _ in 0..span {
             let p = self.next_port;
-            self.next_port = if p == *PORTS.end() { *PORTS.start() } else { p + 1 };
+            self.next_port = if p == *PORTS.end() {
+                *PORTS.start()
+            } else {
+                p + 1
+            };
             if !self.ports.contains(&p) {
                 return Some(p);
             }
@@ -306,7 +320,9 @@ mod tests {
         );
         l.listen(7000).expect("listen");
         let lh = b.sockets.add(l);
-        let h = a.connect("10.9.0.2:7000".parse().expect("addr")).expect("connect");
+        let h = a
+            .connect("10.9.0.2:7000".parse().expect("addr"))
+            .expect("connect");
         settle(&mut a, &mut b, now);
         assert_eq!(a.socket(h).state(), tcp::State::Established);
         a.socket(h).send_slice(b"hello").expect("send");
@@ -332,7 +348,8 @@ mod tests {
                 .expect("connect");
         }
         assert_eq!(
-            a.connect("10.9.0.2:7100".parse().expect("addr")).unwrap_err(),
+            a.connect("10.9.0.2:7100".parse().expect("addr"))
+                .expect_err("full"),
             OpenError::Full(4)
         );
     }

@@ -101,7 +101,9 @@ pub struct WgTunnel {
 
 impl std::fmt::Debug for WgTunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgTunnel").field("peer", &self.peer.name).finish()
+        f.debug_struct("WgTunnel")
+            .field("peer", &self.peer.name)
+            .finish()
     }
 }
 
@@ -129,10 +131,16 @@ impl WgTunnel {
         stop: CancellationToken,
     ) -> io::Result<Arc<Self>> {
         let bind: SocketAddr = match resolver.resolve(&peer.endpoint).await {
-            Ok(r) if r.addrs.first().is_some_and(SocketAddr::is_ipv6) => {
-                (std::net::Ipv6Addr::UNSPECIFIED, peer.listen_port.unwrap_or(0)).into()
-            }
-            _ => (std::net::Ipv4Addr::UNSPECIFIED, peer.listen_port.unwrap_or(0)).into(),
+            Ok(r) if r.addrs.first().is_some_and(SocketAddr::is_ipv6) => (
+                std::net::Ipv6Addr::UNSPECIFIED,
+                peer.listen_port.unwrap_or(0),
+            )
+                .into(),
+            _ => (
+                std::net::Ipv4Addr::UNSPECIFIED,
+                peer.listen_port.unwrap_or(0),
+            )
+                .into(),
         };
         let udp = UdpSocket::bind(bind).await?;
         let clock = tokio::time::Instant::now();
@@ -147,7 +155,8 @@ impl WgTunnel {
             key.static_secret(),
             boringtun::x25519::PublicKey::from(peer.public_key),
             peer.preshared_key.as_ref().map(|k| k.0),
-            peer.keepalive.map(|d| u16::try_from(d.as_secs()).unwrap_or(u16::MAX)),
+            peer.keepalive
+                .map(|d| u16::try_from(d.as_secs()).unwrap_or(u16::MAX)),
             rand::random::<u32>() >> 8,
             None,
         );
@@ -194,7 +203,11 @@ impl WgTunnel {
     }
 
     /// Opens a TCP flow to `addr` inside the tunnel, within `timeout`.
-    pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<WgStream, ConnectError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<WgStream, ConnectError> {
         if !self.peer.allows(addr.ip()) {
             return Err(ConnectError::NotAllowed(addr, self.peer.name.clone()));
         }
@@ -334,7 +347,14 @@ impl WgTunnel {
     }
 
     /// One datagram from the network.
-    async fn ingress(&self, udp: &UdpSocket, from: SocketAddr, n: usize, inbuf: &mut [u8], out: &mut [u8]) {
+    async fn ingress(
+        &self,
+        udp: &UdpSocket,
+        from: SocketAddr,
+        n: usize,
+        inbuf: &mut [u8],
+        out: &mut [u8],
+    ) {
         enum Next {
             Send(usize),
             Tunnel(usize, IpAddr),
@@ -349,7 +369,8 @@ impl WgTunnel {
             TunnResult::Err(e) => Next::Drop(format!("{e:?}")),
         };
         if let Next::Drop(e) = next {
-            metrics::counter!("skylane_wireguard_dropped_total", "reason" => "bad_datagram").increment(1);
+            metrics::counter!("skylane_wireguard_dropped_total", "reason" => "bad_datagram")
+                .increment(1);
             tracing::debug!(peer = %self.peer.name, %from, error = %e, "wireguard datagram dropped");
             return;
         }
@@ -387,7 +408,8 @@ impl WgTunnel {
                     return;
                 }
                 if !self.shared.stack().push_inbound(&out[..len]) {
-                    metrics::counter!("skylane_wireguard_dropped_total", "reason" => "queue_full").increment(1);
+                    metrics::counter!("skylane_wireguard_dropped_total", "reason" => "queue_full")
+                        .increment(1);
                 }
             }
             Next::Done | Next::Drop(_) => {}
@@ -401,7 +423,9 @@ impl WgTunnel {
             let packets: Vec<Vec<u8>> = {
                 let mut s = self.shared.stack();
                 s.poll(now);
-                std::iter::from_fn(|| s.pop_outbound()).take(BATCH).collect()
+                std::iter::from_fn(|| s.pop_outbound())
+                    .take(BATCH)
+                    .collect()
             };
             if packets.is_empty() {
                 return;
@@ -451,7 +475,9 @@ pub struct WgStream {
 
 impl std::fmt::Debug for WgStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgStream").field("peer", &self.peer).finish()
+        f.debug_struct("WgStream")
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -486,11 +512,17 @@ impl Drop for WgStream {
 }
 
 impl AsyncRead for WgStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut stack = self.shared.stack();
         let s = stack.socket(self.handle);
         if s.can_recv() {
-            let n = s.recv_slice(buf.initialize_unfilled()).map_err(io::Error::other)?;
+            let n = s
+                .recv_slice(buf.initialize_unfilled())
+                .map_err(io::Error::other)?;
             buf.advance(n);
             drop(stack);
             // The window opened: the driver may owe the peer an update.
@@ -510,7 +542,11 @@ impl AsyncRead for WgStream {
 }
 
 impl AsyncWrite for WgStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut stack = self.shared.stack();
         let s = stack.socket(self.handle);
         if !s.may_send() {

@@ -1,0 +1,155 @@
+//! The `[wireguard]` section: stock WireGuard endpoints this edge tunnels through, and the
+//! Skylane connectors behind them.
+//!
+//! ```toml
+//! [[wireguard.peers]]                # as a wg-quick [Peer], plus this side's Address
+//! name = "origin-vpn"
+//! public_key = "…"                   # `wg pubkey` of the endpoint
+//! endpoint = "vpn.example.net:51820"
+//! address = "10.77.0.2"              # this edge inside the tunnel
+//! allowed_ips = ["10.77.0.0/24"]
+//!
+//! [[wireguard.connectors]]           # a connector listening on its WireGuard address
+//! name = "fra-wg"
+//! peer = "origin-vpn"
+//! address = "10.77.0.1:7100"         # its `[wireguard] listen`
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use skylane_shared::config::{ConfigError, Validator};
+use skylane_shared::identity::NodeKey;
+use skylane_shared::wireguard::{Peer, PeerFile, SecretKey, keys};
+
+/// `[wireguard]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireguardSection {
+    /// A file with this edge's WireGuard private key, base64 (`wg genkey`). Default: a key
+    /// derived from the node key (`mesh-node wireguard-key` prints its public half).
+    pub private_key_file: Option<PathBuf>,
+    /// The WireGuard endpoints.
+    #[serde(default)]
+    pub peers: Vec<PeerFile>,
+    /// Connectors reached through them.
+    #[serde(default)]
+    pub connectors: Vec<ConnectorSection>,
+}
+
+/// `[[wireguard.connectors]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorSection {
+    /// Its name in logs, metrics and the status page.
+    pub name: String,
+    /// The `[[wireguard.peers]]` entry it is behind.
+    pub peer: String,
+    /// Its `[wireguard] listen` address, inside the tunnel.
+    pub address: SocketAddr,
+}
+
+/// A validated `[wireguard]` section.
+#[derive(Debug, Clone)]
+pub struct Wireguard {
+    /// This edge's static key.
+    pub key: SecretKey,
+    /// The endpoints.
+    pub peers: Vec<Peer>,
+    /// The connectors behind them.
+    pub connectors: Vec<WgConnector>,
+}
+
+/// A connector behind a WireGuard endpoint.
+#[derive(Debug, Clone)]
+pub struct WgConnector {
+    /// Its name.
+    pub name: String,
+    /// The peer it is behind.
+    pub peer: String,
+    /// Its address inside the tunnel.
+    pub address: SocketAddr,
+}
+
+/// Checks the section; `node` gives the derived key when no key file is named, and
+/// `mesh_connectors` are names already taken by mesh connectors.
+pub fn validate(
+    v: &Validator,
+    section: Option<&WireguardSection>,
+    node: &NodeKey,
+    mesh_connectors: &[String],
+) -> Result<Option<Wireguard>, ConfigError> {
+    let Some(s) = section else {
+        return Ok(None);
+    };
+    let key = match &s.private_key_file {
+        None => SecretKey::derived_from(node),
+        Some(p) => {
+            let path = v.relative(p);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                v.invalid(
+                    "wireguard.private_key_file",
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            SecretKey::from_bytes(
+                keys::parse_key(&text)
+                    .map_err(|e| v.invalid("wireguard.private_key_file", e.to_string()))?,
+            )
+        }
+    };
+    let mut peers = Vec::new();
+    let mut names = HashSet::new();
+    for (i, p) in s.peers.iter().enumerate() {
+        let at = format!("wireguard.peers[{i}]");
+        let peer = p
+            .validate(&v.relative(std::path::Path::new(".")), &at)
+            .map_err(|e| v.invalid(e.key, e.message))?;
+        if !names.insert(peer.name.clone()) {
+            return Err(v.invalid(
+                format!("{at}.name"),
+                format!("{:?} is used twice", peer.name),
+            ));
+        }
+        peers.push(peer);
+    }
+    let mut connectors = Vec::new();
+    let mut taken: HashSet<String> = mesh_connectors.iter().cloned().collect();
+    for (i, c) in s.connectors.iter().enumerate() {
+        let at = |k: &str| format!("wireguard.connectors[{i}].{k}");
+        let Some(peer) = peers.iter().find(|p| p.name == c.peer) else {
+            return Err(v.invalid(
+                at("peer"),
+                format!("no [[wireguard.peers]] is named {:?}", c.peer),
+            ));
+        };
+        if !peer.allows(c.address.ip()) {
+            return Err(v.invalid(
+                at("address"),
+                format!(
+                    "{} is not in the allowed_ips of peer {:?}",
+                    c.address.ip(),
+                    peer.name
+                ),
+            ));
+        }
+        if c.name.is_empty() || !taken.insert(c.name.clone()) {
+            return Err(v.invalid(
+                at("name"),
+                format!("{:?} is empty or already a connector's name", c.name),
+            ));
+        }
+        connectors.push(WgConnector {
+            name: c.name.clone(),
+            peer: c.peer.clone(),
+            address: c.address,
+        });
+    }
+    Ok(Some(Wireguard {
+        key,
+        peers,
+        connectors,
+    }))
+}

@@ -1,0 +1,390 @@
+//! A stock WireGuard endpoint for the tests: Debian's `wireguard-go` on a TUN device in a
+//! network namespace the test creates, configured with `wg` from wireguard-tools, and
+//! behind it (in the namespace) a demo origin and, in one mode, a Skylane connector
+//! listening on its WireGuard address. The edge runs outside, on the host, and reaches the
+//! namespace only through a veth pair: the WireGuard UDP is the one way in.
+//!
+//! Needs root, `/dev/net/tun`, `ip`, `wg` and `wireguard-go`; [`unavailable`] says which
+//! is missing so a test can skip with that message.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use skylane_shared::identity::NodeKey;
+
+use crate::{Proc, TempDir, bin, free_tcp, free_udp, https_client};
+
+/// The gateway's address inside the tunnel (the WireGuard interface in the namespace).
+pub const GATEWAY_IP: &str = "10.77.0.1";
+/// The edge's address inside the tunnel.
+pub const EDGE_IP: &str = "10.77.0.2";
+/// Where the connector listens on the gateway's WireGuard address.
+pub const CONNECTOR_PORT: u16 = 7100;
+/// Where the origin listens in the namespace (on every address: loopback for the
+/// connector, the WireGuard address for an edge with no connector).
+pub const ORIGIN_PORT: u16 = 8080;
+
+/// Why these tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("not root: network namespaces and TUN devices need it".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    for tool in ["ip", "wg", "wireguard-go"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!(
+                "`{tool}` not installed (scripts/setup-test-deps.sh installs wireguard-go and wireguard-tools)"
+            ));
+        }
+    }
+    None
+}
+
+/// What sits behind the WireGuard endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behind {
+    /// A Skylane connector on the gateway's WireGuard address, and the origin beside it.
+    Connector,
+    /// Only the origin: the edge speaks to it directly through the tunnel.
+    Origin,
+}
+
+/// The namespace, the endpoint, what is behind it, and an edge on the host using it.
+pub struct WgWorld {
+    /// Keys, configs, certificates and logs.
+    pub dir: TempDir,
+    ns: String,
+    veth: String,
+    /// The endpoint's UDP address, as the edge dials it.
+    pub endpoint: SocketAddr,
+    /// Processes in the namespace (killed first when the world ends).
+    inside: Vec<Proc>,
+    /// The edge.
+    pub edge: Proc,
+    /// The edge's HTTPS listener.
+    pub https: SocketAddr,
+    /// The edge's admin listener.
+    pub admin: SocketAddr,
+    /// The edge's raw TCP listener, to the `echo-tcp` service (the origin's HTTP port).
+    pub tcp: SocketAddr,
+    /// The CA of the edge's certificate.
+    pub ca_pem: PathBuf,
+}
+
+impl std::fmt::Debug for WgWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgWorld").field("ns", &self.ns).finish()
+    }
+}
+
+fn run(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wg_keypair() -> anyhow::Result<(String, String)> {
+    use std::io::Write as _;
+    let private = run(&["wg", "genkey"])?.trim().to_owned();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("wg pubkey stdin")?
+        .write_all(private.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        private,
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    ))
+}
+
+impl WgWorld {
+    /// Sets it all up; `edge_extra` is TOML appended to the edge's config.
+    pub fn start(behind: Behind, edge_extra: &str) -> anyhow::Result<Self> {
+        static WORLDS: AtomicU32 = AtomicU32::new(0);
+        let n = WORLDS.fetch_add(1, Ordering::Relaxed);
+        let id = (std::process::id() % 10_000) * 10 + n % 10;
+        let subnet = (std::process::id().wrapping_mul(7) + n) % 250;
+        let ns = format!("skywg{id}");
+        let veth = format!("skwh{id}");
+        let peer_veth = format!("skwn{id}");
+        let host_ip = format!("10.201.{subnet}.1");
+        let ns_ip = format!("10.201.{subnet}.2");
+        let dir = TempDir::new("wireguard");
+        let d = dir.path().to_owned();
+        let _ = run(&["ip", "netns", "del", &ns]);
+        let _ = run(&["ip", "link", "del", &veth]);
+        run(&["ip", "netns", "add", &ns])?;
+        let mut world_ns = NsGuard {
+            ns: ns.clone(),
+            veth: veth.clone(),
+            armed: true,
+        };
+        run(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer_veth,
+        ])?;
+        run(&["ip", "link", "set", &peer_veth, "netns", &ns])?;
+        run(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &veth])?;
+        run(&["ip", "link", "set", &veth, "up"])?;
+        let in_ns = |args: &[&str]| -> anyhow::Result<String> {
+            let mut all = vec!["ip", "netns", "exec", ns.as_str()];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ns_ip}/24"),
+            "dev",
+            &peer_veth,
+        ])?;
+        in_ns(&["ip", "link", "set", &peer_veth, "up"])?;
+        in_ns(&["ip", "link", "set", "lo", "up"])?;
+
+        // Keys: the gateway's from wg, the edge's derived from its node key.
+        let (gw_private, gw_public) = wg_keypair()?;
+        std::fs::create_dir_all(d.join("keys"))?;
+        std::fs::write(d.join("keys/gateway.wg"), &gw_private)?;
+        let edge_key = NodeKey::generate()?;
+        edge_key.save(&d.join("keys/edge.key"))?;
+        NodeKey::generate()?.save(&d.join("keys/connector.key"))?;
+        let edge_wg_public = run(&[
+            bin("mesh-node").to_str().context("path")?,
+            "wireguard-key",
+            "--node-key",
+            d.join("keys/edge.key").to_str().context("path")?,
+        ])?
+        .trim()
+        .to_owned();
+
+        let mut inside = Vec::new();
+        let ns_bin = |name: &str| -> anyhow::Result<Vec<String>> {
+            Ok(vec![
+                "netns".into(),
+                "exec".into(),
+                ns.clone(),
+                bin(name).to_str().context("path")?.to_owned(),
+            ])
+        };
+        // The endpoint: wireguard-go in the foreground, configured by wg.
+        let wggo_args = ["netns", "exec", ns.as_str(), "wireguard-go", "-f", "wg0"];
+        inside.push(Proc::spawn(
+            "wireguard-go",
+            Path::new("ip"),
+            &wggo_args,
+            &d,
+        )?);
+        let mut up = false;
+        for _ in 0..50 {
+            if in_ns(&["ip", "link", "show", "wg0"]).is_ok() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !up {
+            bail!("wireguard-go made no wg0 interface:\n{}", inside[0].log());
+        }
+        in_ns(&[
+            "wg",
+            "set",
+            "wg0",
+            "private-key",
+            d.join("keys/gateway.wg").to_str().context("path")?,
+            "listen-port",
+            "51820",
+            "peer",
+            &edge_wg_public,
+            "allowed-ips",
+            &format!("{EDGE_IP}/32"),
+        ])?;
+        in_ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GATEWAY_IP}/24"),
+            "dev",
+            "wg0",
+        ])?;
+        in_ns(&["ip", "link", "set", "wg0", "up"])?;
+
+        // The origin, on every address of the namespace.
+        let mut args = ns_bin("demo-origin")?;
+        args.extend([
+            "--listen".into(),
+            format!("0.0.0.0:{ORIGIN_PORT}"),
+            "--name".into(),
+            "origin-wg".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        inside.push(Proc::spawn("origin", Path::new("ip"), &args, &d)?);
+
+        let route_target = match behind {
+            Behind::Connector => {
+                let config = format!(
+                    "shutdown_grace_ms = 2000\n\
+                     [node]\nname = \"connector-wg\"\nregion = \"Frankfurt\"\nkey_file = \"keys/connector.key\"\nlisten = \"127.0.0.1:7000\"\n\n\
+                     [[mesh.members]]\nname = \"connector-wg\"\nrole = \"connector\"\npublic_key_file = \"keys/connector.key.pub\"\naddress = \"127.0.0.1:7000\"\nregion = \"Frankfurt\"\n\n\
+                     [[mesh.members]]\nname = \"edge-wg\"\nrole = \"edge\"\npublic_key_file = \"keys/edge.key.pub\"\nregion = \"Sydney\"\n\n\
+                     [wireguard]\nlisten = \"{GATEWAY_IP}:{CONNECTOR_PORT}\"\nallowed_sources = [\"{EDGE_IP}/32\"]\n\n\
+                     [services.web]\nservers = [\"127.0.0.1:{ORIGIN_PORT}\"]\n\n\
+                     [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"127.0.0.1:{ORIGIN_PORT}\"]\n"
+                );
+                std::fs::write(d.join("connector.toml"), config)?;
+                let mut args = ns_bin("origin-connector")?;
+                args.extend([
+                    "--config".into(),
+                    d.join("connector.toml").display().to_string(),
+                ]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                inside.push(Proc::spawn("connector", Path::new("ip"), &args, &d)?);
+                format!(
+                    "[[wireguard.connectors]]\nname = \"connector-wg\"\npeer = \"gateway\"\naddress = \"{GATEWAY_IP}:{CONNECTOR_PORT}\"\n"
+                )
+            }
+            Behind::Origin => format!(
+                "[wireguard.services.web]\npeer = \"gateway\"\nservers = [\"{GATEWAY_IP}:{ORIGIN_PORT}\"]\n\n\
+                 [wireguard.services.echo-tcp]\npeer = \"gateway\"\nkind = \"tcp\"\nservers = [\"{GATEWAY_IP}:{ORIGIN_PORT}\"]\n"
+            ),
+        };
+
+        // The edge, on the host.
+        let status = Command::new(bin("mesh-node"))
+            .args(["dev-cert", "--out-dir"])
+            .arg(d.join("certs"))
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("mesh-node dev-cert failed");
+        }
+        let https = free_tcp();
+        let admin = free_tcp();
+        let tcp = free_tcp();
+        let udp = free_udp();
+        let endpoint: SocketAddr = format!("{ns_ip}:51820").parse()?;
+        let config = format!(
+            "shutdown_grace_ms = 2000\n\
+             [node]\nname = \"edge-wg\"\nregion = \"Sydney\"\nkey_file = \"keys/edge.key\"\nlisten = \"{udp}\"\n\n\
+             [[mesh.members]]\nname = \"edge-wg\"\nrole = \"edge\"\npublic_key_file = \"keys/edge.key.pub\"\naddress = \"{udp}\"\nregion = \"Sydney\"\n\n\
+             [https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\n\n\
+             [admin]\nlisten = \"{admin}\"\n\n\
+             [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
+             [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
+             [[wireguard.peers]]\nname = \"gateway\"\npublic_key = \"{gw_public}\"\nendpoint = \"{endpoint}\"\naddress = \"{EDGE_IP}\"\nallowed_ips = [\"10.77.0.0/24\"]\n\n\
+             {route_target}\n{edge_extra}"
+        );
+        std::fs::write(d.join("edge.toml"), config)?;
+        let edge = Proc::spawn(
+            "edge",
+            &bin("mesh-node"),
+            &["--config", d.join("edge.toml").to_str().context("path")?],
+            &d,
+        )?;
+        world_ns.armed = false;
+        let world = Self {
+            ca_pem: d.join("certs/ca.pem"),
+            dir,
+            ns,
+            veth,
+            endpoint,
+            inside,
+            edge,
+            https,
+            admin,
+            tcp,
+        };
+        crate::wait_ready(admin, Duration::from_secs(20)).with_context(|| world.logs())?;
+        Ok(world)
+    }
+
+    /// An HTTPS client for the edge (`https://localhost/…`).
+    pub fn client(&self) -> anyhow::Result<reqwest::Client> {
+        https_client(&self.ca_pem, self.https)
+    }
+
+    /// `https://localhost:PORT{path}` on the edge.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https.port())
+    }
+
+    /// `wg show wg0` in the namespace: what the stock endpoint sees.
+    pub fn wg_show(&self) -> String {
+        run(&["ip", "netns", "exec", &self.ns, "wg", "show", "wg0", "dump"]).unwrap_or_default()
+    }
+
+    /// Every process's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- edge ---\n{}\n", self.edge.log());
+        for p in &self.inside {
+            out.push_str(&format!(
+                "--- {} ---\n{}\n",
+                p.log_path().display(),
+                p.log()
+            ));
+        }
+        out
+    }
+
+    /// Where the edge's config file is.
+    pub fn edge_config(&self) -> PathBuf {
+        self.dir.path().join("edge.toml")
+    }
+}
+
+impl Drop for WgWorld {
+    fn drop(&mut self) {
+        self.edge.kill();
+        for p in &mut self.inside {
+            p.kill();
+        }
+        let _ = run(&["ip", "netns", "del", &self.ns]);
+        let _ = run(&["ip", "link", "del", &self.veth]);
+    }
+}
+
+/// Removes the namespace and veth if setup fails half-way.
+struct NsGuard {
+    ns: String,
+    veth: String,
+    armed: bool,
+}
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = run(&["ip", "netns", "del", &self.ns]);
+            let _ = run(&["ip", "link", "del", &self.veth]);
+        }
+    }
+}

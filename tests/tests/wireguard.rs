@@ -1,0 +1,202 @@
+//! Interop with stock WireGuard: the edge (boringtun + smoltcp in user space) reaches a
+//! connector — or, with no connector at all, the origin — through Debian's `wireguard-go`
+//! on a TUN device in a network namespace the test creates. Skipped, with the reason, where
+//! there is no root, no `/dev/net/tun` or no WireGuard tools.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use sha2::Digest as _;
+use skylane_tests::pattern_sha256;
+use skylane_tests::wireguard::{Behind, WgWorld, unavailable};
+
+const MB: u64 = 1024 * 1024;
+
+fn skip() -> bool {
+    if let Some(why) = unavailable() {
+        eprintln!(
+            "SKIPPED: WireGuard interop tests need root, /dev/net/tun and wireguard-go: {why}"
+        );
+        return true;
+    }
+    false
+}
+
+/// GET and POST of 50 MB bodies, streamed and checked by hash.
+async fn fifty_megabytes_both_ways(w: &WgWorld) -> anyhow::Result<()> {
+    let client = w.client()?;
+    let resp = client
+        .get(w.url(&format!("/bytes/{}", 50 * MB)))
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status() == 200, "GET: {}\n{}", resp.status(), w.logs());
+    let mut h = sha2::Sha256::new();
+    let mut got = 0u64;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        got += chunk.len() as u64;
+        h.update(&chunk);
+    }
+    assert_eq!(got, 50 * MB);
+    assert_eq!(hex::encode(h.finalize()), pattern_sha256(50 * MB));
+
+    let chunk_len = 256 * 1024;
+    let mut sent = sha2::Sha256::new();
+    let mut chunks = Vec::new();
+    for i in 0..(50 * MB) as usize / chunk_len {
+        let c: Vec<u8> = (0..chunk_len)
+            .map(|j| ((i * 7919 + j * 13) % 256) as u8)
+            .collect();
+        sent.update(&c);
+        chunks.push(Ok::<_, std::io::Error>(bytes::Bytes::from(c)));
+    }
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let resp = client.post(w.url("/echo")).body(body).send().await?;
+    anyhow::ensure!(
+        resp.status() == 200,
+        "POST: {}\n{}",
+        resp.status(),
+        w.logs()
+    );
+    let mut back = sha2::Sha256::new();
+    let mut n = 0u64;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        n += chunk.len() as u64;
+        back.update(&chunk);
+    }
+    assert_eq!(n, 50 * MB);
+    assert_eq!(back.finalize(), sent.finalize(), "the echoed body differs");
+    Ok(())
+}
+
+/// 1,000 websocket round trips, every hundredth a 1 MB message.
+async fn websocket_round_trips(w: &WgWorld) -> anyhow::Result<()> {
+    use tokio_tungstenite::tungstenite::Message;
+    let tls = skylane_tests::tls_config(&w.ca_pem, &[b"http/1.1"])?;
+    let tcp = tokio::net::TcpStream::connect(w.https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (mut ws, resp) = tokio_tungstenite::client_async_with_config(
+        format!("wss://localhost:{}/ws", w.https.port()),
+        stream,
+        Some(config),
+    )
+    .await?;
+    assert_eq!(resp.status(), 101);
+    let big: Vec<u8> = (0..MB as usize).map(|i| (i % 253) as u8).collect();
+    for i in 0..1_000u32 {
+        let msg = match i % 100 {
+            99 => Message::Binary(big.clone().into()),
+            n if n % 2 == 0 => Message::Text(format!("hello {i}").into()),
+            _ => Message::Binary(i.to_be_bytes().to_vec().into()),
+        };
+        ws.send(msg.clone()).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(_))) => continue,
+                Some(Ok(m)) => {
+                    assert_eq!(m, msg, "message {i} came back changed");
+                    break;
+                }
+                other => anyhow::bail!("message {i}: {other:?}\n{}", w.logs()),
+            }
+        }
+    }
+    ws.close(None).await?;
+    Ok(())
+}
+
+/// Server-sent events arrive one by one, not buffered.
+async fn server_sent_events(w: &WgWorld) -> anyhow::Result<()> {
+    let resp = w.client()?.get(w.url("/sse")).send().await?;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut events = 0;
+    let started = std::time::Instant::now();
+    while events < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("event stream ended"))??;
+        events += String::from_utf8_lossy(&chunk).matches("data:").count();
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+/// A raw TCP service through the tunnel: HTTP spoken by hand over the edge's TCP port.
+async fn raw_tcp(w: &WgWorld) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(w.tcp).await?;
+    tcp.write_all(b"GET /health HTTP/1.0\r\nHost: origin\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut out)).await??;
+    anyhow::ensure!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out:?}\n{}",
+        w.logs()
+    );
+    Ok(())
+}
+
+/// The edge's status and the stock endpoint agree that a handshake happened.
+fn status_shows_the_tunnel(w: &WgWorld) -> anyhow::Result<serde_json::Value> {
+    let status = skylane_tests::status(w.admin).unwrap_or_default();
+    let dump = w.wg_show();
+    // `wg show dump`: the peer line's fifth field is the latest handshake (unix time).
+    let handshake: u64 = dump
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split('\t').nth(4))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    anyhow::ensure!(
+        handshake > 0,
+        "wireguard-go saw no handshake:\n{dump}\n{}",
+        w.logs()
+    );
+    Ok(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_reaches_a_connector_through_stock_wireguard() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let t = std::time::Instant::now();
+    let w = WgWorld::start(Behind::Connector, "")?;
+    eprintln!("setup {:?}", t.elapsed());
+    fifty_megabytes_both_ways(&w).await?;
+    eprintln!("50 MB both ways {:?}", t.elapsed());
+    websocket_round_trips(&w).await?;
+    eprintln!("websockets {:?}", t.elapsed());
+    server_sent_events(&w).await?;
+    raw_tcp(&w).await?;
+    eprintln!("sse, tcp {:?}", t.elapsed());
+    let status = status_shows_the_tunnel(&w)?;
+    let tunnel = status["tunnels"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["connector"] == "connector-wg"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(tunnel["transport"], "wireguard", "{status:#}");
+    assert_eq!(tunnel["up"], true, "{status:#}");
+    assert_eq!(
+        tunnel["wireguard"]["endpoint"],
+        w.endpoint.to_string(),
+        "{status:#}"
+    );
+    assert!(
+        tunnel["wireguard"]["rx_bytes"].as_u64().unwrap_or(0) > 100 * MB,
+        "{status:#}"
+    );
+    Ok(())
+}
