@@ -28,7 +28,7 @@ use crate::phases::flows::Flows;
 use crate::phases::under_attack::{self, AutoWatch, UnderAttackState};
 use crate::proxy::{self, Edge};
 use crate::reload::{self, Live};
-use crate::tunnel::{TunnelPool, WgLink};
+use crate::tunnel::{Direct, TunnelPool, WgLink};
 
 /// Descriptors kept back from `max_connections` when it comes from the open-file limit:
 /// tunnels, DNS, the admin listener, logs.
@@ -382,7 +382,8 @@ pub async fn serve(
         config.membership.clone(),
         stop_tunnels.clone(),
     )?;
-    let wg_links = start_wireguard(config.wireguard.as_ref(), stop_tunnels.clone()).await?;
+    let (wg_links, direct) =
+        start_wireguard(config.wireguard.as_ref(), stop_tunnels.clone()).await?;
     let tunnels = TunnelPool::start(
         endpoint.clone(),
         socket.clone(),
@@ -390,6 +391,7 @@ pub async fn serve(
         identity.key.clone(),
         config.connectors.clone(),
         wg_links,
+        direct,
         config.tunnel.clone(),
         stop_tunnels.clone(),
     );
@@ -673,40 +675,54 @@ async fn accept_https(
     }
 }
 
-/// Starts one WireGuard tunnel per `[[wireguard.peers]]` entry that a connector is behind,
-/// and returns the links to those connectors.
+/// Starts one WireGuard tunnel per `[[wireguard.peers]]` entry that a connector or a
+/// service is behind; returns the links to those connectors and the services this edge
+/// serves itself.
 async fn start_wireguard(
     config: Option<&crate::config::wireguard::Wireguard>,
     stop: CancellationToken,
-) -> anyhow::Result<Vec<WgLink>> {
+) -> anyhow::Result<(Vec<WgLink>, Option<Direct>)> {
+    use skylane_shared::wireguard::WgTunnel;
     let Some(wg) = config else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     };
     let resolver = skylane_shared::resolve::Resolver::from_system();
-    let mut tunnels = std::collections::HashMap::new();
-    let mut links = Vec::new();
-    for c in &wg.connectors {
-        let tunnel = match tunnels.get(&c.peer) {
-            Some(t) => Arc::clone(t),
-            None => {
-                let Some(peer) = wg.peers.iter().find(|p| p.name == c.peer) else {
-                    continue; // validation checked every connector names a peer
-                };
-                let t = skylane_shared::wireguard::WgTunnel::start(
-                    peer.clone(),
-                    &wg.key,
-                    resolver.clone(),
-                    stop.clone(),
-                )
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("cannot start the WireGuard tunnel to {}: {e}", peer.name)
-                })?;
-                tunnels.insert(c.peer.clone(), t.clone());
-                t
-            }
+    let mut tunnels: std::collections::HashMap<String, Arc<WgTunnel>> = Default::default();
+    let used = wg
+        .connectors
+        .iter()
+        .map(|c| &c.peer)
+        .chain(wg.services.iter().map(|s| &s.peer));
+    for name in used {
+        if tunnels.contains_key(name) {
+            continue;
+        }
+        let Some(peer) = wg.peers.iter().find(|p| &p.name == name) else {
+            continue; // validation checked every reference names a peer
         };
-        links.push(WgLink::new(c.name.clone(), c.address, tunnel));
+        let t = WgTunnel::start(peer.clone(), &wg.key, resolver.clone(), stop.clone())
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot start the WireGuard tunnel to {}: {e}", peer.name)
+            })?;
+        tunnels.insert(name.clone(), t);
     }
-    Ok(links)
+    let links = wg
+        .connectors
+        .iter()
+        .filter_map(|c| {
+            Some(WgLink::new(
+                c.name.clone(),
+                c.address,
+                tunnels.get(&c.peer)?.clone(),
+            ))
+        })
+        .collect();
+    let services: Vec<_> = wg
+        .services
+        .iter()
+        .filter_map(|s| Some((s.service.clone(), tunnels.get(&s.peer)?.clone())))
+        .collect();
+    let direct = (!services.is_empty()).then(|| Direct::start(services, stop));
+    Ok((links, direct))
 }

@@ -45,7 +45,7 @@ pub async fn serve(
             };
             let stream = match edge
                 .tunnels
-                .open_stream(edge.policy.timeouts.tunnel_open, &[])
+                .open_stream(edge.policy.timeouts.tunnel_open, &[], &service)
                 .await
             {
                 Ok(s) => s,

@@ -177,6 +177,85 @@ impl WgLink {
     }
 }
 
+/// Services this edge serves itself, reaching their servers through WireGuard with the
+/// connector's own forwarding (pooled connections, health checks, failover across
+/// servers): a flow to one is a pipe to an in-process forwarder, not a tunnel stream.
+#[derive(Debug)]
+pub struct Direct {
+    ctx: origin_connector::forward::Context,
+    /// Each service and the tunnel its servers are behind.
+    services: Vec<(Arc<origin_connector::origin::ServicePool>, Arc<WgTunnel>)>,
+    flows: Arc<AtomicUsize>,
+}
+
+/// The name flows to [`Direct`] services go under (logs, retries).
+pub const DIRECT: &str = "direct";
+
+/// Bytes a pipe to the in-process forwarder buffers each way.
+const DIRECT_PIPE: usize = 64 * 1024;
+
+impl Direct {
+    /// The forwarder for `services`; health checks start on `tracker` until `stop`.
+    pub fn start(
+        services: Vec<(origin_connector::config::Service, Arc<WgTunnel>)>,
+        stop: CancellationToken,
+    ) -> Self {
+        use origin_connector::dial::Dial;
+        use origin_connector::origin::ServicePool;
+        let resolver = Resolver::from_system();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let services: Vec<_> = services
+            .into_iter()
+            .map(|(service, tunnel)| {
+                let pool = Arc::new(ServicePool::with_dial(
+                    service,
+                    Dial::Wireguard(tunnel.clone()),
+                ));
+                pool.spawn_health_checks(resolver.clone(), stop.clone(), &tracker);
+                (pool, tunnel)
+            })
+            .collect();
+        let lookup: std::collections::BTreeMap<String, Arc<ServicePool>> = services
+            .iter()
+            .map(|(p, _)| (p.service.name.clone(), p.clone()))
+            .collect();
+        Self {
+            ctx: origin_connector::forward::Context {
+                services: Arc::new(lookup),
+                resolver,
+                // The edge drains its own clients; the forwarder never refuses as draining.
+                draining: CancellationToken::new(),
+                pipes: tracker,
+            },
+            services,
+            flows: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn serves(&self, service: &str) -> bool {
+        self.services.iter().any(|(p, _)| p.service.name == service)
+    }
+
+    fn open(&self) -> TunnelStream {
+        let (ours, theirs) = tokio::io::duplex(DIRECT_PIPE);
+        let (send, recv) = flow::from_tcp(theirs);
+        tokio::spawn(origin_connector::forward::handle_stream(
+            self.ctx.clone(),
+            Arc::from(DIRECT),
+            send,
+            recv,
+        ));
+        let (send, recv) = flow::from_tcp(ours);
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        TunnelStream {
+            connector: DIRECT.into(),
+            send,
+            recv,
+            slot: StreamSlot(self.flows.clone()),
+        }
+    }
+}
+
 /// A connector a flow may go to, of either transport.
 #[derive(Clone, Copy)]
 enum Candidate<'a> {
@@ -230,6 +309,7 @@ pub struct LinkStatus {
 pub struct TunnelPool {
     links: Vec<Arc<ConnectorLink>>,
     wg: Vec<WgLink>,
+    direct: Option<Direct>,
     socket: Arc<MeshSocket>,
     control: Arc<MeshControl>,
 }
@@ -245,6 +325,7 @@ impl TunnelPool {
         key: NodeKey,
         connectors: Vec<Member>,
         wg: Vec<WgLink>,
+        direct: Option<Direct>,
         timing: Tunnel,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -276,6 +357,7 @@ impl TunnelPool {
         Arc::new(Self {
             links,
             wg,
+            direct,
             socket,
             control,
         })
@@ -356,7 +438,15 @@ impl TunnelPool {
         &self,
         timeout: Duration,
         exclude: &[String],
+        service: &str,
     ) -> Result<TunnelStream, OpenError> {
+        if let Some(direct) = self.direct.as_ref().filter(|d| d.serves(service)) {
+            // Served here: connectors do not have it.
+            if exclude.iter().any(|e| e == DIRECT) {
+                return Err(OpenError::NoTunnel);
+            }
+            return Ok(direct.open());
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         // WireGuard connectors that failed to connect for this flow: not tried again.
         let mut failed: Vec<String> = exclude.to_vec();
@@ -443,11 +533,16 @@ impl TunnelPool {
     pub fn up_count(&self) -> usize {
         self.links.iter().filter(|l| l.primary().is_some()).count()
             + self.wg.iter().filter(|l| l.tunnel.is_up()).count()
+            + self
+                .direct
+                .as_ref()
+                .map_or(0, |d| d.services.iter().filter(|(_, t)| t.is_up()).count())
     }
 
-    /// How many connectors this edge tunnels to (up or not).
+    /// How many connectors this edge tunnels to (up or not); services it serves itself
+    /// count as one.
     pub fn connector_count(&self) -> usize {
-        self.links.len() + self.wg.len()
+        self.links.len() + self.wg.len() + usize::from(self.direct.is_some())
     }
 
     /// Status of every tunnel.
@@ -509,6 +604,27 @@ impl TunnelPool {
                         > crate::phases::connection::now_ms(),
                     wireguard: Some(wg),
                 }
+            }))
+            .chain(self.direct.iter().flat_map(|d| {
+                d.services.iter().map(|(pool, tunnel)| {
+                    let wg = tunnel.status();
+                    let servers_up = pool.servers.iter().filter(|s| s.is_up()).count();
+                    LinkStatus {
+                        connector: format!("{} ({DIRECT})", pool.service.name),
+                        transport: "wireguard",
+                        up: wg.up && servers_up > 0,
+                        address: wg.endpoint.clone(),
+                        rtt_ms: wg.rtt_ms.filter(|_| wg.up).map(f64::from),
+                        quic: None,
+                        up_for_s: None,
+                        reconnects: 0,
+                        last_error: wg.last_error.clone(),
+                        connections: servers_up,
+                        flows: d.flows.load(Ordering::Relaxed),
+                        draining: false,
+                        wireguard: Some(wg),
+                    }
+                })
             }))
             .collect()
     }

@@ -58,10 +58,11 @@ fn default_grace_ms() -> u64 {
     10_000
 }
 
-/// `[services.NAME]`: one origin service.
+/// `[services.NAME]`: one origin service (also an edge's `[wireguard.services.NAME]`,
+/// which reaches its servers through a WireGuard tunnel).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ServiceSection {
+pub struct ServiceSection {
     /// `http` (default) or `tcp`.
     #[serde(default)]
     kind: ServiceKind,
@@ -236,76 +237,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     let mut services = BTreeMap::new();
     for (name, s) in file.services {
-        let key = |k: &str| format!("services.{name}.{k}");
-        if s.servers.is_empty() {
-            return Err(v.invalid(key("servers"), "needs at least one origin server"));
-        }
-        for (i, server) in s.servers.iter().enumerate() {
-            skylane_shared::resolve::split_host_port(server)
-                .map_err(|e| v.invalid(format!("services.{name}.servers[{i}]"), e.to_string()))?;
-        }
-        v.in_range(
-            &key("connect_timeout_ms"),
-            s.connect_timeout_ms,
-            1..=600_000,
-        )?;
-        v.in_range(
-            &key("response_timeout_ms"),
-            s.response_timeout_ms,
-            1..=3_600_000,
-        )?;
-        let health = match s.health_check {
-            None => None,
-            Some(h) => {
-                let hk = |k: &str| format!("services.{name}.health_check.{k}");
-                v.in_range(&hk("interval_ms"), h.interval_ms, 10..=3_600_000)?;
-                v.in_range(&hk("timeout_ms"), h.timeout_ms, 1..=600_000)?;
-                v.in_range(
-                    &hk("healthy_threshold"),
-                    h.healthy_threshold.into(),
-                    1..=100,
-                )?;
-                v.in_range(
-                    &hk("unhealthy_threshold"),
-                    h.unhealthy_threshold.into(),
-                    1..=100,
-                )?;
-                if !h.path.starts_with('/') {
-                    return Err(v.invalid(hk("path"), "must start with '/'"));
-                }
-                Some(HealthCheck {
-                    path: h.path,
-                    interval: Duration::from_millis(h.interval_ms),
-                    timeout: Duration::from_millis(h.timeout_ms),
-                    healthy_threshold: h.healthy_threshold,
-                    unhealthy_threshold: h.unhealthy_threshold,
-                })
-            }
-        };
-        let max_concurrent_streams = v.in_range(
-            &key("max_concurrent_streams"),
-            s.max_concurrent_streams,
-            1..=10_000_000,
-        )? as usize;
-        let queue_timeout = Duration::from_millis(v.in_range(
-            &key("queue_timeout_ms"),
-            s.queue_timeout_ms,
-            0..=600_000,
-        )?);
-        services.insert(
-            name.clone(),
-            Service {
-                name,
-                kind: s.kind,
-                servers: s.servers,
-                connect_timeout: Duration::from_millis(s.connect_timeout_ms),
-                response_timeout: Duration::from_millis(s.response_timeout_ms),
-                max_idle_per_server: s.max_idle_per_server,
-                max_concurrent_streams,
-                queue_timeout,
-                health,
-            },
-        );
+        let service = validate_service(&v, &format!("services.{name}"), &name, s)?;
+        services.insert(name, service);
     }
     v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
     let worker_threads = match file.node.worker_threads {
@@ -361,5 +294,81 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         routing: file.routing,
         membership: file.membership,
         services,
+    })
+}
+
+/// Checks one service section; `at` is its key (`services.web`) for messages.
+pub fn validate_service(
+    v: &Validator,
+    at: &str,
+    name: &str,
+    s: ServiceSection,
+) -> Result<Service, ConfigError> {
+    let key = |k: &str| format!("{at}.{k}");
+    if s.servers.is_empty() {
+        return Err(v.invalid(key("servers"), "needs at least one origin server"));
+    }
+    for (i, server) in s.servers.iter().enumerate() {
+        skylane_shared::resolve::split_host_port(server)
+            .map_err(|e| v.invalid(format!("{at}.servers[{i}]"), e.to_string()))?;
+    }
+    v.in_range(
+        &key("connect_timeout_ms"),
+        s.connect_timeout_ms,
+        1..=600_000,
+    )?;
+    v.in_range(
+        &key("response_timeout_ms"),
+        s.response_timeout_ms,
+        1..=3_600_000,
+    )?;
+    let health = match s.health_check {
+        None => None,
+        Some(h) => {
+            let hk = |k: &str| format!("{at}.health_check.{k}");
+            v.in_range(&hk("interval_ms"), h.interval_ms, 10..=3_600_000)?;
+            v.in_range(&hk("timeout_ms"), h.timeout_ms, 1..=600_000)?;
+            v.in_range(
+                &hk("healthy_threshold"),
+                h.healthy_threshold.into(),
+                1..=100,
+            )?;
+            v.in_range(
+                &hk("unhealthy_threshold"),
+                h.unhealthy_threshold.into(),
+                1..=100,
+            )?;
+            if !h.path.starts_with('/') {
+                return Err(v.invalid(hk("path"), "must start with '/'"));
+            }
+            Some(HealthCheck {
+                path: h.path,
+                interval: Duration::from_millis(h.interval_ms),
+                timeout: Duration::from_millis(h.timeout_ms),
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+            })
+        }
+    };
+    let max_concurrent_streams = v.in_range(
+        &key("max_concurrent_streams"),
+        s.max_concurrent_streams,
+        1..=10_000_000,
+    )? as usize;
+    let queue_timeout = Duration::from_millis(v.in_range(
+        &key("queue_timeout_ms"),
+        s.queue_timeout_ms,
+        0..=600_000,
+    )?);
+    Ok(Service {
+        name: name.to_owned(),
+        kind: s.kind,
+        servers: s.servers,
+        connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+        response_timeout: Duration::from_millis(s.response_timeout_ms),
+        max_idle_per_server: s.max_idle_per_server,
+        max_concurrent_streams,
+        queue_timeout,
+        health,
     })
 }

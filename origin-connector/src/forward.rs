@@ -20,7 +20,7 @@ use crate::stream_metrics::{self, StreamMetrics};
 #[derive(Clone, Debug)]
 pub struct Context {
     /// Services by name.
-    pub services: Arc<crate::reload::Services>,
+    pub services: Arc<dyn ServiceLookup>,
     /// Resolves origin names.
     pub resolver: Resolver,
     /// Set while draining: new streams are refused so edges use another connector.
@@ -29,6 +29,25 @@ pub struct Context {
     /// for): a pipe gets a small task of its own, and the large state of the request that
     /// opened it is freed, which matters with tens of thousands of idle websockets.
     pub pipes: tokio_util::task::TaskTracker,
+}
+
+/// Where a stream's service is looked up: the connector's services in force (they change
+/// on reload), or a fixed set (an edge's services behind WireGuard).
+pub trait ServiceLookup: Send + Sync + std::fmt::Debug {
+    /// The service named `name`, if there is one.
+    fn get(&self, name: &str) -> Option<Arc<ServicePool>>;
+}
+
+impl ServiceLookup for crate::reload::Services {
+    fn get(&self, name: &str) -> Option<Arc<ServicePool>> {
+        crate::reload::Services::get(self, name)
+    }
+}
+
+impl ServiceLookup for std::collections::BTreeMap<String, Arc<ServicePool>> {
+    fn get(&self, name: &str) -> Option<Arc<ServicePool>> {
+        std::collections::BTreeMap::get(self, name).cloned()
+    }
 }
 
 /// How long an edge may take to send the stream header.
@@ -380,10 +399,8 @@ async fn forward_tcp(ctx: &Context, pool: &ServicePool, mut send: FlowSend, recv
             pool.record_failure(&server);
             continue;
         };
-        let connect = tokio::net::TcpStream::connect(addr);
-        match tokio::time::timeout(pool.service.connect_timeout, connect).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
+        match pool.dial.tcp(addr, pool.service.connect_timeout).await {
+            Ok(tcp) => {
                 if wire::write_frame(&mut send, &Reply::Connected)
                     .await
                     .is_err()
@@ -395,7 +412,7 @@ async fn forward_tcp(ctx: &Context, pool: &ServicePool, mut send: FlowSend, recv
                 }
                 return;
             }
-            _ => pool.record_failure(&server),
+            Err(_) => pool.record_failure(&server),
         }
     }
     refuse(

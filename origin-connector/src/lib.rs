@@ -7,6 +7,7 @@
 //! an open proxy. It does not terminate users' TLS or apply edge policy; edges do that.
 
 pub mod config;
+pub mod dial;
 pub mod forward;
 pub mod origin;
 pub mod reload;

@@ -14,18 +14,18 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use skylane_shared::resolve::{ResolveError, Resolver};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthCheck, Service, ServiceKind};
+use crate::dial::{Dial, OriginConnector};
 use crate::stream_metrics::StreamMetrics;
 
 /// The body type sent to origins.
 pub type OriginBody = UnsyncBoxBody<Bytes, std::io::Error>;
 /// A pooled HTTP/1.1 client to origin servers.
-pub type OriginClient = Client<HttpConnector, OriginBody>;
+pub type OriginClient = Client<OriginConnector, OriginBody>;
 
 /// One origin server of a service.
 #[derive(Debug)]
@@ -109,6 +109,8 @@ pub struct ServicePool {
     pub servers: Vec<Arc<OriginServer>>,
     /// Pooled keep-alive connections (HTTP services).
     pub client: OriginClient,
+    /// How connections to the servers are opened.
+    pub dial: Dial,
     next: AtomicUsize,
     /// Registered on first use, after the metrics recorder is installed.
     metrics: std::sync::OnceLock<StreamMetrics>,
@@ -117,16 +119,22 @@ pub struct ServicePool {
 }
 
 impl ServicePool {
-    /// Builds the pool for one service.
+    /// Builds the pool for one service, reaching its servers through this machine's
+    /// network.
     pub fn new(service: Service) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(service.connect_timeout));
-        http.enforce_http(true);
+        Self::with_dial(service, Dial::Kernel)
+    }
+
+    /// Builds the pool for one service whose servers are reached with `dial`.
+    pub fn with_dial(service: Service, dial: Dial) -> Self {
+        let connector = OriginConnector {
+            dial: dial.clone(),
+            timeout: service.connect_timeout,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(service.max_idle_per_server)
             .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(http);
+            .build(connector);
         let servers = service
             .servers
             .iter()
@@ -137,6 +145,7 @@ impl ServicePool {
             service,
             servers,
             client,
+            dial,
             next: AtomicUsize::new(0),
             metrics: std::sync::OnceLock::new(),
         }
@@ -213,10 +222,7 @@ impl ServicePool {
         let attempt = async {
             let addr = server.addr(resolver).await.ok()?;
             match self.service.kind {
-                ServiceKind::Tcp => tokio::net::TcpStream::connect(addr)
-                    .await
-                    .ok()
-                    .map(|_| true),
+                ServiceKind::Tcp => self.dial.tcp(addr, check.timeout).await.ok().map(|_| true),
                 ServiceKind::Http => {
                     let uri: http::Uri = format!("http://{addr}{}", check.path).parse().ok()?;
                     let req = http::Request::get(uri)

@@ -71,6 +71,7 @@ pub struct WgWorld {
     pub dir: TempDir,
     ns: String,
     veth: String,
+    wg_if: String,
     /// The endpoint's UDP address, as the edge dials it.
     pub endpoint: SocketAddr,
     /// Processes in the namespace (killed first when the world ends).
@@ -138,6 +139,9 @@ impl WgWorld {
         let ns = format!("skywg{id}");
         let veth = format!("skwh{id}");
         let peer_veth = format!("skwn{id}");
+        // Unique across namespaces too: wireguard-go's control socket is a file named
+        // after the interface (/var/run/wireguard/NAME.sock), shared by every namespace.
+        let wg_if = format!("skwg{id}");
         let host_ip = format!("10.201.{subnet}.1");
         let ns_ip = format!("10.201.{subnet}.2");
         let dir = TempDir::new("wireguard");
@@ -198,7 +202,14 @@ impl WgWorld {
             ])
         };
         // The endpoint: wireguard-go in the foreground, configured by wg.
-        let wggo_args = ["netns", "exec", ns.as_str(), "wireguard-go", "-f", "wg0"];
+        let wggo_args = [
+            "netns",
+            "exec",
+            ns.as_str(),
+            "wireguard-go",
+            "-f",
+            wg_if.as_str(),
+        ];
         inside.push(Proc::spawn(
             "wireguard-go",
             Path::new("ip"),
@@ -206,20 +217,23 @@ impl WgWorld {
             &d,
         )?);
         let mut up = false;
-        for _ in 0..50 {
-            if in_ns(&["ip", "link", "show", "wg0"]).is_ok() {
+        for _ in 0..150 {
+            if in_ns(&["ip", "link", "show", &wg_if]).is_ok() {
                 up = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         if !up {
-            bail!("wireguard-go made no wg0 interface:\n{}", inside[0].log());
+            bail!(
+                "wireguard-go made no {wg_if} interface:\n{}",
+                inside[0].log()
+            );
         }
         in_ns(&[
             "wg",
             "set",
-            "wg0",
+            &wg_if,
             "private-key",
             d.join("keys/gateway.wg").to_str().context("path")?,
             "listen-port",
@@ -235,9 +249,9 @@ impl WgWorld {
             "add",
             &format!("{GATEWAY_IP}/24"),
             "dev",
-            "wg0",
+            &wg_if,
         ])?;
-        in_ns(&["ip", "link", "set", "wg0", "up"])?;
+        in_ns(&["ip", "link", "set", &wg_if, "up"])?;
 
         // The origin, on every address of the namespace.
         let mut args = ns_bin("demo-origin")?;
@@ -317,6 +331,7 @@ impl WgWorld {
             dir,
             ns,
             veth,
+            wg_if,
             endpoint,
             inside,
             edge,
@@ -338,9 +353,19 @@ impl WgWorld {
         format!("https://localhost:{}{path}", self.https.port())
     }
 
-    /// `wg show wg0` in the namespace: what the stock endpoint sees.
+    /// `wg show IFACE dump` in the namespace: what the stock endpoint sees.
     pub fn wg_show(&self) -> String {
-        run(&["ip", "netns", "exec", &self.ns, "wg", "show", "wg0", "dump"]).unwrap_or_default()
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns,
+            "wg",
+            "show",
+            &self.wg_if,
+            "dump",
+        ])
+        .unwrap_or_default()
     }
 
     /// Every process's log, for a failure message.

@@ -171,16 +171,11 @@ async fn edge_reaches_a_connector_through_stock_wireguard() -> anyhow::Result<()
     if skip() {
         return Ok(());
     }
-    let t = std::time::Instant::now();
     let w = WgWorld::start(Behind::Connector, "")?;
-    eprintln!("setup {:?}", t.elapsed());
     fifty_megabytes_both_ways(&w).await?;
-    eprintln!("50 MB both ways {:?}", t.elapsed());
     websocket_round_trips(&w).await?;
-    eprintln!("websockets {:?}", t.elapsed());
     server_sent_events(&w).await?;
     raw_tcp(&w).await?;
-    eprintln!("sse, tcp {:?}", t.elapsed());
     let status = status_shows_the_tunnel(&w)?;
     let tunnel = status["tunnels"]
         .as_array()
@@ -198,5 +193,35 @@ async fn edge_reaches_a_connector_through_stock_wireguard() -> anyhow::Result<()
         tunnel["wireguard"]["rx_bytes"].as_u64().unwrap_or(0) > 100 * MB,
         "{status:#}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_reaches_the_origin_directly_through_stock_wireguard() -> anyhow::Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let w = WgWorld::start(Behind::Origin, "")?;
+    fifty_megabytes_both_ways(&w).await?;
+    websocket_round_trips(&w).await?;
+    server_sent_events(&w).await?;
+    raw_tcp(&w).await?;
+    let status = status_shows_the_tunnel(&w)?;
+    let tunnel = status["tunnels"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["connector"] == "web (direct)"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(tunnel["transport"], "wireguard", "{status:#}");
+    assert_eq!(tunnel["up"], true, "{status:#}");
+    // The origin saw the edge's tunnel address, not a connector's.
+    let headers = w
+        .client()?
+        .get(w.url("/headers"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(headers.contains("x-forwarded-for"), "{headers}");
     Ok(())
 }

@@ -298,12 +298,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .collect();
     let mesh_names: Vec<String> = connectors.iter().map(|m| m.name.clone()).collect();
     let wireguard = wireguard::validate(&v, file.wireguard.as_ref(), &identity.key, &mesh_names)?;
-    if connectors.is_empty() && wireguard.as_ref().is_none_or(|w| w.connectors.is_empty()) {
+    if connectors.is_empty()
+        && wireguard
+            .as_ref()
+            .is_none_or(|w| w.connectors.is_empty() && w.services.is_empty())
+    {
         return Err(v.invalid(
             "mesh.members",
-            "no member has role = \"connector\" (and no [[wireguard.connectors]]); the edge needs one to tunnel to",
+            "no member has role = \"connector\" (and no [[wireguard.connectors]] or [wireguard.services]); the edge needs one to tunnel to",
         ));
     }
+
     for c in &connectors {
         let Some(addr) = &c.address else {
             return Err(v.invalid(

@@ -13,7 +13,15 @@
 //! name = "fra-wg"
 //! peer = "origin-vpn"
 //! address = "10.77.0.1:7100"         # its `[wireguard] listen`
+//!
+//! [wireguard.services.web]           # or no connector: the origin itself, behind the
+//! peer = "origin-vpn"                # endpoint; the keys of a connector's [services.web]
+//! servers = ["10.77.0.1:8080"]
 //! ```
+//!
+//! A service under `[wireguard.services]` is served by this edge itself: it forwards to
+//! the servers through the tunnel as a connector would (pooled keep-alive connections,
+//! health checks, failover across servers), and routes naming it never use a connector.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -37,6 +45,10 @@ pub struct WireguardSection {
     /// Connectors reached through them.
     #[serde(default)]
     pub connectors: Vec<ConnectorSection>,
+    /// Origin services reached through them directly: each a connector's service section
+    /// plus `peer`.
+    #[serde(default)]
+    pub services: std::collections::BTreeMap<String, toml::Table>,
 }
 
 /// `[[wireguard.connectors]]`.
@@ -60,6 +72,17 @@ pub struct Wireguard {
     pub peers: Vec<Peer>,
     /// The connectors behind them.
     pub connectors: Vec<WgConnector>,
+    /// Origin services behind them, served by this edge.
+    pub services: Vec<WgService>,
+}
+
+/// An origin service behind a WireGuard endpoint.
+#[derive(Debug, Clone)]
+pub struct WgService {
+    /// The peer its servers are behind.
+    pub peer: String,
+    /// The service, validated as a connector's.
+    pub service: origin_connector::config::Service,
 }
 
 /// A connector behind a WireGuard endpoint.
@@ -147,9 +170,45 @@ pub fn validate(
             address: c.address,
         });
     }
+    let mut services = Vec::new();
+    for (name, table) in &s.services {
+        let at = format!("wireguard.services.{name}");
+        let mut table = table.clone();
+        let peer = match table.remove("peer") {
+            Some(toml::Value::String(p)) => p,
+            Some(_) => return Err(v.invalid(format!("{at}.peer"), "must be a string")),
+            None => {
+                return Err(v.invalid(
+                    format!("{at}.peer"),
+                    "name the [[wireguard.peers]] entry the servers are behind",
+                ));
+            }
+        };
+        let Some(p) = peers.iter().find(|p| p.name == peer) else {
+            return Err(v.invalid(
+                format!("{at}.peer"),
+                format!("no [[wireguard.peers]] is named {peer:?}"),
+            ));
+        };
+        let section: origin_connector::config::ServiceSection = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| v.invalid(at.clone(), e.message().to_owned()))?;
+        let service = origin_connector::config::validate_service(v, &at, name, section)?;
+        for (i, server) in service.servers.iter().enumerate() {
+            let inside = server.parse::<SocketAddr>().is_ok_and(|a| p.allows(a.ip()));
+            if !inside {
+                return Err(v.invalid(
+                    format!("{at}.servers[{i}]"),
+                    format!("{server:?}: must be an address (ip:port) in the allowed_ips of peer {peer:?}"),
+                ));
+            }
+        }
+        services.push(WgService { peer, service });
+    }
     Ok(Some(Wireguard {
         key,
         peers,
         connectors,
+        services,
     }))
 }

@@ -226,7 +226,7 @@ where
     loop {
         let stream = edge
             .tunnels
-            .open_stream(edge.policy.timeouts.tunnel_open, &tried)
+            .open_stream(edge.policy.timeouts.tunnel_open, &tried, route.service())
             .await;
         let stream = match stream {
             Ok(s) => s,
