@@ -13,7 +13,7 @@
 //!
 //! A config that fails validation, or that changes what only a restart can change (the
 //! node's identity and members, listener addresses, the admin listener, tunnels, routing,
-//! `[limits]`, the cache's storage, `[acme]`), is refused as a whole: nothing is applied, the reason
+//! `[limits]`, the cache's storage, `[acme]`, `[wireguard]`), is refused as a whole: nothing is applied, the reason
 //! is logged and answered, and the generation in force keeps serving.
 
 use std::path::PathBuf;
@@ -233,6 +233,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("limits", same(&old.limits, &new.limits)),
         ("the cache's storage", storage(old) == storage(new)),
         ("acme", same(&old.acme, &new.acme)),
+        ("wireguard", same_wireguard(old, new)),
     ];
     let mut changed = reload::restart_only_changes(settings(old), settings(new));
     changed.extend(
@@ -242,6 +243,26 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             .map(|(name, _)| name),
     );
     changed
+}
+
+/// Whether `[wireguard]` is the same, keys included (their `Debug` is masked).
+fn same_wireguard(old: &Config, new: &Config) -> bool {
+    match (&old.wireguard, &new.wireguard) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            same(a, b)
+                && a.key.same_as(&b.key)
+                && a.peers.len() == b.peers.len()
+                && a.peers.iter().zip(&b.peers).all(|(x, y)| {
+                    match (&x.preshared_key, &y.preshared_key) {
+                        (None, None) => true,
+                        (Some(p), Some(q)) => p.same_as(q),
+                        _ => false,
+                    }
+                })
+        }
+        _ => false,
+    }
 }
 
 /// The reloadable sections `new` changes.

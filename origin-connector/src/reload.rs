@@ -129,10 +129,11 @@ impl Services {
             .in_force
             .lock()
             .map_err(|_| "the config in force is unreadable".to_owned())?;
-        reload::refuse_restart_only(
-            &self.path,
-            &reload::restart_only_changes(settings(&in_force), settings(&new)),
-        )?;
+        let mut restart_only = reload::restart_only_changes(settings(&in_force), settings(&new));
+        if !reload::same(&in_force.wireguard, &new.wireguard) {
+            restart_only.push("wireguard");
+        }
+        reload::refuse_restart_only(&self.path, &restart_only)?;
         if new.log.level != in_force.log.level {
             skylane_shared::telemetry::set_log_level(new.log.level.as_deref())?;
         }

@@ -171,6 +171,34 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
         ),
         (
             "origin-connector",
+            format!(
+                "{connector}\n[wireguard]\nlisten = \"0.0.0.0:7100\"\nallowed_sources = [\"10.77.0.2\"]\n"
+            ),
+            "wireguard.listen",
+        ),
+        (
+            "origin-connector",
+            format!(
+                "{connector}\n[wireguard]\nlisten = \"10.77.0.1:7100\"\nallowed_sources = [\"10.77.0.0/33\"]\n"
+            ),
+            "wireguard.allowed_sources[0]",
+        ),
+        (
+            "origin-connector",
+            format!(
+                "{connector}\n[wireguard]\nlisten = \"10.77.0.1:7100\"\nallowed_sources = []\n"
+            ),
+            "wireguard.allowed_sources",
+        ),
+        (
+            "mesh-node",
+            format!(
+                "{edge}\n[[wireguard.peers]]\nname = \"vpn\"\npublic_key = \"short\"\nendpoint = \"vpn.example.net:51820\"\naddress = \"10.77.0.2\"\nallowed_ips = [\"10.77.0.0/24\"]\n"
+            ),
+            "wireguard.peers[0].public_key",
+        ),
+        (
+            "origin-connector",
             connector.replace("queue_timeout_ms = 1000", "queue_timeout_ms = -1"),
             "queue_timeout_ms",
         ),

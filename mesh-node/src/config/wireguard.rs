@@ -212,3 +212,121 @@ pub fn validate(
         services,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = r#"
+        [[peers]]
+        name = "origin-vpn"
+        public_key = "mbrzdPOI8B5f/n67FjTiOJsrCqVRvwu2NGk4u1tMCUM="
+        endpoint = "vpn.example.net:51820"
+        address = "10.77.0.2"
+        allowed_ips = ["10.77.0.0/24"]
+    "#;
+
+    fn check(extra: &str) -> Result<Option<Wireguard>, ConfigError> {
+        let section: WireguardSection = toml::from_str(&format!("{PEER}\n{extra}")).expect("toml");
+        let node = NodeKey::generate().expect("key");
+        validate(
+            &Validator::new(std::path::Path::new("edge.toml")),
+            Some(&section),
+            &node,
+            &["fra-connector".into()],
+        )
+    }
+
+    fn key_of(r: Result<Option<Wireguard>, ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn both_modes_validate() {
+        let wg = check(
+            r#"
+            [[connectors]]
+            name = "fra-wg"
+            peer = "origin-vpn"
+            address = "10.77.0.1:7100"
+
+            [services.web]
+            peer = "origin-vpn"
+            servers = ["10.77.0.1:8080"]
+            [services.web.health_check]
+            path = "/health"
+            "#,
+        )
+        .expect("valid")
+        .expect("section");
+        assert_eq!(wg.connectors[0].address.port(), 7100);
+        assert_eq!(wg.services[0].peer, "origin-vpn");
+        assert_eq!(wg.services[0].service.name, "web");
+        assert!(wg.services[0].service.health.is_some());
+    }
+
+    #[test]
+    fn mistakes_name_their_key() {
+        let cases = [
+            (
+                "[[connectors]]\nname = \"x\"\npeer = \"nobody\"\naddress = \"10.77.0.1:1\"",
+                "wireguard.connectors[0].peer",
+            ),
+            (
+                "[[connectors]]\nname = \"x\"\npeer = \"origin-vpn\"\naddress = \"10.78.0.1:1\"",
+                "wireguard.connectors[0].address",
+            ),
+            (
+                "[[connectors]]\nname = \"fra-connector\"\npeer = \"origin-vpn\"\naddress = \"10.77.0.1:1\"",
+                "wireguard.connectors[0].name",
+            ),
+            (
+                "[services.web]\nservers = [\"10.77.0.1:80\"]",
+                "wireguard.services.web.peer",
+            ),
+            (
+                "[services.web]\npeer = \"origin-vpn\"\nservers = [\"192.168.1.1:80\"]",
+                "wireguard.services.web.servers[0]",
+            ),
+            (
+                "[services.web]\npeer = \"origin-vpn\"\nservers = [\"10.77.0.1:80\"]\nconnect_timeout_ms = 0",
+                "wireguard.services.web.connect_timeout_ms",
+            ),
+            (
+                "[services.web]\npeer = \"origin-vpn\"\nservers = [\"10.77.0.1:80\"]\nserverz = 1",
+                "wireguard.services.web",
+            ),
+        ];
+        for (extra, key) in cases {
+            assert_eq!(key_of(check(extra)), key, "{extra}");
+        }
+    }
+
+    #[test]
+    fn the_key_is_derived_unless_a_file_names_one() {
+        let dir = std::env::temp_dir().join(format!("skylane-wgkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join("wg.key"),
+            "UOlrBEYUnSKJ0OWl7rE+AZhEIvBTnipObAegAzcHFXU=\n",
+        )
+        .expect("write");
+        let section: WireguardSection =
+            toml::from_str(&format!("private_key_file = \"wg.key\"\n{PEER}")).expect("toml");
+        let node = NodeKey::generate().expect("key");
+        let v = Validator::new(&dir.join("edge.toml"));
+        let wg = validate(&v, Some(&section), &node, &[])
+            .expect("valid")
+            .expect("section");
+        assert_eq!(
+            keys::format_key(&wg.key.public_key()),
+            "mbrzdPOI8B5f/n67FjTiOJsrCqVRvwu2NGk4u1tMCUM="
+        );
+        let derived = check("").expect("valid").expect("section");
+        assert_ne!(derived.key.public_key(), wg.key.public_key());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

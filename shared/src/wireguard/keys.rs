@@ -52,6 +52,11 @@ impl SecretKey {
         Self(node.derive_secret("skylane wireguard static key v1"))
     }
 
+    /// Whether two keys are the same key (compared for a config reload).
+    pub fn same_as(&self, other: &SecretKey) -> bool {
+        self.0 == other.0
+    }
+
     /// The public key that goes into the peer's config.
     pub fn public_key(&self) -> [u8; 32] {
         x25519::PublicKey::from(&x25519::StaticSecret::from(self.0)).to_bytes()
