@@ -206,7 +206,10 @@ fn real_main(cli: Cli) -> Result<(), i32> {
                         eprintln!("error: {e}");
                         EXIT_CONFIG
                     })?;
-                    SecretKey::derived_from(&node)
+                    SecretKey::derived_from(&node).map_err(|e| {
+                        eprintln!("error: {e}");
+                        EXIT_CONFIG
+                    })?
                 }
                 (None, Some(path)) => {
                     let config = mesh_node::config::load(path).map_err(|e| {
@@ -215,7 +218,10 @@ fn real_main(cli: Cli) -> Result<(), i32> {
                     })?;
                     match config.wireguard {
                         Some(w) => w.key,
-                        None => SecretKey::derived_from(&config.identity.key),
+                        None => SecretKey::derived_from(&config.identity.key).map_err(|e| {
+                            eprintln!("error: {e}");
+                            EXIT_CONFIG
+                        })?,
                     }
                 }
                 (None, None) => {

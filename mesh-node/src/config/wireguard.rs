@@ -108,7 +108,8 @@ pub fn validate(
         return Ok(None);
     };
     let key = match &s.private_key_file {
-        None => SecretKey::derived_from(node),
+        None => SecretKey::derived_from(node)
+            .map_err(|e| v.invalid("wireguard.private_key_file", format!("none set, and {e}")))?,
         Some(p) => {
             let path = v.relative(p);
             let text = std::fs::read_to_string(&path).map_err(|e| {

@@ -54,7 +54,7 @@ impl fmt::Debug for LinkKeys {
 }
 
 /// The clamped X25519 scalar bytes of an Ed25519 key: the first half of SHA-512(seed).
-fn x25519_scalar(key: &NodeKey) -> Result<[u8; 32], AuthError> {
+pub(crate) fn x25519_scalar(key: &NodeKey) -> Result<[u8; 32], AuthError> {
     // Both PKCS#8 v1 (openssl) and v2 (ring) wrap the 32-byte seed as OCTET STRING inside
     // OCTET STRING: 04 22 04 20 <seed>.
     let der = key.pkcs8_der();
@@ -81,7 +81,7 @@ fn x25519_scalar(key: &NodeKey) -> Result<[u8; 32], AuthError> {
 }
 
 /// A member's public key on the Montgomery curve, if it is a valid point.
-fn x25519_public(id: &NodeId) -> Option<MontgomeryPoint> {
+pub(crate) fn x25519_public(id: &NodeId) -> Option<MontgomeryPoint> {
     let point = CompressedEdwardsY(*id.as_bytes()).decompress()?;
     if point.is_small_order() {
         return None;

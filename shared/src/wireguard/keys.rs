@@ -1,10 +1,18 @@
-//! WireGuard keys: the base64 form `wg genkey` / `wg pubkey` use, and this node's static
-//! key derived from its identity, so no second key has to be made or kept.
+//! WireGuard keys: the base64 form `wg genkey` / `wg pubkey` use, and a node's static key
+//! derived from its identity, so no second key has to be made, kept or distributed.
+//!
+//! The derivation is the one the mesh's link keys use ([`crate::mesh::auth`]): an Ed25519
+//! key names an X25519 key by the birational map from the Edwards to the Montgomery curve
+//! (libsodium's `crypto_sign_ed25519_*_to_curve25519`). So the WireGuard public key of any
+//! member follows from its node id alone ([`public_key_of`]). The two protocols never
+//! share a derived secret: the link keys come out of HKDF under their own label, and
+//! WireGuard's handshake mixes the static DH with fresh ephemeral ones.
 
 use base64::Engine as _;
 use boringtun::x25519;
 
-use crate::identity::NodeKey;
+use crate::identity::{NodeId, NodeKey};
+use crate::mesh::auth;
 
 /// Why a key could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,10 +54,11 @@ impl SecretKey {
         Self(bytes)
     }
 
-    /// This node's WireGuard static key, derived from its identity key for this purpose
-    /// only (the identity key itself never leaves its own uses).
-    pub fn derived_from(node: &NodeKey) -> Self {
-        Self(node.derive_secret("skylane wireguard static key v1"))
+    /// This node's WireGuard static key: its identity key on the Montgomery curve. Fails
+    /// only for a key whose PKCS#8 document holds no usable Ed25519 seed (the mesh's link
+    /// keys refuse such a key too).
+    pub fn derived_from(node: &NodeKey) -> Result<Self, auth::AuthError> {
+        auth::x25519_scalar(node).map(Self)
     }
 
     /// Whether two keys are the same key (compared for a config reload).
@@ -65,6 +74,12 @@ impl SecretKey {
     pub(crate) fn static_secret(&self) -> x25519::StaticSecret {
         x25519::StaticSecret::from(self.0)
     }
+}
+
+/// The WireGuard public key of the member with node id `id` (what [`SecretKey::derived_from`]
+/// gives that member), if its id is a usable curve point.
+pub fn public_key_of(id: &NodeId) -> Option<[u8; 32]> {
+    auth::x25519_public(id).map(|p| p.to_bytes())
 }
 
 #[cfg(test)]
@@ -86,13 +101,16 @@ mod tests {
     }
 
     #[test]
-    fn the_derived_key_is_stable_and_masked() {
+    fn the_derived_key_is_stable_masked_and_known_from_the_node_id() {
         let node = NodeKey::generate().expect("node key");
-        let a = SecretKey::derived_from(&node);
-        let b = SecretKey::derived_from(&node);
+        let a = SecretKey::derived_from(&node).expect("derived");
+        let b = SecretKey::derived_from(&node).expect("derived");
         assert_eq!(a.public_key(), b.public_key());
         assert_eq!(format!("{a:?}"), "SecretKey(MASKED)");
-        let other = SecretKey::derived_from(&NodeKey::generate().expect("node key"));
+        // Any member computes it from the id alone, as X25519 would from the private half.
+        assert_eq!(public_key_of(&node.id()), Some(a.public_key()));
+        let other =
+            SecretKey::derived_from(&NodeKey::generate().expect("node key")).expect("derived");
         assert_ne!(a.public_key(), other.public_key());
     }
 }
