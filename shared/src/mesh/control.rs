@@ -237,7 +237,7 @@ impl MeshControl {
                 .bulletin
                 .handle(unix_ms(), from, &datagram.body)
                 .map_err(|e| e.to_string()),
-            BodyType::Relay => Ok(()),
+            BodyType::Relay | BodyType::RelayWireguard => Ok(()),
         };
         if let Err(error) = result {
             tracing::trace!(peer = %from, %error, "control datagram dropped");

@@ -1,7 +1,8 @@
 //! Mesh frames: what travels in each UDP datagram between nodes (sans-IO).
 //!
 //! Every datagram starts with a one-byte kind and the sender's [`ShortId`]. QUIC packets on
-//! the direct path ride in [`Frame::Quic`]: QUIC authenticates them itself. Everything a
+//! the direct path ride in [`Frame::Quic`], WireGuard datagrams in [`Frame::Wireguard`]:
+//! each protocol authenticates its packets itself. Everything a
 //! node must trust *before* QUIC can — routing probes and gossip, membership, and QUIC
 //! packets relayed through other nodes — rides in [`Frame::Auth`], which names both ends of
 //! the hop, carries a counter against replays, and ends in a MAC under the pair's link key
@@ -10,11 +11,17 @@
 //!
 //! ```text
 //! QUIC:   [0x51][src: 8][quic packet …]
+//! WG:     [0x53][src: 8][wireguard datagram …]
 //! AUTH:   [0x52][src: 8][dst: 8][counter: u64 BE][body type: 1][body …][tag: 16]
-//!   body type 0x01 ROUTING  router datagram (probes, replies, link-state gossip)
-//!   body type 0x02 RELAY    [hop: 1][n: 1][path: n × 8][quic packet …]
-//!   body type 0x03 SWIM     membership datagram
+//!   body type 0x01 ROUTING     router datagram (probes, replies, link-state gossip)
+//!   body type 0x02 RELAY       [hop: 1][n: 1][path: n × 8][quic packet …]
+//!   body type 0x03 SWIM        membership datagram
+//!   body type 0x04 BULLETIN    mesh bulletin datagram
+//!   body type 0x05 RELAY_WG    [hop: 1][n: 1][path: n × 8][wireguard datagram …]
 //! ```
+//!
+//! A relay forwards RELAY and RELAY_WG bodies alike without opening the packet inside; only
+//! the last node hands it to its protocol.
 //!
 //! In a RELAY body, `path` lists every node from the QUIC sender to the QUIC receiver
 //! (3 or 4 nodes: at most two relays) and `hop` is the index of the node this hop is
@@ -28,6 +35,8 @@ use super::auth::TAG_LEN;
 pub const KIND_QUIC: u8 = 0x51;
 /// Kind byte of an authenticated frame.
 pub const KIND_AUTH: u8 = 0x52;
+/// Kind byte of a direct WireGuard frame.
+pub const KIND_WIREGUARD: u8 = 0x53;
 
 /// Bytes a QUIC frame adds in front of the QUIC packet.
 pub const QUIC_OVERHEAD: usize = 1 + 8;
@@ -55,6 +64,8 @@ pub enum BodyType {
     Swim,
     /// A mesh bulletin datagram ([`super::bulletin`]): mesh-wide switches and purges.
     Bulletin,
+    /// A WireGuard datagram on a relayed path.
+    RelayWireguard,
 }
 
 impl BodyType {
@@ -64,6 +75,7 @@ impl BodyType {
             BodyType::Relay => 0x02,
             BodyType::Swim => 0x03,
             BodyType::Bulletin => 0x04,
+            BodyType::RelayWireguard => 0x05,
         }
     }
 
@@ -73,6 +85,7 @@ impl BodyType {
             0x02 => Some(BodyType::Relay),
             0x03 => Some(BodyType::Swim),
             0x04 => Some(BodyType::Bulletin),
+            0x05 => Some(BodyType::RelayWireguard),
             _ => None,
         }
     }
@@ -86,6 +99,13 @@ pub enum Frame<'a> {
         /// The sending node.
         src: ShortId,
         /// The QUIC packet itself.
+        payload: &'a [u8],
+    },
+    /// A WireGuard datagram from `src` on the direct path.
+    Wireguard {
+        /// The sending node (a claim: WireGuard authenticates the datagram).
+        src: ShortId,
+        /// The WireGuard datagram itself.
         payload: &'a [u8],
     },
     /// An authenticated frame; not yet verified.
@@ -190,6 +210,15 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, FrameError> {
                 payload: &buf[QUIC_OVERHEAD..],
             })
         }
+        KIND_WIREGUARD => {
+            if buf.len() <= QUIC_OVERHEAD {
+                return Err(truncated);
+            }
+            Ok(Frame::Wireguard {
+                src: short_at(buf, 1),
+                payload: &buf[QUIC_OVERHEAD..],
+            })
+        }
         KIND_AUTH => {
             if buf.len() < AUTH_HEADER_LEN + TAG_LEN {
                 return Err(truncated);
@@ -254,6 +283,12 @@ pub fn append_quic_header(out: &mut Vec<u8>, src: ShortId) {
     out.extend_from_slice(&src.0);
 }
 
+/// Appends a direct WireGuard frame header to `out`; the caller appends the datagram.
+pub fn append_wireguard_header(out: &mut Vec<u8>, src: ShortId) {
+    out.push(KIND_WIREGUARD);
+    out.extend_from_slice(&src.0);
+}
+
 /// Writes an authenticated frame's header into `out` (cleared first). The caller appends
 /// the body, then the tag over everything written.
 pub fn encode_auth_header(
@@ -298,6 +333,28 @@ pub fn encode_relay_header(out: &mut Vec<u8>, hop: usize, path: &[ShortId]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn wireguard_frame_round_trips() {
+        let src = ShortId([3; 8]);
+        let mut buf = Vec::new();
+        append_wireguard_header(&mut buf, src);
+        buf.extend_from_slice(b"\x01wg");
+        assert_eq!(
+            decode(&buf),
+            Ok(Frame::Wireguard {
+                src,
+                payload: b"\x01wg"
+            })
+        );
+        assert!(matches!(
+            decode(&buf[..9]),
+            Err(FrameError::Truncated {
+                kind: KIND_WIREGUARD,
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn quic_frame_round_trips() {

@@ -8,6 +8,10 @@
 //! websockets riding on them survive a path change. Relays forward QUIC ciphertext they
 //! cannot read.
 //!
+//! WireGuard datagrams ride the same paths ([`MeshSocket::send_wireguard`]): direct, or relayed
+//! by the same relays, which forward them unopened; at their end they go to the node's
+//! WireGuard driver ([`MeshSocket::take_wireguard`]) instead of quinn.
+//!
 //! Receiving, the socket demultiplexes frames: direct QUIC packets go up to quinn; routing
 //! and membership datagrams go to the node's control loop ([`MeshSocket::take_control`]);
 //! relayed packets are forwarded to the next hop or, at their end, go up to quinn as if they
@@ -56,6 +60,9 @@ const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Control datagrams waiting for the control loop; beyond this they are dropped (routing
 /// and membership tolerate loss).
 const CONTROL_QUEUE: usize = 4096;
+/// WireGuard datagrams waiting for the WireGuard driver; beyond this they are dropped, as
+/// on a congested link (the TCP flows inside send them again).
+const WIREGUARD_QUEUE: usize = 4096;
 /// Most bytes of relayed frames forwarded in one segmentation-offload send: below the
 /// largest UDP payload of IPv4 (65,507), whatever the frames' size.
 const FORWARD_MAX_BYTES: usize = 65_000;
@@ -84,6 +91,16 @@ pub fn short_id_of(addr: &SocketAddr) -> Option<ShortId> {
     let mut s = [0u8; 8];
     s.copy_from_slice(&o[8..]);
     Some(ShortId(s))
+}
+
+/// A WireGuard datagram that reached this node, for its WireGuard driver.
+#[derive(Clone, Debug)]
+pub struct WireguardDatagram {
+    /// The member it claims to come from (the first node of its path); the WireGuard
+    /// session of that member authenticates it.
+    pub from: ShortId,
+    /// The datagram.
+    pub data: Vec<u8>,
 }
 
 /// A routing or membership datagram from a member, authenticated, for the control loop.
@@ -150,6 +167,12 @@ pub struct SocketCounters {
     pub no_path: AtomicU64,
     /// Control datagrams dropped because the control loop lagged.
     pub control_dropped: AtomicU64,
+    /// WireGuard datagrams sent (direct or into a relayed path).
+    pub wireguard_sent: AtomicU64,
+    /// WireGuard datagrams handed to the WireGuard driver.
+    pub wireguard_received: AtomicU64,
+    /// WireGuard datagrams dropped: no driver, or it lagged.
+    pub wireguard_dropped: AtomicU64,
 }
 
 impl SocketCounters {
@@ -171,6 +194,9 @@ impl SocketCounters {
             "misrouted": get(&self.misrouted),
             "no_path": get(&self.no_path),
             "control_dropped": get(&self.control_dropped),
+            "wireguard_sent": get(&self.wireguard_sent),
+            "wireguard_received": get(&self.wireguard_received),
+            "wireguard_dropped": get(&self.wireguard_dropped),
         })
     }
 }
@@ -197,6 +223,8 @@ pub struct MeshSocket {
     routes: RwLock<HashMap<ShortId, RelayRoute>>,
     control_tx: mpsc::Sender<ControlDatagram>,
     control_rx: Mutex<Option<mpsc::Receiver<ControlDatagram>>>,
+    wireguard_tx: mpsc::Sender<WireguardDatagram>,
+    wireguard_rx: Mutex<Option<mpsc::Receiver<WireguardDatagram>>>,
     counters: SocketCounters,
 }
 
@@ -218,6 +246,7 @@ enum DropReason {
     Replayed,
     Misrouted,
     ControlQueueFull,
+    WireguardQueueFull,
 }
 
 impl DropReason {
@@ -229,6 +258,7 @@ impl DropReason {
             DropReason::Replayed => "replayed",
             DropReason::Misrouted => "misrouted",
             DropReason::ControlQueueFull => "control_queue_full",
+            DropReason::WireguardQueueFull => "wireguard_queue_full",
         }
     }
 }
@@ -441,6 +471,7 @@ impl MeshSocket {
             tracing::debug!(error = %e, "could not enlarge the mesh socket's buffers");
         }
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (wireguard_tx, wireguard_rx) = mpsc::channel(WIREGUARD_QUEUE);
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -458,6 +489,8 @@ impl MeshSocket {
             routes: RwLock::new(HashMap::new()),
             control_tx,
             control_rx: Mutex::new(Some(control_rx)),
+            wireguard_tx,
+            wireguard_rx: Mutex::new(Some(wireguard_rx)),
             counters: SocketCounters::default(),
         }))
     }
@@ -535,6 +568,81 @@ impl MeshSocket {
         self.control_rx.lock().ok().and_then(|mut rx| rx.take())
     }
 
+    /// Takes the stream of WireGuard datagrams that reached this node (once; later calls get
+    /// `None`). Until it is taken, they are dropped.
+    pub fn take_wireguard(&self) -> Option<mpsc::Receiver<WireguardDatagram>> {
+        self.wireguard_rx.lock().ok().and_then(|mut rx| rx.take())
+    }
+
+    /// Sends a WireGuard datagram to a member on the path routing chose for it (as QUIC
+    /// datagrams to it go): direct, or through relays. A datagram with no path is lost, as
+    /// on the wire; WireGuard and the TCP flows inside recover. Waits while the socket's
+    /// send buffer is full.
+    pub async fn send_wireguard(&self, to: &ShortId, datagram: &[u8]) -> io::Result<()> {
+        loop {
+            match self.try_send_wireguard(to, datagram) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.writable().await?,
+                other => return other,
+            }
+        }
+    }
+
+    fn try_send_wireguard(&self, to: &ShortId, datagram: &[u8]) -> io::Result<()> {
+        if datagram.is_empty() {
+            return Ok(());
+        }
+        let relayed = self.routes.read().ok().and_then(|r| r.get(to).copied());
+        let sent = match relayed {
+            Some(route) => self.send_relayed(
+                1,
+                route.nodes(),
+                datagram,
+                datagram.len(),
+                None,
+                BodyType::RelayWireguard,
+            ),
+            None => match self.direct_addr(to) {
+                None => Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "no address for peer",
+                )),
+                Some(addr) => SEND_BUF.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.clear();
+                    frame::append_wireguard_header(&mut buf, self.local.short());
+                    buf.extend_from_slice(datagram);
+                    self.io.try_send_to(&buf, addr).map(|_| ())
+                }),
+            },
+        };
+        match sent {
+            Ok(()) => {
+                self.counters.wireguard_sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                self.counters.no_path.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hands a WireGuard datagram to the driver.
+    fn deliver_wireguard(&self, from: ShortId, data: &[u8]) -> Received {
+        let datagram = WireguardDatagram {
+            from,
+            data: data.to_vec(),
+        };
+        if self.wireguard_tx.try_send(datagram).is_err() {
+            return Received::Dropped(DropReason::WireguardQueueFull);
+        }
+        self.counters
+            .wireguard_received
+            .fetch_add(1, Ordering::Relaxed);
+        Received::Consumed
+    }
+
     /// Sends a routing or membership datagram to a peer on the direct path.
     pub fn send_control(&self, to: &ShortId, body_type: BodyType, body: &[u8]) -> io::Result<()> {
         let addr = self
@@ -580,6 +688,7 @@ impl MeshSocket {
         packets: &[u8],
         segment: usize,
         ecn: Option<EcnCodepoint>,
+        body_type: BodyType,
     ) -> io::Result<()> {
         let next = *path
             .get(hop)
@@ -596,13 +705,7 @@ impl MeshSocket {
             buf.clear();
             for (counter, packet) in (first..).zip(packets.chunks(segment)) {
                 let start = buf.len();
-                frame::append_auth_header(
-                    &mut buf,
-                    self.local.short(),
-                    next,
-                    counter,
-                    BodyType::Relay,
-                );
+                frame::append_auth_header(&mut buf, self.local.short(), next, counter, body_type);
                 frame::encode_relay_header(&mut buf, hop, path);
                 buf.extend_from_slice(packet);
                 let tag = self.keys.tag(&next, &buf[start..]).ok_or_else(|| {
@@ -670,6 +773,7 @@ impl MeshSocket {
         path: &[ShortId],
         payload: &[u8],
         ecn: Option<EcnCodepoint>,
+        body_type: BodyType,
     ) {
         let Some(&next) = path.get(hop) else {
             return;
@@ -689,7 +793,7 @@ impl MeshSocket {
             self.local.short(),
             next,
             self.next_counter(),
-            BodyType::Relay,
+            body_type,
         );
         frame::encode_relay_header(&mut batch.buf, hop, path);
         batch.buf.extend_from_slice(payload);
@@ -736,6 +840,7 @@ impl MeshSocket {
             DropReason::Replayed => &self.counters.replayed,
             DropReason::Misrouted => &self.counters.misrouted,
             DropReason::ControlQueueFull => &self.counters.control_dropped,
+            DropReason::WireguardQueueFull => &self.counters.wireguard_dropped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("skylane_mesh_frames_dropped_total", "reason" => drop.label())
@@ -767,6 +872,12 @@ impl MeshSocket {
                     buf.len() - payload.len()..buf.len(),
                     virtual_addr(&member.id),
                 )
+            }
+            Frame::Wireguard { src, payload } => {
+                if self.members.by_short(&src).is_none() {
+                    return Received::Dropped(DropReason::NonMember);
+                }
+                self.deliver_wireguard(src, payload)
             }
             Frame::Auth(auth) => self.handle_auth(buf, auth, from, ecn, forward),
         }
@@ -813,7 +924,9 @@ impl MeshSocket {
                     .fetch_add(1, Ordering::Relaxed);
                 Received::Consumed
             }
-            BodyType::Relay => self.handle_relay(buf, &auth, ecn, forward),
+            BodyType::Relay | BodyType::RelayWireguard => {
+                self.handle_relay(buf, &auth, ecn, forward)
+            }
         }
     }
 
@@ -849,12 +962,22 @@ impl MeshSocket {
             self.counters
                 .relayed_received
                 .fetch_add(1, Ordering::Relaxed);
+            if auth.body_type == BodyType::RelayWireguard {
+                return self.deliver_wireguard(path[0], relay.payload);
+            }
             self.counters.quic_received.fetch_add(1, Ordering::Relaxed);
             let end = buf.len() - TAG_LEN;
             return Received::Quic(end - relay.payload.len()..end, virtual_addr(&origin.id));
         }
         // The ECN mark travels on, so congestion the first hop saw reaches the receiver.
-        self.forward_relayed(forward, relay.hop + 1, path, relay.payload, ecn);
+        self.forward_relayed(
+            forward,
+            relay.hop + 1,
+            path,
+            relay.payload,
+            ecn,
+            auth.body_type,
+        );
         Received::Consumed
     }
 
@@ -998,7 +1121,14 @@ impl AsyncUdpSocket for MeshSocket {
         let packets = contents.len().div_ceil(segment) as u64;
         let relayed = self.routes.read().ok().and_then(|r| r.get(&dst).copied());
         if let Some(route) = relayed {
-            return match self.send_relayed(1, route.nodes(), contents, segment, transmit.ecn) {
+            return match self.send_relayed(
+                1,
+                route.nodes(),
+                contents,
+                segment,
+                transmit.ecn,
+                BodyType::Relay,
+            ) {
                 Ok(()) => {
                     self.counters
                         .quic_sent
@@ -1423,6 +1553,80 @@ mod tests {
         }
         for c in [&b.counters().bad_tag, &b.counters().replayed] {
             assert_eq!(count(c), 0);
+        }
+    }
+
+    /// Drives `socket`'s receive path (as quinn's endpoint driver does) until cancelled,
+    /// failing if a packet comes up to quinn.
+    fn drive_receive(socket: Arc<MeshSocket>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let size = QUINN_PAYLOAD * socket.max_receive_segments();
+            let mut storage = vec![vec![0u8; size]; quinn::udp::BATCH_SIZE];
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut meta = vec![RecvMeta::default(); quinn::udp::BATCH_SIZE];
+            loop {
+                let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta))
+                    .await
+                    .expect("poll_recv");
+                assert_eq!(n, 0, "a WireGuard datagram went up to quinn");
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn wireguard_datagrams_go_direct_or_through_a_relay_to_the_driver() {
+        let mesh = Mesh::new(3).await;
+        let (a, r, b) = (&mesh.sockets[0], &mesh.sockets[1], &mesh.sockets[2]);
+        let mut to_b = b.take_wireguard().expect("driver queue");
+        assert!(b.take_wireguard().is_none(), "taken once");
+        let drivers = [drive_receive(r.clone()), drive_receive(b.clone())];
+        // Direct.
+        a.send_wireguard(&mesh.short(2), b"\x04direct")
+            .await
+            .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), to_b.recv())
+            .await
+            .expect("in time")
+            .expect("datagram");
+        assert_eq!(
+            (got.from, &got.data[..]),
+            (mesh.short(0), &b"\x04direct"[..])
+        );
+        // Relayed, by the route QUIC uses: the relay forwards without delivering it.
+        a.set_route(
+            mesh.short(2),
+            Some(&[mesh.short(0), mesh.short(1), mesh.short(2)]),
+        );
+        for i in 0..10u8 {
+            a.send_wireguard(&mesh.short(2), &[4, i])
+                .await
+                .expect("send");
+        }
+        for i in 0..10u8 {
+            let got = tokio::time::timeout(Duration::from_secs(5), to_b.recv())
+                .await
+                .expect("in time")
+                .expect("datagram");
+            assert_eq!((got.from, got.data), (mesh.short(0), vec![4, i]));
+        }
+        assert_eq!(count(&r.counters().relayed_forwarded), 10);
+        assert_eq!(count(&r.counters().wireguard_received), 0);
+        assert_eq!(count(&b.counters().wireguard_received), 11);
+        assert_eq!(count(&a.counters().wireguard_sent), 11);
+        // A stranger's WireGuard frame is dropped before any driver sees it.
+        let stranger = NodeKey::generate().expect("key").id().short();
+        let mut forged = Vec::new();
+        frame::append_wireguard_header(&mut forged, stranger);
+        forged.extend_from_slice(b"\x01hello");
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        udp.send_to(&forged, b.udp_addr().expect("addr"))
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(count(&b.counters().non_member), 1);
+        assert!(to_b.try_recv().is_err());
+        for d in drivers {
+            d.abort();
         }
     }
 
