@@ -215,6 +215,9 @@ pub struct MemberSection {
     pub address: Option<String>,
     /// Region label.
     pub region: Option<String>,
+    /// For a connector: `quic` (default) or `wireguard`, how every edge tunnels to it.
+    #[serde(default)]
+    pub transport: crate::membership::Transport,
 }
 
 /// `[mesh]`: the member list.
@@ -316,12 +319,19 @@ pub fn load_identity(
                 ));
             }
         };
+        if m.transport != crate::membership::Transport::Quic && m.role != Role::Connector {
+            return Err(v.invalid(
+                at("transport"),
+                "only a connector's transport can be chosen",
+            ));
+        }
         members.push(Member {
             id,
             name: m.name.clone(),
             role: m.role,
             address: m.address.clone(),
             region: m.region.clone(),
+            transport: m.transport,
         });
     }
     let members = Members::new(members).map_err(|e| v.invalid("mesh.members", e.to_string()))?;

@@ -15,6 +15,29 @@ pub enum Role {
     Connector,
 }
 
+/// How edges carry flows to a connector.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// QUIC streams (the default).
+    #[default]
+    Quic,
+    /// TCP connections inside a WireGuard tunnel, over the same mesh paths.
+    Wireguard,
+}
+
+impl Transport {
+    /// Its config and metrics name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Wireguard => "wireguard",
+        }
+    }
+}
+
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -38,6 +61,8 @@ pub struct Member {
     pub address: Option<String>,
     /// Region label for operators and the simulator, e.g. `"Sydney"`.
     pub region: Option<String>,
+    /// How edges tunnel to it, for a connector.
+    pub transport: Transport,
 }
 
 /// An immutable, cheaply cloned member list.
@@ -137,6 +162,7 @@ pub(crate) fn test_members<'a>(
         keys.into_iter()
             .enumerate()
             .map(|(i, k)| Member {
+                transport: Transport::Quic,
                 id: k.id(),
                 name: format!("n{i}"),
                 role: Role::Edge,

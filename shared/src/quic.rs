@@ -176,6 +176,7 @@ mod tests {
 
     fn member(key: &NodeKey, name: &str, role: Role) -> Member {
         Member {
+            transport: crate::membership::Transport::Quic,
             id: key.id(),
             name: name.into(),
             role,

@@ -17,6 +17,7 @@ fn connector_and_test_edge(
     edge: skylane_shared::identity::NodeId,
 ) -> anyhow::Result<Members> {
     let member = |id, name: &str, role| Member {
+        transport: skylane_shared::membership::Transport::Quic,
         id,
         name: name.into(),
         role,

@@ -96,6 +96,14 @@ pub struct Stack {
     next_port: u16,
     /// Flows whose handle was dropped, still closing.
     closing: Vec<(SocketHandle, u16)>,
+    /// The port flows are accepted on, and how many sockets wait in LISTEN for them.
+    listen: Option<(u16, usize)>,
+    /// Sockets in LISTEN.
+    listeners: Vec<SocketHandle>,
+    /// Sockets past LISTEN whose handshake is not over yet.
+    embryonic: Vec<SocketHandle>,
+    /// Established flows not yet taken by [`Stack::pop_accepted`].
+    accepted: std::collections::VecDeque<SocketHandle>,
     /// Open flows (handles held by a stream).
     open: usize,
     buffer_bytes: usize,
@@ -151,6 +159,10 @@ impl Stack {
             ports: HashSet::new(),
             next_port: *PORTS.start(),
             closing: Vec::new(),
+            listen: None,
+            listeners: Vec::new(),
+            embryonic: Vec::new(),
+            accepted: std::collections::VecDeque::new(),
             open: 0,
             buffer_bytes,
             max_flows,
@@ -177,12 +189,97 @@ impl Stack {
         true
     }
 
+    /// Accepts flows on `port` from now on, with `backlog` sockets waiting in LISTEN (more
+    /// handshakes at once than that are refused, as a full kernel backlog does).
+    pub fn listen(&mut self, port: u16, backlog: usize) {
+        self.listen = Some((port, backlog.max(1)));
+        self.refill_listeners();
+    }
+
+    /// The next established flow accepted on the listening port, if any.
+    pub fn pop_accepted(&mut self) -> Option<SocketHandle> {
+        let h = self.accepted.pop_front()?;
+        self.open += 1;
+        self.refill_listeners();
+        Some(h)
+    }
+
+    fn new_socket(&self) -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.buffer_bytes]),
+            tcp::SocketBuffer::new(vec![0; self.buffer_bytes]),
+        );
+        // Flows carry requests and websocket frames: no Nagle delay, as TCP_NODELAY.
+        socket.set_nagle_enabled(false);
+        // Without congestion control a flow sends its whole window at once: a burst that
+        // overflows the receive buffer of the endpoint's UDP socket (seen with wireguard-go:
+        // uploads at 200 KB/s, stalled on retransmission timeouts).
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        socket.set_keep_alive(Some(KEEPALIVE));
+        socket.set_timeout(Some(ACK_TIMEOUT));
+        socket
+    }
+
+    /// Keeps `backlog` sockets in LISTEN while the flow cap leaves room.
+    fn refill_listeners(&mut self) {
+        let Some((port, backlog)) = self.listen else {
+            return;
+        };
+        while self.listeners.len() < backlog
+            && self.open + self.accepted.len() + self.embryonic.len() + self.listeners.len()
+                < self.max_flows
+        {
+            let mut socket = self.new_socket();
+            if socket.listen(port).is_err() {
+                return;
+            }
+            self.listeners.push(self.sockets.add(socket));
+        }
+    }
+
+    /// Moves sockets along LISTEN → handshake → accepted.
+    fn advance_listeners(&mut self) {
+        if self.listen.is_none() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.listeners.len() {
+            let h = self.listeners[i];
+            if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen {
+                i += 1;
+            } else {
+                self.embryonic.push(self.listeners.swap_remove(i));
+            }
+        }
+        let mut i = 0;
+        while i < self.embryonic.len() {
+            let h = self.embryonic[i];
+            match self.sockets.get::<tcp::Socket>(h).state() {
+                tcp::State::Established | tcp::State::CloseWait => {
+                    self.accepted.push_back(self.embryonic.swap_remove(i));
+                }
+                // A reset handshake falls back to LISTEN; a timed-out one closes.
+                tcp::State::Listen | tcp::State::Closed => {
+                    self.sockets.remove(self.embryonic.swap_remove(i));
+                }
+                _ => i += 1,
+            }
+        }
+        self.refill_listeners();
+    }
+
+    /// Whether an accepted flow waits for [`Stack::pop_accepted`].
+    pub fn has_accepted(&self) -> bool {
+        !self.accepted.is_empty()
+    }
+
     /// Runs the stack: takes the inbound packets, moves socket data, emits packets, and
     /// frees the sockets of flows whose close is over.
     pub fn poll(&mut self, now: Instant) {
         // Only flows released before this poll: the RST of an abort leaves in it.
         let closing = std::mem::take(&mut self.closing);
         self.iface.poll(now, &mut self.queues, &mut self.sockets);
+        self.advance_listeners();
         for (handle, port) in closing {
             if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed {
                 self.sockets.remove(handle);
@@ -209,18 +306,7 @@ impl Stack {
             return Err(OpenError::Full(self.max_flows));
         }
         let port = self.free_port().ok_or(OpenError::NoPort)?;
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.buffer_bytes]),
-            tcp::SocketBuffer::new(vec![0; self.buffer_bytes]),
-        );
-        // Flows carry requests and websocket frames: no Nagle delay, as TCP_NODELAY.
-        socket.set_nagle_enabled(false);
-        // Without congestion control a flow sends its whole window at once: a burst that
-        // overflows the receive buffer of the endpoint's UDP socket (seen with wireguard-go:
-        // uploads at 200 KB/s, stalled on retransmission timeouts).
-        socket.set_congestion_control(tcp::CongestionControl::Cubic);
-        socket.set_keep_alive(Some(KEEPALIVE));
-        socket.set_timeout(Some(ACK_TIMEOUT));
+        let mut socket = self.new_socket();
         socket
             .connect(self.iface.context(), remote, port)
             .map_err(|e| OpenError::Connect(remote, e.to_string()))?;
@@ -338,6 +424,43 @@ mod tests {
         // TIME-WAIT on the closing side ends after its timer.
         settle(&mut a, &mut b, Instant::from_secs(60));
         assert_eq!(a.flows(), (0, 0), "the closed flow's socket is freed");
+    }
+
+    #[test]
+    fn a_listening_stack_accepts_several_flows_and_keeps_its_backlog() {
+        let (mut a, mut b) = pair();
+        b.listen(7100, 2);
+        let now = Instant::from_millis(1);
+        let flows: Vec<_> = (0..3)
+            .map(|_| {
+                a.connect("10.9.0.2:7100".parse().expect("addr"))
+                    .expect("connect")
+            })
+            .collect();
+        settle(&mut a, &mut b, now);
+        let mut accepted = Vec::new();
+        while let Some(h) = b.pop_accepted() {
+            accepted.push(h);
+        }
+        // Two handshakes at once fit the backlog; the third was refused or is retried.
+        assert!(accepted.len() >= 2, "accepted {}", accepted.len());
+        for h in &flows[..2] {
+            assert_eq!(a.socket(*h).state(), tcp::State::Established);
+        }
+        a.socket(flows[0]).send_slice(b"ping").expect("send");
+        settle(&mut a, &mut b, now);
+        let got: Vec<u8> = accepted
+            .iter()
+            .filter_map(|h| {
+                let mut buf = [0u8; 8];
+                let n = b.socket(*h).recv_slice(&mut buf).ok()?;
+                (n > 0).then(|| buf[..n].to_vec())
+            })
+            .flatten()
+            .collect();
+        assert_eq!(got, b"ping");
+        assert_eq!(b.flows().0, accepted.len());
+        assert_eq!(b.listeners.len(), 2, "the backlog is refilled");
     }
 
     #[test]

@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use super::config::Peer;
 use super::keys::{SecretKey, format_key};
 use super::stack::{self, Stack};
+use crate::identity::ShortId;
+use crate::mesh::MeshSocket;
 use crate::resolve::Resolver;
 
 /// How often boringtun's timers run (its own device uses the same tick).
@@ -36,10 +38,56 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// While down, the endpoint name is resolved again this often.
 const RERESOLVE: Duration = Duration::from_secs(30);
+/// Handshakes a listening tunnel takes at once.
+const LISTEN_BACKLOG: usize = 64;
 /// Datagrams taken from the socket per wake-up before the stack runs.
 const BATCH: usize = 64;
 /// Largest datagram handled; WireGuard adds 32 bytes to an MTU-sized packet.
 const DATAGRAM: usize = 65_536;
+
+/// Where a tunnel's datagrams go.
+enum WireTx {
+    /// Its own UDP socket, to the endpoint (which may roam).
+    Udp(Arc<UdpSocket>),
+    /// The mesh socket, to a member, on the path routing chose.
+    Mesh(Arc<MeshSocket>, ShortId),
+}
+
+/// Where a tunnel's datagrams come from.
+enum WireRx {
+    /// Its own UDP socket; the endpoint's name is resolved again while the tunnel is down.
+    Udp(Arc<UdpSocket>, Resolver),
+    /// The datagrams the mesh socket received from the member.
+    Mesh(tokio::sync::mpsc::Receiver<Vec<u8>>),
+}
+
+impl WireRx {
+    /// The next datagram, copied into `buf`: its length and (over UDP) its source. `None`
+    /// when the mesh queue closed.
+    async fn recv(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, Option<SocketAddr>)>> {
+        match self {
+            Self::Udp(udp, _) => Some(udp.recv_from(buf).await.map(|(n, from)| (n, Some(from)))),
+            Self::Mesh(rx) => {
+                let d = rx.recv().await?;
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Some(Ok((n, None)))
+            }
+        }
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> Option<(usize, Option<SocketAddr>)> {
+        match self {
+            Self::Udp(udp, _) => udp.try_recv_from(buf).ok().map(|(n, from)| (n, Some(from))),
+            Self::Mesh(rx) => {
+                let d = rx.try_recv().ok()?;
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                Some((n, None))
+            }
+        }
+    }
+}
 
 /// What an operator sees of a tunnel.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -80,6 +128,8 @@ struct Shared {
     /// Where the peer is now, once known.
     endpoint: Mutex<Option<SocketAddr>>,
     last_error: Mutex<Option<String>>,
+    /// Told when a flow was accepted on the listening port.
+    accepted: Notify,
 }
 
 impl Shared {
@@ -97,6 +147,8 @@ pub struct WgTunnel {
     shared: Arc<Shared>,
     tunn: Arc<Mutex<Tunn>>,
     clock: tokio::time::Instant,
+    /// Whether it runs over the mesh socket (no endpoint of its own).
+    over_mesh: bool,
 }
 
 impl std::fmt::Debug for WgTunnel {
@@ -142,15 +194,66 @@ impl WgTunnel {
             )
                 .into(),
         };
-        let udp = UdpSocket::bind(bind).await?;
+        let udp = Arc::new(UdpSocket::bind(bind).await?);
+        tracing::info!(
+            peer = %peer.name,
+            endpoint = %peer.endpoint,
+            local = %udp.local_addr()?,
+            public_key = %format_key(&key.public_key()),
+            "wireguard tunnel starting"
+        );
+        Ok(Self::launch(
+            peer,
+            key,
+            WireTx::Udp(udp.clone()),
+            WireRx::Udp(udp, resolver),
+            None,
+            stop,
+        ))
+    }
+
+    /// Starts a tunnel to the member `member` over the mesh socket: its datagrams take the
+    /// paths routing chooses, direct or relayed, and `inbound` brings the ones the socket
+    /// received from it. `listen`: accept flows on this port (the connector's side);
+    /// without it, this side starts the handshake (the edge's).
+    pub fn start_mesh(
+        peer: Peer,
+        key: &SecretKey,
+        socket: Arc<MeshSocket>,
+        member: ShortId,
+        inbound: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        listen: Option<u16>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        Self::launch(
+            peer,
+            key,
+            WireTx::Mesh(socket, member),
+            WireRx::Mesh(inbound),
+            listen,
+            stop,
+        )
+    }
+
+    fn launch(
+        peer: Peer,
+        key: &SecretKey,
+        tx: WireTx,
+        rx: WireRx,
+        listen: Option<u16>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let clock = tokio::time::Instant::now();
-        let stack = Stack::new(
+        let mut stack = Stack::new(
             peer.address,
             peer.mtu,
             peer.flow_buffer_bytes,
             peer.max_flows,
             stack::smol_now(clock),
         );
+        if let Some(port) = listen {
+            stack.listen(port, LISTEN_BACKLOG);
+        }
         let tunn = Tunn::new(
             key.static_secret(),
             boringtun::x25519::PublicKey::from(peer.public_key),
@@ -160,6 +263,7 @@ impl WgTunnel {
             rand::random::<u32>() >> 8,
             None,
         );
+        let over_mesh = matches!(tx, WireTx::Mesh(..));
         let tunnel = Arc::new(Self {
             local_public: key.public_key(),
             shared: Arc::new(Shared {
@@ -167,20 +271,39 @@ impl WgTunnel {
                 wake: Notify::new(),
                 endpoint: Mutex::new(None),
                 last_error: Mutex::new(None),
+                accepted: Notify::new(),
             }),
             tunn: Arc::new(Mutex::new(tunn)),
             peer,
             clock,
+            over_mesh,
         });
-        tracing::info!(
-            peer = %tunnel.peer.name,
-            endpoint = %tunnel.peer.endpoint,
-            local = %udp.local_addr()?,
-            public_key = %format_key(&tunnel.local_public),
-            "wireguard tunnel starting"
-        );
-        tokio::spawn(tunnel.clone().run(udp, resolver, stop));
-        Ok(tunnel)
+        let initiate = listen.is_none();
+        tokio::spawn(tunnel.clone().run(tx, rx, initiate, stop));
+        tunnel
+    }
+
+    /// The next flow the peer opened to the listening port (see [`WgTunnel::start_mesh`]).
+    pub async fn accept(&self) -> WgStream {
+        loop {
+            let accepted = {
+                let mut stack = self.shared.stack();
+                stack.pop_accepted().map(|handle| {
+                    let remote = stack.socket(handle).remote_endpoint();
+                    (handle, remote)
+                })
+            };
+            if let Some((handle, remote)) = accepted {
+                return WgStream {
+                    shared: self.shared.clone(),
+                    handle,
+                    peer: remote.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| {
+                        SocketAddr::new(e.addr.into(), e.port)
+                    }),
+                };
+            }
+            self.shared.accepted.notified().await;
+        }
     }
 
     /// The peer's name.
@@ -241,7 +364,11 @@ impl WgTunnel {
             peer: self.peer.name.clone(),
             public_key: format_key(&self.peer.public_key),
             local_public_key: format_key(&self.local_public),
-            endpoint: lock(&self.shared.endpoint).map(|a| a.to_string()),
+            endpoint: if self.over_mesh {
+                Some("mesh".into())
+            } else {
+                lock(&self.shared.endpoint).map(|a| a.to_string())
+            },
             address: self.peer.address.to_string(),
             up: age.is_some_and(|a| a < SESSION_LIFETIME),
             handshake_age_s: age.map(|a| a.as_secs()),
@@ -263,82 +390,98 @@ impl WgTunnel {
     }
 
     /// The driver task.
-    async fn run(self: Arc<Self>, udp: UdpSocket, resolver: Resolver, stop: CancellationToken) {
+    async fn run(
+        self: Arc<Self>,
+        tx: WireTx,
+        mut rx: WireRx,
+        initiate: bool,
+        stop: CancellationToken,
+    ) {
         let name = self.peer.name.clone();
         let mut inbuf = vec![0u8; DATAGRAM];
         let mut outbuf = vec![0u8; DATAGRAM + 32];
         let mut timers = tokio::time::interval(TIMER_TICK);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resolved_at: Option<tokio::time::Instant> = None;
+        if initiate && matches!(tx, WireTx::Mesh(..)) {
+            self.initiate(&tx, &mut outbuf).await;
+        }
         loop {
             // Resolve the endpoint at start, and again while the tunnel is down.
-            let due = resolved_at.is_none_or(|t| t.elapsed() >= RERESOLVE);
-            if due && !self.is_up() {
-                resolved_at = Some(tokio::time::Instant::now());
-                match resolver.resolve(&self.peer.endpoint).await {
-                    Ok(r) => {
-                        if let Some(a) = r.addrs.first() {
-                            let first = lock(&self.shared.endpoint).replace(*a).is_none();
-                            if first {
-                                self.initiate(&udp, &mut outbuf).await;
+            if let WireRx::Udp(_, resolver) = &rx {
+                let due = resolved_at.is_none_or(|t| t.elapsed() >= RERESOLVE);
+                if due && !self.is_up() {
+                    resolved_at = Some(tokio::time::Instant::now());
+                    match resolver.resolve(&self.peer.endpoint).await {
+                        Ok(r) => {
+                            if let Some(a) = r.addrs.first() {
+                                let first = lock(&self.shared.endpoint).replace(*a).is_none();
+                                if first {
+                                    self.initiate(&tx, &mut outbuf).await;
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(peer = %name, error = %e, "cannot resolve the WireGuard endpoint");
-                        self.note_error(e.to_string());
+                        Err(e) => {
+                            tracing::warn!(peer = %name, error = %e, "cannot resolve the WireGuard endpoint");
+                            self.note_error(e.to_string());
+                        }
                     }
                 }
             }
-            self.egress(&udp, &mut outbuf).await;
+            self.egress(&tx, &mut outbuf).await;
             let delay = {
                 let now = stack::smol_now(self.clock);
-                self.shared.stack().poll_delay(now).map(Duration::from)
+                let mut stack = self.shared.stack();
+                if stack.has_accepted() {
+                    self.shared.accepted.notify_one();
+                }
+                stack.poll_delay(now).map(Duration::from)
             };
             let sleep = tokio::time::sleep(delay.unwrap_or(TIMER_TICK).min(TIMER_TICK));
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                r = udp.recv_from(&mut inbuf) => match r {
-                    Ok((n, from)) => {
-                        self.ingress(&udp, from, n, &mut inbuf, &mut outbuf).await;
+                r = rx.recv(&mut inbuf) => match r {
+                    None => return,
+                    Some(Ok((n, from))) => {
+                        self.ingress(&tx, from, n, &mut inbuf, &mut outbuf).await;
                         for _ in 1..BATCH {
-                            match udp.try_recv_from(&mut inbuf) {
-                                Ok((n, from)) => self.ingress(&udp, from, n, &mut inbuf, &mut outbuf).await,
-                                Err(_) => break,
+                            match rx.try_recv(&mut inbuf) {
+                                Some((n, from)) => self.ingress(&tx, from, n, &mut inbuf, &mut outbuf).await,
+                                None => break,
                             }
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         // ICMP errors surface here on some systems; the socket stays usable.
                         tracing::debug!(peer = %name, error = %e, "wireguard socket receive error");
                     }
                 },
                 _ = self.shared.wake.notified() => {}
-                _ = timers.tick() => self.tick(&udp, &mut outbuf).await,
+                _ = timers.tick() => self.tick(&tx, &mut outbuf).await,
                 _ = sleep => {}
             }
         }
     }
 
     /// Starts a handshake now rather than at the first flow.
-    async fn initiate(&self, udp: &UdpSocket, out: &mut [u8]) {
+    async fn initiate(&self, tx: &WireTx, out: &mut [u8]) {
         let packet = match self.tunn().format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return,
         };
-        self.send(udp, &out[..packet]).await;
+        self.send(tx, &out[..packet]).await;
     }
 
     /// boringtun's timers: handshake retries, keepalives, rekeying, expiry.
-    async fn tick(&self, udp: &UdpSocket, out: &mut [u8]) {
+    async fn tick(&self, tx: &WireTx, out: &mut [u8]) {
         let result = match self.tunn().update_timers(out) {
             TunnResult::WriteToNetwork(p) => Ok(p.len()),
             TunnResult::Err(e) => Err(e),
             _ => return,
         };
         match result {
-            Ok(n) => self.send(udp, &out[..n]).await,
+            Ok(n) => self.send(tx, &out[..n]).await,
             Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
                 tracing::debug!(peer = %self.peer.name, "wireguard session expired");
             }
@@ -349,8 +492,8 @@ impl WgTunnel {
     /// One datagram from the network.
     async fn ingress(
         &self,
-        udp: &UdpSocket,
-        from: SocketAddr,
+        tx: &WireTx,
+        from: Option<SocketAddr>,
         n: usize,
         inbuf: &mut [u8],
         out: &mut [u8],
@@ -361,7 +504,10 @@ impl WgTunnel {
             Done,
             Drop(String),
         }
-        let next = match self.tunn().decapsulate(Some(from.ip()), &inbuf[..n], out) {
+        let next = match self
+            .tunn()
+            .decapsulate(from.map(|f| f.ip()), &inbuf[..n], out)
+        {
             TunnResult::WriteToNetwork(p) => Next::Send(p.len()),
             TunnResult::WriteToTunnelV4(p, src) => Next::Tunnel(p.len(), src.into()),
             TunnResult::WriteToTunnelV6(p, src) => Next::Tunnel(p.len(), src.into()),
@@ -371,7 +517,7 @@ impl WgTunnel {
         if let Next::Drop(e) = next {
             metrics::counter!("skylane_wireguard_dropped_total", "reason" => "bad_datagram")
                 .increment(1);
-            tracing::debug!(peer = %self.peer.name, %from, error = %e, "wireguard datagram dropped");
+            tracing::debug!(peer = %self.peer.name, ?from, error = %e, "wireguard datagram dropped");
             return;
         }
         // A cookie reply (message type 3) answers a datagram boringtun could not yet
@@ -379,7 +525,9 @@ impl WgTunnel {
         // endpoint. Anything else passed authentication: the peer is where it came from
         // (roaming).
         let cookie = matches!(next, Next::Send(_)) && out.first() == Some(&3);
-        if !cookie {
+        if let Some(from) = from
+            && !cookie
+        {
             let moved = lock(&self.shared.endpoint).replace(from) != Some(from);
             if moved {
                 tracing::info!(peer = %self.peer.name, endpoint = %from, "wireguard peer endpoint");
@@ -387,7 +535,7 @@ impl WgTunnel {
         }
         match next {
             Next::Send(len) => {
-                self.send_to(udp, &out[..len], from).await;
+                self.reply(tx, &out[..len], from).await;
                 if cookie {
                     return;
                 }
@@ -397,7 +545,7 @@ impl WgTunnel {
                         TunnResult::WriteToNetwork(p) => p.len(),
                         _ => break,
                     };
-                    self.send(udp, &out[..len]).await;
+                    self.send(tx, &out[..len]).await;
                 }
             }
             Next::Tunnel(len, src) => {
@@ -417,7 +565,7 @@ impl WgTunnel {
     }
 
     /// Runs the stack and sends what it emitted.
-    async fn egress(&self, udp: &UdpSocket, out: &mut [u8]) {
+    async fn egress(&self, tx: &WireTx, out: &mut [u8]) {
         let now = stack::smol_now(self.clock);
         loop {
             let packets: Vec<Vec<u8>> = {
@@ -442,22 +590,27 @@ impl WgTunnel {
                     }
                     TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => continue,
                 };
-                self.send(udp, &out[..len]).await;
+                self.send(tx, &out[..len]).await;
             }
         }
     }
 
-    async fn send(&self, udp: &UdpSocket, datagram: &[u8]) {
-        let Some(to) = *lock(&self.shared.endpoint) else {
-            return;
-        };
-        self.send_to(udp, datagram, to).await;
+    /// Sends to the peer: its current endpoint, or over the mesh.
+    async fn send(&self, tx: &WireTx, datagram: &[u8]) {
+        let to = *lock(&self.shared.endpoint);
+        self.reply(tx, datagram, to).await;
     }
 
-    async fn send_to(&self, udp: &UdpSocket, datagram: &[u8], to: SocketAddr) {
-        if let Err(e) = udp.send_to(datagram, to).await {
-            tracing::debug!(peer = %self.peer.name, %to, error = %e, "wireguard send failed");
-            self.note_error(format!("send to {to}: {e}"));
+    /// Sends to `to` (over UDP; the mesh knows its own way).
+    async fn reply(&self, tx: &WireTx, datagram: &[u8], to: Option<SocketAddr>) {
+        let sent = match (tx, to) {
+            (WireTx::Udp(udp), Some(to)) => udp.send_to(datagram, to).await.map(|_| ()),
+            (WireTx::Udp(_), None) => return,
+            (WireTx::Mesh(socket, member), _) => socket.send_wireguard(member, datagram).await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!(peer = %self.peer.name, ?to, error = %e, "wireguard send failed");
+            self.note_error(format!("send: {e}"));
         }
     }
 }

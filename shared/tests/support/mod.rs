@@ -68,6 +68,7 @@ pub async fn mesh(names: &[&str]) -> anyhow::Result<Vec<Node>> {
             .zip(names)
             .enumerate()
             .map(|(i, (k, name))| Member {
+                transport: skylane_shared::membership::Transport::Quic,
                 id: k.id(),
                 name: (*name).into(),
                 role: role(i),
