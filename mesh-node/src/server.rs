@@ -382,14 +382,36 @@ pub async fn serve(
         config.membership.clone(),
         stop_tunnels.clone(),
     )?;
-    let (wg_links, direct) =
+    let (mut wg_links, direct) =
         start_wireguard(config.wireguard.as_ref(), stop_tunnels.clone()).await?;
+    // Connectors with `transport = "wireguard"`: a WireGuard tunnel over the mesh socket
+    // each, instead of QUIC.
+    let (quic_connectors, wg_connectors): (Vec<_>, Vec<_>) = config
+        .connectors
+        .iter()
+        .cloned()
+        .partition(|m| m.transport == skylane_shared::membership::Transport::Quic);
+    if !wg_connectors.is_empty() {
+        let key = skylane_shared::wireguard::SecretKey::derived_from(&identity.key)
+            .map_err(|e| anyhow::anyhow!("no WireGuard key for the mesh: {e}"))?;
+        let mesh_wg = skylane_shared::wireguard::mesh::MeshWireguard::start(
+            socket.clone(),
+            key,
+            stop_tunnels.clone(),
+        )
+        .ok_or_else(|| anyhow::anyhow!("the mesh socket's WireGuard queue is taken"))?;
+        for member in &wg_connectors {
+            let tunnel = mesh_wg.to_connector(member)?;
+            tracing::info!(connector = %member.name, "tunnel to connector over WireGuard");
+            wg_links.push(WgLink::over_mesh(member, tunnel));
+        }
+    }
     let tunnels = TunnelPool::start(
         endpoint.clone(),
         socket.clone(),
         control.clone(),
         identity.key.clone(),
-        config.connectors.clone(),
+        quic_connectors,
         wg_links,
         direct,
         config.tunnel.clone(),

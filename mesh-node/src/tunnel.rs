@@ -160,6 +160,8 @@ pub struct WgLink {
     pub address: std::net::SocketAddr,
     /// The tunnel to the endpoint it is behind (shared by the connectors behind it).
     pub tunnel: Arc<WgTunnel>,
+    /// The connector's member id, when the tunnel runs over the mesh (routing knows it).
+    pub member: Option<skylane_shared::identity::ShortId>,
     flows: Arc<AtomicUsize>,
     draining_until_ms: AtomicU64,
 }
@@ -171,8 +173,22 @@ impl WgLink {
             name,
             address,
             tunnel,
+            member: None,
             flows: Arc::new(AtomicUsize::new(0)),
             draining_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A link to a mesh connector with `transport = "wireguard"`, through `tunnel` over
+    /// the mesh socket.
+    pub fn over_mesh(member: &Member, tunnel: Arc<WgTunnel>) -> Self {
+        Self {
+            member: Some(member.id.short()),
+            ..Self::new(
+                member.name.clone(),
+                skylane_shared::wireguard::mesh::connector_flow_addr(),
+                tunnel,
+            )
         }
     }
 }
@@ -389,7 +405,11 @@ impl TunnelPool {
             .filter(|l| !exclude.contains(&l.name) && l.tunnel.is_up())
             .map(|l| {
                 let rtt = l.tunnel.rtt().unwrap_or(Duration::from_secs(1));
-                (Candidate::Wg(l), false, rtt)
+                (
+                    Candidate::Wg(l),
+                    l.member.is_some() && l.member == preferred,
+                    rtt,
+                )
             });
         let mut v: Vec<_> = quic.chain(wg).collect();
         v.sort_by_key(|(c, preferred, rtt)| (c.draining_until_ms() > now, !*preferred, *rtt));
@@ -400,10 +420,19 @@ impl TunnelPool {
     /// called (the connector died or is cut off); never, if it had none then (a tunnel
     /// whose route is still being set up is not given up on).
     pub async fn route_lost(&self, connector: &str) {
-        let Some(link) = self.links.iter().find(|l| l.member.name == connector) else {
+        let quic = self
+            .links
+            .iter()
+            .find(|l| l.member.name == connector)
+            .map(|l| l.member.id.short());
+        let wg = self
+            .wg
+            .iter()
+            .find(|l| l.name == connector)
+            .and_then(|l| l.member);
+        let Some(id) = quic.or(wg) else {
             return std::future::pending().await;
         };
-        let id = link.member.id.short();
         let mut changes = self.control.route_changes();
         if !self.control.has_route(&id) {
             return std::future::pending().await;

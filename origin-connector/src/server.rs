@@ -28,6 +28,8 @@ struct Tunnels {
 }
 
 struct Status {
+    /// WireGuard tunnels from edges over the mesh (`transport = "wireguard"`).
+    mesh_tunnels: Vec<Arc<skylane_shared::wireguard::WgTunnel>>,
     config_name: String,
     node_id: String,
     socket: Arc<MeshSocket>,
@@ -76,6 +78,7 @@ impl AdminRoutes for Status {
             "draining": self.draining.is_cancelled(),
             "config_generation": self.services.generation(),
             "tunnels": tunnels,
+            "wireguard_tunnels": self.mesh_tunnels.iter().map(|t| t.status()).collect::<Vec<_>>(),
             "services": services,
             "frames": self.socket.counters().snapshot(),
             "mesh": self.control.status(),
@@ -183,6 +186,19 @@ pub async fn serve(
             shutdown.now.clone(),
         );
     }
+    let mesh_tunnels = if identity.me.transport == skylane_shared::membership::Transport::Wireguard
+    {
+        crate::wireguard::serve_mesh(
+            &socket,
+            &identity,
+            ctx.clone(),
+            streams.clone(),
+            shutdown.drain.clone(),
+            stop_checks.clone(),
+        )?
+    } else {
+        Vec::new()
+    };
     if let (Some(listener), Some(wg)) = (listeners.wireguard, wireguard) {
         tokio::spawn(crate::wireguard::serve(
             listener,
@@ -194,6 +210,7 @@ pub async fn serve(
     }
     if let Some(listener) = listeners.admin {
         let status = Arc::new(Status {
+            mesh_tunnels: mesh_tunnels.clone(),
             config_name: identity.me.name.clone(),
             node_id: identity.key.id().to_string(),
             socket: socket.clone(),

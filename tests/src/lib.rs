@@ -194,6 +194,8 @@ pub struct ClusterOptions {
     pub challenge_secret: bool,
     /// A second connector, `connector-b`, beside the same origin (redundant connectors).
     pub second_connector: bool,
+    /// The connector's `transport` (`quic` by default, or `wireguard`).
+    pub connector_transport: &'static str,
 }
 
 impl Default for ClusterOptions {
@@ -213,6 +215,7 @@ impl Default for ClusterOptions {
             second_connector: false,
             tunnel_config: String::new(),
             web_service_config: String::new(),
+            connector_transport: "quic",
         }
     }
 }
@@ -340,13 +343,16 @@ impl Cluster {
                 address,
             ));
         }
+        let transport = opts.connector_transport;
         let members_with = |connector_addr: SocketAddr| {
             member_block(
                 "connector",
                 "connector",
                 "keys/connector.key.pub",
                 Some(connector_addr),
-            ) + &others
+            )
+            .replacen("\n\n", &format!("\ntransport = \"{transport}\"\n\n"), 1)
+                + &others
         };
         let members = members_with(connector_udp);
         let extra = &opts.extra_config;

@@ -142,11 +142,11 @@ pub struct SocketCounters {
     pub quic_sent: AtomicU64,
     /// QUIC datagrams passed up to quinn.
     pub quic_received: AtomicU64,
-    /// QUIC datagrams sent on a relayed path.
+    /// Datagrams (QUIC or WireGuard) sent on a relayed path.
     pub relayed_sent: AtomicU64,
     /// Relayed datagrams forwarded for other nodes.
     pub relayed_forwarded: AtomicU64,
-    /// Relayed datagrams that reached this node as their destination.
+    /// Relayed datagrams (QUIC or WireGuard) that reached this node as their destination.
     pub relayed_received: AtomicU64,
     /// Control datagrams (routing, membership) sent and received.
     pub control_sent: AtomicU64,
@@ -592,6 +592,9 @@ impl MeshSocket {
             return Ok(());
         }
         let relayed = self.routes.read().ok().and_then(|r| r.get(to).copied());
+        if relayed.is_some() {
+            self.counters.relayed_sent.fetch_add(1, Ordering::Relaxed);
+        }
         let sent = match relayed {
             Some(route) => self.send_relayed(
                 1,

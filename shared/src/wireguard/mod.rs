@@ -2,13 +2,18 @@
 //! and a smoltcp TCP/IP stack inside, so that one TCP connection per client flow crosses
 //! the tunnel with no TUN device and no root.
 //!
-//! This is what an edge uses to reach a stock WireGuard endpoint (wg-quick, a firewall, a
-//! cloud VPN gateway) from a standard peer config ([`config::PeerFile`]): behind it, a
-//! Skylane connector listening on its WireGuard address, or the origin itself. It does not
-//! route IP for other hosts, and it does not carry WireGuard over the mesh socket's relays.
+//! Two uses:
+//! - an edge reaches a stock WireGuard endpoint (wg-quick, a firewall, a cloud VPN gateway)
+//!   from a standard peer config ([`config::PeerFile`]) over a UDP socket of its own;
+//!   behind it, a Skylane connector listening on its WireGuard address, or the origin;
+//! - an edge and a connector whose member entry says `transport = "wireguard"` tunnel over
+//!   the mesh socket, relayed and failed over like QUIC ([`mesh`]).
+//!
+//! It does not route IP for other hosts.
 
 pub mod config;
 pub mod keys;
+pub mod mesh;
 pub mod stack;
 pub mod tunnel;
 

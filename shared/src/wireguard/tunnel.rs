@@ -56,7 +56,7 @@ enum WireTx {
 /// Where a tunnel's datagrams come from.
 enum WireRx {
     /// Its own UDP socket; the endpoint's name is resolved again while the tunnel is down.
-    Udp(Arc<UdpSocket>, Resolver),
+    Udp(Arc<UdpSocket>, Box<Resolver>),
     /// The datagrams the mesh socket received from the member.
     Mesh(tokio::sync::mpsc::Receiver<Vec<u8>>),
 }
@@ -206,7 +206,7 @@ impl WgTunnel {
             peer,
             key,
             WireTx::Udp(udp.clone()),
-            WireRx::Udp(udp, resolver),
+            WireRx::Udp(udp, Box::new(resolver)),
             None,
             stop,
         ))
