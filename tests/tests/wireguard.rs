@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use sha2::Digest as _;
-use skylane_tests::pattern_sha256;
 use skylane_tests::wireguard::{Behind, WgWorld, unavailable};
+use skylane_tests::{Cluster, ClusterOptions, pattern_sha256};
 
 const MB: u64 = 1024 * 1024;
 
@@ -22,9 +22,27 @@ fn skip() -> bool {
     false
 }
 
+/// An edge to test through, whatever is behind it.
+struct Target<'a> {
+    client: reqwest::Client,
+    https: std::net::SocketAddr,
+    tcp: std::net::SocketAddr,
+    ca_pem: &'a std::path::Path,
+    logs: &'a dyn Fn() -> String,
+}
+
+impl Target<'_> {
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https.port())
+    }
+    fn logs(&self) -> String {
+        (self.logs)()
+    }
+}
+
 /// GET and POST of 50 MB bodies, streamed and checked by hash.
-async fn fifty_megabytes_both_ways(w: &WgWorld) -> anyhow::Result<()> {
-    let client = w.client()?;
+async fn fifty_megabytes_both_ways(w: &Target<'_>) -> anyhow::Result<()> {
+    let client = &w.client;
     let resp = client
         .get(w.url(&format!("/bytes/{}", 50 * MB)))
         .send()
@@ -73,9 +91,9 @@ async fn fifty_megabytes_both_ways(w: &WgWorld) -> anyhow::Result<()> {
 }
 
 /// 1,000 websocket round trips, every hundredth a 1 MB message.
-async fn websocket_round_trips(w: &WgWorld) -> anyhow::Result<()> {
+async fn websocket_round_trips(w: &Target<'_>) -> anyhow::Result<()> {
     use tokio_tungstenite::tungstenite::Message;
-    let tls = skylane_tests::tls_config(&w.ca_pem, &[b"http/1.1"])?;
+    let tls = skylane_tests::tls_config(w.ca_pem, &[b"http/1.1"])?;
     let tcp = tokio::net::TcpStream::connect(w.https).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
@@ -115,8 +133,8 @@ async fn websocket_round_trips(w: &WgWorld) -> anyhow::Result<()> {
 }
 
 /// Server-sent events arrive one by one, not buffered.
-async fn server_sent_events(w: &WgWorld) -> anyhow::Result<()> {
-    let resp = w.client()?.get(w.url("/sse")).send().await?;
+async fn server_sent_events(w: &Target<'_>) -> anyhow::Result<()> {
+    let resp = w.client.get(w.url("/sse")).send().await?;
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut events = 0;
@@ -132,7 +150,7 @@ async fn server_sent_events(w: &WgWorld) -> anyhow::Result<()> {
 }
 
 /// A raw TCP service through the tunnel: HTTP spoken by hand over the edge's TCP port.
-async fn raw_tcp(w: &WgWorld) -> anyhow::Result<()> {
+async fn raw_tcp(w: &Target<'_>) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tcp = tokio::net::TcpStream::connect(w.tcp).await?;
     tcp.write_all(b"GET /health HTTP/1.0\r\nHost: origin\r\n\r\n")
@@ -166,16 +184,79 @@ fn status_shows_the_tunnel(w: &WgWorld) -> anyhow::Result<serde_json::Value> {
     Ok(status)
 }
 
+/// Everything [`Target`] checks, through the edge of a [`WgWorld`].
+async fn the_data_path(w: &WgWorld) -> anyhow::Result<()> {
+    let logs = || w.logs();
+    let t = Target {
+        client: w.client()?,
+        https: w.https,
+        tcp: w.tcp,
+        ca_pem: &w.ca_pem,
+        logs: &logs,
+    };
+    fifty_megabytes_both_ways(&t).await?;
+    websocket_round_trips(&t).await?;
+    server_sent_events(&t).await?;
+    raw_tcp(&t).await
+}
+
+/// Between Skylane nodes: the connector's member entry says `transport = "wireguard"`, so
+/// the edge tunnels to it with WireGuard over the mesh socket. Needs no root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_tunnels_to_a_wireguard_connector_over_the_mesh() -> anyhow::Result<()> {
+    let c = tokio::task::spawn_blocking(|| {
+        Cluster::start(ClusterOptions {
+            connector_transport: "wireguard",
+            ..ClusterOptions::default()
+        })
+    })
+    .await??;
+    let logs = || c.logs();
+    let t = Target {
+        client: c.client(0)?,
+        https: c.edges[0].https,
+        tcp: c.edges[0].tcp,
+        ca_pem: &c.ca_pem,
+        logs: &logs,
+    };
+    fifty_megabytes_both_ways(&t).await?;
+    websocket_round_trips(&t).await?;
+    server_sent_events(&t).await?;
+    raw_tcp(&t).await?;
+    let status = skylane_tests::status(c.edges[0].admin).unwrap_or_default();
+    let tunnel = status["tunnels"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["connector"] == "connector"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(tunnel["transport"], "wireguard", "{status:#}");
+    assert_eq!(tunnel["wireguard"]["endpoint"], "mesh", "{status:#}");
+    assert!(
+        status["frames"]["wireguard_sent"].as_u64().unwrap_or(0) > 1000,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["frames"]["quic_sent"].as_u64().unwrap_or(0),
+        0,
+        "no QUIC: {status:#}"
+    );
+    let connector = skylane_tests::status(c.connector_admin).unwrap_or_default();
+    let from_edge = connector["wireguard_tunnels"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["peer"] == "edge-0"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(from_edge["up"], true, "{connector:#}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_reaches_a_connector_through_stock_wireguard() -> anyhow::Result<()> {
     if skip() {
         return Ok(());
     }
     let w = WgWorld::start(Behind::Connector, "")?;
-    fifty_megabytes_both_ways(&w).await?;
-    websocket_round_trips(&w).await?;
-    server_sent_events(&w).await?;
-    raw_tcp(&w).await?;
+    the_data_path(&w).await?;
     let status = status_shows_the_tunnel(&w)?;
     let tunnel = status["tunnels"]
         .as_array()
@@ -202,10 +283,7 @@ async fn edge_reaches_the_origin_directly_through_stock_wireguard() -> anyhow::R
         return Ok(());
     }
     let w = WgWorld::start(Behind::Origin, "")?;
-    fifty_megabytes_both_ways(&w).await?;
-    websocket_round_trips(&w).await?;
-    server_sent_events(&w).await?;
-    raw_tcp(&w).await?;
+    the_data_path(&w).await?;
     let status = status_shows_the_tunnel(&w)?;
     let tunnel = status["tunnels"]
         .as_array()
@@ -214,7 +292,6 @@ async fn edge_reaches_the_origin_directly_through_stock_wireguard() -> anyhow::R
         .unwrap_or_default();
     assert_eq!(tunnel["transport"], "wireguard", "{status:#}");
     assert_eq!(tunnel["up"], true, "{status:#}");
-    // The origin saw the edge's tunnel address, not a connector's.
     let headers = w
         .client()?
         .get(w.url("/headers"))
