@@ -192,6 +192,14 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
         ),
         (
             "mesh-node",
+            edge.replace(
+                "name = \"edge-a\"\nrole = \"edge\"",
+                "name = \"edge-a\"\nrole = \"edge\"\ntransport = \"wireguard\"",
+            ),
+            "mesh.members[1].transport",
+        ),
+        (
+            "mesh-node",
             format!(
                 "{edge}\n[[wireguard.peers]]\nname = \"vpn\"\npublic_key = \"short\"\nendpoint = \"vpn.example.net:51820\"\naddress = \"10.77.0.2\"\nallowed_ips = [\"10.77.0.0/24\"]\n"
             ),
