@@ -120,7 +120,8 @@ machine_json() {
 # skylane_configs: keys, a dev certificate, connector.toml and edge.toml in $run_dir for one
 # connector and one edge on loopback. Reads P_ORIGIN, P_CONN_MESH, P_EDGE_MESH, P_EDGE,
 # P_EDGE_ADMIN, P_CONN_ADMIN; optional CONNECTOR_EXTRA and EDGE_EXTRA (TOML appended) and
-# BENCH_SKYLANE_WORKER_THREADS (`node.worker_threads` of both).
+# BENCH_SKYLANE_WORKER_THREADS (`node.worker_threads` of both) and BENCH_TRANSPORT (`quic`,
+# the default, or `wireguard`: how the edge tunnels to the connector).
 skylane_configs() {
   "$bin/mesh-node" keygen --out "$run_dir/conn.key" >/dev/null
   "$bin/mesh-node" keygen --out "$run_dir/edge.key" >/dev/null
@@ -135,6 +136,7 @@ role = \"connector\"
 public_key_file = \"conn.key.pub\"
 address = \"127.0.0.1:$P_CONN_MESH\"
 region = \"Frankfurt\"
+transport = \"${BENCH_TRANSPORT:-quic}\"
 
 [[mesh.members]]
 name = \"bench-edge\"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs a local Skylane: demo-origin, one origin connector and two edges on loopback.
+# Runs a local Skylane: demo-origin, one origin connector and three edges on loopback
+# (edge-c tunnels over WireGuard, the others over QUIC).
 # Creates dev keys and certificates on first run. Ctrl-C (or SIGTERM) stops everything.
 #
 #   deploy/local/up.sh            build (debug) and run
@@ -16,7 +17,7 @@ cargo build --quiet "${build_flags[@]}" --manifest-path "$root/Cargo.toml" \
 bin="${CARGO_TARGET_DIR:-$root/target}/$profile"
 
 mkdir -p "$here/keys" "$here/certs" "$here/run"
-for n in fra-connector edge-a edge-b; do
+for n in fra-connector edge-a edge-b edge-c; do
   [[ -f "$here/keys/$n.key" ]] || "$bin/mesh-node" keygen --out "$here/keys/$n.key" >/dev/null
 done
 [[ -f "$here/certs/edge.pem" ]] || "$bin/mesh-node" dev-cert --out-dir "$here/certs" >/dev/null
@@ -37,9 +38,10 @@ trap stop INT TERM EXIT
 "$bin/origin-connector" --config "$here/connector.toml" 2>"$here/run/connector.log" & pids+=($!)
 "$bin/mesh-node" --config "$here/edge-a.toml" 2>"$here/run/edge-a.log" & pids+=($!)
 "$bin/mesh-node" --config "$here/edge-b.toml" 2>"$here/run/edge-b.log" & pids+=($!)
+"$bin/mesh-node" --config "$here/edge-c.toml" 2>"$here/run/edge-c.log" & pids+=($!)
 
 # Ready when each edge's /readyz says its tunnel is up.
-for admin in 9101 9102; do
+for admin in 9101 9102 9103; do
   for _ in $(seq 1 100); do
     if curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1; then break; fi
     sleep 0.1
@@ -51,6 +53,7 @@ cat <<MSG
 Skylane is up (logs in $here/run/):
   edge-a   https://localhost:8443/      (status page http://127.0.0.1:9101/)
   edge-b   https://localhost:9443/      (status page http://127.0.0.1:9102/)
+  edge-c   https://localhost:10443/     (status page http://127.0.0.1:9103/; WireGuard to the connector)
   connector                             (status page http://127.0.0.1:9100/)
   origin   http://127.0.0.1:8080/
 Trust the dev CA with: curl --cacert $here/certs/ca.pem https://localhost:8443/health

@@ -21,7 +21,7 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Gives a copy of a deploy folder the keys and certificates its configs name.
 fn provision(dir: &Path) -> anyhow::Result<()> {
-    for name in ["fra-connector", "edge-a", "edge-b"] {
+    for name in ["fra-connector", "edge-a", "edge-b", "edge-c"] {
         NodeKey::generate()?.save(&dir.join(format!("keys/{name}.key")))?;
     }
     std::fs::write(
@@ -48,6 +48,7 @@ fn deploy_local_configs_load() -> anyhow::Result<()> {
         ("origin-connector", "connector.toml"),
         ("mesh-node", "edge-a.toml"),
         ("mesh-node", "edge-b.toml"),
+        ("mesh-node", "edge-c.toml"),
     ];
     for (binary, file) in checks {
         let out = Command::new(bin(binary))

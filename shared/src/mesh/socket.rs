@@ -880,6 +880,12 @@ impl MeshSocket {
                 if self.members.by_short(&src).is_none() {
                     return Received::Dropped(DropReason::NonMember);
                 }
+                // The sender's id travels in clear: only the member's own address may use
+                // it, so a stranger cannot load that member's WireGuard session (its
+                // handshake rate limit, its queue) with replayed or forged datagrams.
+                if self.direct_addr(&src) != Some(from) {
+                    return Received::Dropped(DropReason::Misrouted);
+                }
                 self.deliver_wireguard(src, payload)
             }
             Frame::Auth(auth) => self.handle_auth(buf, auth, from, ecn, forward),

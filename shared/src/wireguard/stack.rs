@@ -93,9 +93,12 @@ pub struct Stack {
     local: IpAddr,
     /// Ports in use, and where the search for a free one starts.
     ports: HashSet<u16>,
+    /// The ephemeral port of each connected flow, kept here because smoltcp forgets a
+    /// socket's endpoints once it closes (a reset, a timeout, the end of TIME-WAIT).
+    port_of: std::collections::HashMap<SocketHandle, u16>,
     next_port: u16,
-    /// Flows whose handle was dropped, still closing.
-    closing: Vec<(SocketHandle, u16)>,
+    /// Flows whose handle was dropped, still closing, with the ephemeral port to free.
+    closing: Vec<(SocketHandle, Option<u16>)>,
     /// The port flows are accepted on, and how many sockets wait in LISTEN for them.
     listen: Option<(u16, usize)>,
     /// Sockets in LISTEN.
@@ -157,6 +160,7 @@ impl Stack {
             queues,
             local,
             ports: HashSet::new(),
+            port_of: std::collections::HashMap::new(),
             next_port: *PORTS.start(),
             closing: Vec::new(),
             listen: None,
@@ -283,7 +287,9 @@ impl Stack {
         for (handle, port) in closing {
             if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Closed {
                 self.sockets.remove(handle);
-                self.ports.remove(&port);
+                if let Some(port) = port {
+                    self.ports.remove(&port);
+                }
             } else {
                 self.closing.push((handle, port));
             }
@@ -312,7 +318,9 @@ impl Stack {
             .map_err(|e| OpenError::Connect(remote, e.to_string()))?;
         self.ports.insert(port);
         self.open += 1;
-        Ok(self.sockets.add(socket))
+        let handle = self.sockets.add(socket);
+        self.port_of.insert(handle, port);
+        Ok(handle)
     }
 
     /// The socket of an open flow.
@@ -324,14 +332,27 @@ impl Stack {
     /// once closed.
     pub fn release(&mut self, handle: SocketHandle) {
         self.open = self.open.saturating_sub(1);
+        let port = self.port_of.remove(&handle);
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-        let port = socket.local_endpoint().map_or(0, |e| e.port);
         if socket.recv_queue() > 0 {
             socket.abort();
         } else {
             socket.close();
         }
         self.closing.push((handle, port));
+        // A peer that never finishes closing (it acknowledges our FIN and keeps the
+        // connection alive) must not hold sockets without end: past the flow cap, the
+        // oldest closing flows are reset.
+        if self.closing.len() > self.max_flows {
+            let (oldest, _) = self.closing[0];
+            // Freed at the next poll, once its RST is out.
+            self.sockets.get_mut::<tcp::Socket>(oldest).abort();
+        }
+    }
+
+    /// Resets a flow (the peer sees an error, not an end); its handle is released later.
+    pub fn abort(&mut self, handle: SocketHandle) {
+        self.sockets.get_mut::<tcp::Socket>(handle).abort();
     }
 
     fn free_port(&mut self) -> Option<u16> {
@@ -461,6 +482,24 @@ mod tests {
         assert_eq!(got, b"ping");
         assert_eq!(b.flows().0, accepted.len());
         assert_eq!(b.listeners.len(), 2, "the backlog is refilled");
+    }
+
+    #[test]
+    fn a_reset_flow_gives_its_port_back() {
+        let (mut a, mut b) = pair();
+        let now = Instant::from_millis(1);
+        // Nobody listens on b: every connect is reset, and every port must come back.
+        for _ in 0..20 {
+            let h = a
+                .connect("10.9.0.2:9".parse().expect("addr"))
+                .expect("connect");
+            settle(&mut a, &mut b, now);
+            assert_eq!(a.socket(h).state(), tcp::State::Closed, "refused");
+            a.release(h);
+            settle(&mut a, &mut b, now);
+        }
+        assert!(a.ports.is_empty(), "ports leaked: {:?}", a.ports);
+        assert_eq!(a.flows(), (0, 0));
     }
 
     #[test]

@@ -36,6 +36,9 @@ use crate::resolve::Resolver;
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// A session older than this is dead (WireGuard's REJECT_AFTER_TIME).
 const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// While down, the initiating side starts a handshake this often (boringtun retries every
+/// 5 s itself, but only for 90 s).
+const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
 /// While down, the endpoint name is resolved again this often.
 const RERESOLVE: Duration = Duration::from_secs(30);
 /// Handshakes a listening tunnel takes at once.
@@ -118,6 +121,9 @@ pub struct TunnelStatus {
     pub closing: usize,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// Datagrams dropped unanswered: garbage, replays, strangers' handshakes, packets
+    /// from outside the allowed IPs.
+    pub dropped: u64,
 }
 
 /// State the driver task and the flows share.
@@ -130,6 +136,8 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// Told when a flow was accepted on the listening port.
     accepted: Notify,
+    /// Datagrams dropped unanswered.
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -272,6 +280,7 @@ impl WgTunnel {
                 endpoint: Mutex::new(None),
                 last_error: Mutex::new(None),
                 accepted: Notify::new(),
+                dropped: std::sync::atomic::AtomicU64::new(0),
             }),
             tunn: Arc::new(Mutex::new(tunn)),
             peer,
@@ -378,6 +387,10 @@ impl WgTunnel {
             flows,
             closing,
             last_error: lock(&self.shared.last_error).clone(),
+            dropped: self
+                .shared
+                .dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -403,6 +416,7 @@ impl WgTunnel {
         let mut timers = tokio::time::interval(TIMER_TICK);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resolved_at: Option<tokio::time::Instant> = None;
+        let mut kicked = tokio::time::Instant::now();
         if initiate && matches!(tx, WireTx::Mesh(..)) {
             self.initiate(&tx, &mut outbuf).await;
         }
@@ -441,6 +455,19 @@ impl WgTunnel {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
+                // Before the datagrams: a long download must not starve rekeying and
+                // keepalives.
+                _ = timers.tick() => {
+                    self.tick(&tx, &mut outbuf).await;
+                    // boringtun stops retrying a handshake after 90 s, and only a packet
+                    // to send starts it again: the side that initiates asks again every
+                    // few seconds while down, so a tunnel comes back however long the
+                    // peer was gone.
+                    if initiate && !self.is_up() && kicked.elapsed() >= HANDSHAKE_RETRY {
+                        kicked = tokio::time::Instant::now();
+                        self.initiate(&tx, &mut outbuf).await;
+                    }
+                }
                 r = rx.recv(&mut inbuf) => match r {
                     None => return,
                     Some(Ok((n, from))) => {
@@ -458,7 +485,6 @@ impl WgTunnel {
                     }
                 },
                 _ = self.shared.wake.notified() => {}
-                _ = timers.tick() => self.tick(&tx, &mut outbuf).await,
                 _ = sleep => {}
             }
         }
@@ -515,6 +541,9 @@ impl WgTunnel {
             TunnResult::Err(e) => Next::Drop(format!("{e:?}")),
         };
         if let Next::Drop(e) = next {
+            self.shared
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("skylane_wireguard_dropped_total", "reason" => "bad_datagram")
                 .increment(1);
             tracing::debug!(peer = %self.peer.name, ?from, error = %e, "wireguard datagram dropped");
@@ -550,6 +579,9 @@ impl WgTunnel {
             }
             Next::Tunnel(len, src) => {
                 if !self.peer.allows(src) {
+                    self.shared
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!("skylane_wireguard_dropped_total", "reason" => "source_not_allowed")
                         .increment(1);
                     tracing::debug!(peer = %self.peer.name, %src, "packet from outside the allowed IPs dropped");
@@ -726,5 +758,161 @@ impl AsyncWrite for WgStream {
         self.shared.stack().socket(self.handle).close();
         self.shared.wake.notify_one();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn peer(name: &str, public_key: [u8; 32], endpoint: SocketAddr, me: &str, them: &str) -> Peer {
+        Peer {
+            name: name.into(),
+            public_key,
+            endpoint: endpoint.to_string(),
+            address: me.parse().expect("ip"),
+            allowed_ips: vec![ipnet::IpNet::from(them.parse::<IpAddr>().expect("ip"))],
+            preshared_key: None,
+            keepalive: None,
+            listen_port: None,
+            flow_buffer_bytes: 64 * 1024,
+            max_flows: 16,
+            mtu: 1420,
+        }
+    }
+
+    /// Two tunnels on loopback with a tap between them that can replay what it saw and
+    /// inject anything: a flow works, and garbage, a replayed data packet and a stranger's
+    /// handshake are dropped, counted and never answered.
+    #[tokio::test]
+    async fn garbage_replays_and_strangers_are_dropped_counted_and_unanswered() {
+        let stop = CancellationToken::new();
+        let key_a = SecretKey::from_bytes(rand::random());
+        let key_b = SecretKey::from_bytes(rand::random());
+        let udp_b = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let tap = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let b_addr = udp_b.local_addr().expect("addr");
+        let tap_addr = tap.local_addr().expect("addr");
+        // b listens; a reaches it through the tap.
+        let b = WgTunnel::launch(
+            peer("a", key_a.public_key(), tap_addr, "10.1.0.2", "10.1.0.1"),
+            &key_b,
+            WireTx::Udp(udp_b.clone()),
+            WireRx::Udp(udp_b, Box::new(Resolver::from_system())),
+            Some(7100),
+            stop.clone(),
+        );
+        *lock(&b.shared.endpoint) = Some(tap_addr);
+        let a = WgTunnel::start(
+            peer("b", key_b.public_key(), tap_addr, "10.1.0.1", "10.1.0.2"),
+            &key_a,
+            Resolver::from_system(),
+            stop.clone(),
+        )
+        .await
+        .expect("start");
+        // The tap: a → b recorded; b → a passed back, and counted.
+        let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let from_b = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a_addr: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        {
+            let (tap, seen, from_b, a_addr) =
+                (tap.clone(), seen.clone(), from_b.clone(), a_addr.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    let Ok((n, from)) = tap.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    if from == b_addr {
+                        from_b.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let to = *lock(&a_addr);
+                        if let Some(to) = to {
+                            let _ = tap.send_to(&buf[..n], to).await;
+                        }
+                    } else {
+                        *lock(&a_addr) = Some(from);
+                        lock(&seen).push(buf[..n].to_vec());
+                        let _ = tap.send_to(&buf[..n], b_addr).await;
+                    }
+                }
+            });
+        }
+        let target: SocketAddr = "10.1.0.2:7100".parse().expect("addr");
+        let (mut flow, accepted) = tokio::join!(
+            async {
+                a.connect(target, Duration::from_secs(5))
+                    .await
+                    .expect("connect")
+            },
+            tokio::time::timeout(Duration::from_secs(5), b.accept()),
+        );
+        let mut accepted = accepted.expect("accepted in time");
+        flow.write_all(b"hello").await.expect("write");
+        let mut got = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), accepted.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(&got, b"hello");
+        assert_eq!(b.status().dropped, 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // Now inject, and watch b say nothing.
+        let answered_before = from_b.load(std::sync::atomic::Ordering::Relaxed);
+        let data_packet = lock(&seen)
+            .iter()
+            .rev()
+            .find(|d| d.first() == Some(&4))
+            .cloned()
+            .expect("a data packet went by");
+        let stranger = Tunn::new(
+            boringtun::x25519::StaticSecret::from(rand::random::<[u8; 32]>()),
+            boringtun::x25519::PublicKey::from(key_b.public_key()),
+            None,
+            None,
+            7,
+            None,
+        );
+        let mut init = vec![0u8; 256];
+        let init = match { stranger }.format_handshake_initiation(&mut init, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        let injector = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let garbage: Vec<u8> = (0..200).map(|i| (i * 37) as u8).collect();
+        for datagram in [&data_packet, &data_packet, &garbage, &init, &vec![1u8; 148]] {
+            // From the tap's address (a replay on a's path) and from a stranger's.
+            tap.send_to(datagram, b_addr).await.expect("send");
+            injector.send_to(datagram, b_addr).await.expect("send");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dropped = b.status().dropped;
+        assert!(
+            dropped >= 10,
+            "only {dropped} of 10 injected datagrams counted as dropped"
+        );
+        assert_eq!(
+            from_b.load(std::sync::atomic::Ordering::Relaxed),
+            answered_before,
+            "b answered an injected datagram"
+        );
+        let mut buf = [0u8; 64];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), injector.recv_from(&mut buf))
+                .await
+                .is_err(),
+            "b answered the stranger"
+        );
+        // The session survived it all.
+        flow.write_all(b" again").await.expect("write");
+        let mut got = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), accepted.read_exact(&mut got))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(&got, b" again");
+        stop.cancel();
     }
 }
