@@ -254,14 +254,14 @@ impl Direct {
 
     fn open(&self) -> TunnelStream {
         let (ours, theirs) = tokio::io::duplex(DIRECT_PIPE);
-        let (send, recv) = flow::from_tcp(theirs);
+        let (send, recv) = flow::from_pipe(theirs);
         tokio::spawn(origin_connector::forward::handle_stream(
             self.ctx.clone(),
             Arc::from(DIRECT),
             send,
             recv,
         ));
-        let (send, recv) = flow::from_tcp(ours);
+        let (send, recv) = flow::from_pipe(ours);
         self.flows.fetch_add(1, Ordering::Relaxed);
         TunnelStream {
             connector: DIRECT.into(),
@@ -493,7 +493,7 @@ impl TunnelPool {
                         match link.tunnel.connect(link.address, left).await {
                             Ok(tcp) => {
                                 link.flows.fetch_add(1, Ordering::Relaxed);
-                                let (send, recv) = flow::from_tcp(tcp);
+                                let (send, recv) = flow::from_wireguard(tcp);
                                 return Ok(TunnelStream {
                                     connector: link.name.clone(),
                                     send,

@@ -100,7 +100,7 @@ pub fn serve_mesh(
                     _ = drain.cancelled() => return,
                     f = tunnel.accept() => f,
                 };
-                let (send, recv) = flow::from_tcp(flow);
+                let (send, recv) = flow::from_wireguard(flow);
                 streams.spawn(forward::handle_stream(
                     ctx.clone(),
                     peer.clone(),

@@ -24,12 +24,58 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Largest read from a TCP flow at once (QUIC hands out what it has, up to the asked size).
 const TCP_CHUNK: usize = 16 * 1024;
 
+/// A TCP connection's writing half, which can also end the connection with a reset.
+pub trait TcpWrite: AsyncWrite + Send + Sync {
+    /// Ends the connection with a reset (RST), so the peer sees an error rather than the
+    /// end of the stream a FIN would tell it.
+    fn abort(self: Pin<&mut Self>);
+}
+
+impl TcpWrite for tokio::net::tcp::OwnedWriteHalf {
+    fn abort(self: Pin<&mut Self>) {
+        // A zero linger makes the close send a RST, and does not block (the deprecation
+        // is about a linger that does).
+        #[allow(deprecated)]
+        let _ = AsRef::<tokio::net::TcpStream>::as_ref(self.get_mut())
+            .set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+impl TcpWrite for crate::wireguard::WgWriteHalf {
+    fn abort(self: Pin<&mut Self>) {
+        crate::wireguard::WgWriteHalf::abort(&self);
+    }
+}
+
+/// A writing half with no way to reset (an in-process pipe): dropping it is its end.
+struct NoAbort<W>(W);
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for NoAbort<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + Sync> TcpWrite for NoAbort<W> {
+    fn abort(self: Pin<&mut Self>) {}
+}
+
 /// The sending half of a flow.
 pub enum FlowSend {
     /// A QUIC stream's sending half.
     Quic(quinn::SendStream),
     /// A TCP connection's writing half.
-    Tcp(Pin<Box<dyn AsyncWrite + Send + Sync>>),
+    Tcp(Pin<Box<dyn TcpWrite>>),
 }
 
 /// The receiving half of a flow.
@@ -58,17 +104,26 @@ impl std::fmt::Debug for FlowRecv {
     }
 }
 
-/// Splits a TCP-like connection into the two halves of a flow.
-pub fn from_tcp<T>(io: T) -> (FlowSend, FlowRecv)
+/// Splits a byte pipe with no reset of its own (an in-process duplex) into the two halves
+/// of a flow.
+pub fn from_pipe<T>(io: T) -> (FlowSend, FlowRecv)
 where
     T: AsyncRead + AsyncWrite + Send + Sync + 'static,
 {
     let (r, w) = tokio::io::split(io);
+    (
+        FlowSend::Tcp(Box::pin(NoAbort(w))),
+        FlowRecv::Tcp(Box::pin(r)),
+    )
+}
+
+/// Splits a TCP flow inside a WireGuard tunnel into the two halves of a flow.
+pub fn from_wireguard(io: crate::wireguard::WgStream) -> (FlowSend, FlowRecv) {
+    let (r, w) = io.into_split();
     (FlowSend::Tcp(Box::pin(w)), FlowRecv::Tcp(Box::pin(r)))
 }
 
-/// Splits a kernel TCP connection into the two halves of a flow, without the lock
-/// [`from_tcp`]'s generic split needs.
+/// Splits a kernel TCP connection into the two halves of a flow.
 pub fn from_tokio_tcp(io: tokio::net::TcpStream) -> (FlowSend, FlowRecv) {
     let (r, w) = io.into_split();
     (FlowSend::Tcp(Box::pin(w)), FlowRecv::Tcp(Box::pin(r)))
@@ -197,11 +252,14 @@ impl FlowSend {
         poll_fn(|cx| self.poll_finish(cx)).await
     }
 
-    /// Abandons this direction: the peer sees an error, not an end (QUIC's RESET_STREAM).
-    /// A TCP flow cannot say that apart from closing; it is closed when dropped.
+    /// Abandons this direction: the peer sees an error, not an end (QUIC's RESET_STREAM;
+    /// a TCP flow is reset as a whole).
     pub fn reset(&mut self) {
-        if let Self::Quic(s) = self {
-            let _ = s.reset(1u32.into());
+        match self {
+            Self::Quic(s) => {
+                let _ = s.reset(1u32.into());
+            }
+            Self::Tcp(w) => w.as_mut().abort(),
         }
     }
 }
@@ -238,8 +296,8 @@ mod tests {
     #[tokio::test]
     async fn a_tcp_flow_carries_chunks_and_half_closes() {
         let (a, b) = tokio::io::duplex(64);
-        let (mut a_send, mut a_recv) = from_tcp(a);
-        let (mut b_send, mut b_recv) = from_tcp(b);
+        let (mut a_send, mut a_recv) = from_pipe(a);
+        let (mut b_send, mut b_recv) = from_pipe(b);
         let writer = tokio::spawn(async move {
             let mut chunks = [Bytes::from_static(b"head "), Bytes::from(vec![7u8; 1000])];
             a_send.write_all_chunks(&mut chunks).await.expect("write");

@@ -19,4 +19,4 @@ pub mod tunnel;
 
 pub use config::{Peer, PeerFile};
 pub use keys::SecretKey;
-pub use tunnel::{ConnectError, TunnelStatus, WgStream, WgTunnel};
+pub use tunnel::{ConnectError, TunnelStatus, WgReadHalf, WgStream, WgTunnel, WgWriteHalf};

@@ -303,12 +303,11 @@ impl WgTunnel {
                 })
             };
             if let Some((handle, remote)) = accepted {
+                let peer = remote.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| {
+                    SocketAddr::new(e.addr.into(), e.port)
+                });
                 return WgStream {
-                    shared: self.shared.clone(),
-                    handle,
-                    peer: remote.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |e| {
-                        SocketAddr::new(e.addr.into(), e.port)
-                    }),
+                    flow: FlowHandle::new(self.shared.clone(), handle, peer),
                 };
             }
             self.shared.accepted.notified().await;
@@ -345,12 +344,10 @@ impl WgTunnel {
         }
         let handle = self.shared.stack().connect(addr)?;
         let stream = WgStream {
-            shared: self.shared.clone(),
-            handle,
-            peer: addr,
+            flow: FlowHandle::new(self.shared.clone(), handle, addr),
         };
         self.shared.wake.notify_one();
-        let established = std::future::poll_fn(|cx| stream.poll_established(cx));
+        let established = std::future::poll_fn(|cx| stream.flow.poll_established(cx));
         match tokio::time::timeout(timeout, established).await {
             Ok(Ok(())) => Ok(stream),
             Ok(Err(e)) => Err(ConnectError::Failed(addr, e.to_string())),
@@ -651,25 +648,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One TCP flow inside a tunnel. Dropping it closes the flow (see [`Stack::release`]).
-pub struct WgStream {
+/// One TCP flow's socket in a tunnel's stack, shared by the stream or its two halves;
+/// released (closed, then freed) when the last of them is dropped.
+struct FlowHandle {
     shared: Arc<Shared>,
     handle: SocketHandle,
     peer: SocketAddr,
+    /// The peer's FIN was seen: a closed socket afterwards is an end, not a reset.
+    fin: std::sync::atomic::AtomicBool,
 }
 
-impl std::fmt::Debug for WgStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgStream")
-            .field("peer", &self.peer)
-            .finish()
+impl Drop for FlowHandle {
+    fn drop(&mut self) {
+        self.shared.stack().release(self.handle);
+        self.shared.wake.notify_one();
     }
 }
 
-impl WgStream {
-    /// Where the flow goes.
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer
+fn fin_received(state: tcp::State) -> bool {
+    matches!(
+        state,
+        tcp::State::CloseWait | tcp::State::LastAck | tcp::State::Closing | tcp::State::TimeWait
+    )
+}
+
+impl FlowHandle {
+    fn new(shared: Arc<Shared>, handle: SocketHandle, peer: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            shared,
+            handle,
+            peer,
+            fin: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     fn poll_established(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -687,23 +697,14 @@ impl WgStream {
             }
         }
     }
-}
 
-impl Drop for WgStream {
-    fn drop(&mut self) {
-        self.shared.stack().release(self.handle);
-        self.shared.wake.notify_one();
-    }
-}
-
-impl AsyncRead for WgStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut stack = self.shared.stack();
         let s = stack.socket(self.handle);
+        if fin_received(s.state()) {
+            self.fin.store(true, Relaxed);
+        }
         if s.can_recv() {
             let n = s
                 .recv_slice(buf.initialize_unfilled())
@@ -715,23 +716,19 @@ impl AsyncRead for WgStream {
             return Poll::Ready(Ok(()));
         }
         if !s.may_recv() {
-            return if s.state() == tcp::State::Closed && s.remote_endpoint().is_none() {
+            // Closed without the peer's FIN: a reset (or a timeout), which must not pass
+            // for the end of the stream — a truncated body would look complete.
+            return if s.state() == tcp::State::Closed && !self.fin.load(Relaxed) {
                 Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
             } else {
-                Poll::Ready(Ok(())) // the peer's FIN: end of stream
+                Poll::Ready(Ok(()))
             };
         }
         s.register_recv_waker(cx.waker());
         Poll::Pending
     }
-}
 
-impl AsyncWrite for WgStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let mut stack = self.shared.stack();
         let s = stack.socket(self.handle);
         if !s.may_send() {
@@ -747,16 +744,134 @@ impl AsyncWrite for WgStream {
         Poll::Pending
     }
 
+    /// Sends a FIN after the buffered data; reading goes on (half-close).
+    fn shutdown(&self) {
+        let mut stack = self.shared.stack();
+        let s = stack.socket(self.handle);
+        if fin_received(s.state()) {
+            self.fin.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        s.close();
+        drop(stack);
+        self.shared.wake.notify_one();
+    }
+
+    /// Ends the flow with a reset: the peer sees an error, not an end.
+    fn abort(&self) {
+        self.shared.stack().abort(self.handle);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// One TCP flow inside a tunnel. Dropping it closes the flow (see [`Stack::release`]).
+pub struct WgStream {
+    flow: Arc<FlowHandle>,
+}
+
+/// The reading half of a [`WgStream`].
+pub struct WgReadHalf {
+    flow: Arc<FlowHandle>,
+}
+
+/// The writing half of a [`WgStream`]; it can also reset the flow.
+pub struct WgWriteHalf {
+    flow: Arc<FlowHandle>,
+}
+
+impl std::fmt::Debug for WgStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgStream")
+            .field("peer", &self.flow.peer)
+            .finish()
+    }
+}
+
+impl WgStream {
+    /// Where the flow goes (or, accepted, where it came from).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.flow.peer
+    }
+
+    /// Splits the flow into halves that can be used from different tasks; the flow is
+    /// released when both are dropped.
+    pub fn into_split(self) -> (WgReadHalf, WgWriteHalf) {
+        (
+            WgReadHalf {
+                flow: self.flow.clone(),
+            },
+            WgWriteHalf { flow: self.flow },
+        )
+    }
+
+    /// Ends the flow with a reset.
+    pub fn abort(&self) {
+        self.flow.abort();
+    }
+}
+
+impl WgWriteHalf {
+    /// Ends the flow with a reset: the peer sees an error, not an end.
+    pub fn abort(&self) {
+        self.flow.abort();
+    }
+}
+
+impl AsyncRead for WgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.flow.poll_read(cx, buf)
+    }
+}
+
+impl AsyncRead for WgReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.flow.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.flow.poll_write(cx, data)
+    }
+
     /// Written data is in the stack's send buffer, which sends it on its own: nothing to
     /// flush (waiting for the peer's ACK here would stall every small write a round trip).
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends a FIN after the buffered data; reading goes on (half-close).
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.shared.stack().socket(self.handle).close();
-        self.shared.wake.notify_one();
+        self.flow.shutdown();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for WgWriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.flow.poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.flow.shutdown();
         Poll::Ready(Ok(()))
     }
 }
@@ -913,6 +1028,31 @@ mod tests {
             .expect("in time")
             .expect("read");
         assert_eq!(&got, b" again");
+
+        // A FIN reaches the other side as the end of the stream, a reset as an error.
+        let (mut second, accepted2) = tokio::join!(
+            async {
+                a.connect(target, Duration::from_secs(5))
+                    .await
+                    .expect("connect")
+            },
+            tokio::time::timeout(Duration::from_secs(5), b.accept()),
+        );
+        let mut accepted2 = accepted2.expect("accepted in time");
+        second.write_all(b"bye").await.expect("write");
+        second.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), accepted2.read_to_end(&mut rest))
+            .await
+            .expect("in time")
+            .expect("a FIN is an end");
+        assert_eq!(rest, b"bye");
+        flow.abort();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), accepted.read(&mut buf))
+            .await
+            .expect("in time");
+        assert!(read.is_err(), "a reset must not read as the end: {read:?}");
         stop.cancel();
     }
 }
