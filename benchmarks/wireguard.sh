@@ -46,6 +46,8 @@ wait_for "http://127.0.0.1:$P_ORIGIN/health" || die "demo-origin did not start"
 
 # start TRANSPORT: a fresh connector and edge with that transport; sets PID_CONN, PID_EDGE.
 start() {
+  # Fresh keys and certificate for each pair: skylane_configs makes them.
+  rm -rf "$run_dir"/conn.key* "$run_dir"/edge.key* "$run_dir/certs"
   BENCH_TRANSPORT=$1 CONNECTOR_EXTRA='response_timeout_ms = 30000' skylane_configs
   (cd "$run_dir" && exec "$bin/origin-connector" --config connector.toml) >>"$run_dir/connector-$1.log" 2>&1 &
   pids+=($!); PID_CONN=$!

@@ -42,7 +42,7 @@ const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
 /// While down, the endpoint name is resolved again this often.
 const RERESOLVE: Duration = Duration::from_secs(30);
 /// Handshakes a listening tunnel takes at once.
-const LISTEN_BACKLOG: usize = 64;
+const LISTEN_BACKLOG: usize = 16;
 /// Datagrams taken from the socket per wake-up before the stack runs.
 const BATCH: usize = 64;
 /// Largest datagram handled; WireGuard adds 32 bytes to an MTU-sized packet.
