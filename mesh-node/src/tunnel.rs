@@ -320,6 +320,34 @@ pub struct LinkStatus {
     pub draining: bool,
 }
 
+impl LinkStatus {
+    /// The entry of a connector (or a direct service) behind a WireGuard tunnel.
+    fn wireguard(
+        connector: String,
+        wg: TunnelStatus,
+        up: bool,
+        connections: usize,
+        flows: usize,
+        draining: bool,
+    ) -> Self {
+        Self {
+            connector,
+            transport: "wireguard",
+            up,
+            address: wg.endpoint.clone(),
+            rtt_ms: wg.rtt_ms.filter(|_| wg.up).map(f64::from),
+            quic: None,
+            up_for_s: None,
+            reconnects: 0,
+            last_error: wg.last_error.clone(),
+            connections,
+            flows,
+            draining,
+            wireguard: Some(wg),
+        }
+    }
+}
+
 /// The tunnels of this edge.
 #[derive(Debug)]
 pub struct TunnelPool {
@@ -617,42 +645,30 @@ impl TunnelPool {
             })
             .chain(self.wg.iter().map(|l| {
                 let wg = l.tunnel.status();
-                LinkStatus {
-                    connector: l.name.clone(),
-                    transport: "wireguard",
-                    up: wg.up,
-                    address: wg.endpoint.clone(),
-                    rtt_ms: wg.rtt_ms.filter(|_| wg.up).map(f64::from),
-                    quic: None,
-                    up_for_s: None,
-                    reconnects: 0,
-                    last_error: wg.last_error.clone(),
-                    connections: usize::from(wg.up),
-                    flows: l.flows.load(Ordering::Relaxed),
-                    draining: l.draining_until_ms.load(Ordering::Relaxed)
+                let up = wg.up;
+                LinkStatus::wireguard(
+                    l.name.clone(),
+                    wg,
+                    up,
+                    usize::from(up),
+                    l.flows.load(Ordering::Relaxed),
+                    l.draining_until_ms.load(Ordering::Relaxed)
                         > crate::phases::connection::now_ms(),
-                    wireguard: Some(wg),
-                }
+                )
             }))
             .chain(self.direct.iter().flat_map(|d| {
                 d.services.iter().map(|(pool, tunnel)| {
                     let wg = tunnel.status();
                     let servers_up = pool.servers.iter().filter(|s| s.is_up()).count();
-                    LinkStatus {
-                        connector: format!("{} ({DIRECT})", pool.service.name),
-                        transport: "wireguard",
-                        up: wg.up && servers_up > 0,
-                        address: wg.endpoint.clone(),
-                        rtt_ms: wg.rtt_ms.filter(|_| wg.up).map(f64::from),
-                        quic: None,
-                        up_for_s: None,
-                        reconnects: 0,
-                        last_error: wg.last_error.clone(),
-                        connections: servers_up,
-                        flows: d.flows.load(Ordering::Relaxed),
-                        draining: false,
-                        wireguard: Some(wg),
-                    }
+                    let up = wg.up && servers_up > 0;
+                    LinkStatus::wireguard(
+                        format!("{} ({DIRECT})", pool.service.name),
+                        wg,
+                        up,
+                        servers_up,
+                        d.flows.load(Ordering::Relaxed),
+                        false,
+                    )
                 })
             }))
             .collect()

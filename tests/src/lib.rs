@@ -651,3 +651,39 @@ pub fn pattern_sha256(len: u64) -> String {
     }
     hex::encode(h.finalize())
 }
+
+/// Sends `count` websocket messages one at a time and checks each comes back unchanged:
+/// text and small binary messages alternate, and every `big_every`-th is 1 MiB of binary.
+/// `logs` is appended to a failure.
+pub async fn websocket_echo_round_trips<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    count: u32,
+    big_every: u32,
+    logs: impl Fn() -> String,
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 253) as u8).collect();
+    for i in 0..count {
+        let msg = match i % big_every {
+            n if n == big_every - 1 => Message::Binary(big.clone().into()),
+            n if n % 2 == 0 => Message::Text(format!("hello {i}").into()),
+            _ => Message::Binary(i.to_be_bytes().to_vec().into()),
+        };
+        ws.send(msg.clone()).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(_))) => continue,
+                Some(Ok(m)) => {
+                    anyhow::ensure!(m == msg, "message {i} came back changed");
+                    break;
+                }
+                other => anyhow::bail!("message {i}: {other:?}\n{}", logs()),
+            }
+        }
+    }
+    Ok(())
+}

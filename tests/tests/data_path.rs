@@ -115,25 +115,7 @@ async fn websocket_ten_thousand_round_trips_and_close_code() -> anyhow::Result<(
     )
     .await?;
     assert_eq!(resp.status(), 101);
-    let big: Vec<u8> = (0..MB as usize).map(|i| (i % 253) as u8).collect();
-    for i in 0..10_000u32 {
-        let msg = match i % 1000 {
-            999 => Message::Binary(big.clone().into()),
-            n if n % 2 == 0 => Message::Text(format!("hello {i}").into()),
-            _ => Message::Binary(i.to_be_bytes().to_vec().into()),
-        };
-        ws.send(msg.clone()).await?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Pong(_))) => continue,
-                Some(Ok(m)) => {
-                    assert_eq!(m, msg, "message {i} came back changed");
-                    break;
-                }
-                other => anyhow::bail!("message {i}: {other:?}\n{}", c.logs()),
-            }
-        }
-    }
+    skylane_tests::websocket_echo_round_trips(&mut ws, 10_000, 1000, || c.logs()).await?;
     // Ping/pong passes through.
     ws.send(Message::Ping(b"are you there".to_vec().into()))
         .await?;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use sha2::Digest as _;
 use skylane_tests::wireguard::{Behind, WgWorld, unavailable};
 use skylane_tests::{Cluster, ClusterOptions, pattern_sha256};
@@ -92,7 +92,6 @@ async fn fifty_megabytes_both_ways(w: &Target<'_>) -> anyhow::Result<()> {
 
 /// 1,000 websocket round trips, every hundredth a 1 MB message.
 async fn websocket_round_trips(w: &Target<'_>) -> anyhow::Result<()> {
-    use tokio_tungstenite::tungstenite::Message;
     let tls = skylane_tests::tls_config(w.ca_pem, &[b"http/1.1"])?;
     let tcp = tokio::net::TcpStream::connect(w.https).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
@@ -109,25 +108,7 @@ async fn websocket_round_trips(w: &Target<'_>) -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(resp.status(), 101);
-    let big: Vec<u8> = (0..MB as usize).map(|i| (i % 253) as u8).collect();
-    for i in 0..1_000u32 {
-        let msg = match i % 100 {
-            99 => Message::Binary(big.clone().into()),
-            n if n % 2 == 0 => Message::Text(format!("hello {i}").into()),
-            _ => Message::Binary(i.to_be_bytes().to_vec().into()),
-        };
-        ws.send(msg.clone()).await?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Pong(_))) => continue,
-                Some(Ok(m)) => {
-                    assert_eq!(m, msg, "message {i} came back changed");
-                    break;
-                }
-                other => anyhow::bail!("message {i}: {other:?}\n{}", w.logs()),
-            }
-        }
-    }
+    skylane_tests::websocket_echo_round_trips(&mut ws, 1_000, 100, || w.logs()).await?;
     ws.close(None).await?;
     Ok(())
 }

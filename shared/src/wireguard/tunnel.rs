@@ -836,45 +836,36 @@ impl AsyncRead for WgReadHalf {
     }
 }
 
-impl AsyncWrite for WgStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.flow.poll_write(cx, data)
-    }
+/// `AsyncWrite` for a type holding a `flow: Arc<FlowHandle>` (the stream and its writing
+/// half behave alike).
+macro_rules! write_through_flow {
+    ($t:ty) => {
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                data: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.flow.poll_write(cx, data)
+            }
 
-    /// Written data is in the stack's send buffer, which sends it on its own: nothing to
-    /// flush (waiting for the peer's ACK here would stall every small write a round trip).
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
+            /// Written data is in the stack's send buffer, which sends it on its own:
+            /// nothing to flush (waiting for the peer's ACK here would stall every small
+            /// write a round trip).
+            fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.flow.shutdown();
-        Poll::Ready(Ok(()))
-    }
+            fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.flow.shutdown();
+                Poll::Ready(Ok(()))
+            }
+        }
+    };
 }
 
-impl AsyncWrite for WgWriteHalf {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.flow.poll_write(cx, data)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.flow.shutdown();
-        Poll::Ready(Ok(()))
-    }
-}
+write_through_flow!(WgStream);
+write_through_flow!(WgWriteHalf);
 
 #[cfg(test)]
 mod tests {
