@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use skylane_shared::identity::NodeKey;
 
+pub mod browser;
 pub mod h2raw;
 pub mod wireguard;
 

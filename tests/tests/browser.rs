@@ -6,49 +6,11 @@
 //! `SKYLANE_SCREENSHOT_DIR=docs cargo test -p skylane-tests --test browser` also writes
 //! the screenshot of the interstitial the docs show.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use skylane_tests::browser::{LivePage, chromium, run as run_chromium};
 use skylane_tests::{Cluster, ClusterOptions, TempDir, metric};
-
-fn chromium() -> Option<PathBuf> {
-    ["chromium", "chromium-browser"].iter().find_map(|name| {
-        let out = Command::new("which").arg(name).output().ok()?;
-        out.status
-            .success()
-            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    })
-}
-
-/// Headless Chromium with the flags this machine needs (no sandbox as root, no calls
-/// home), trusting any certificate (the edge has a dev CA), and `extra`.
-fn run_chromium(bin: &Path, profile: &Path, extra: &[String]) -> anyhow::Result<String> {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("60")
-        .arg(bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            "--ignore-certificate-errors",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra);
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn cluster(difficulty: u32) -> anyhow::Result<Cluster> {
     Cluster::start(ClusterOptions {
@@ -68,18 +30,19 @@ fn chromium_solves_the_challenge_and_the_chat_websocket_opens() -> anyhow::Resul
     };
     let c = cluster(14)?;
     let profile = TempDir::new("chromium");
-    let url = c.url(0, "/");
-    // Run the page (challenge, proof of work, redirect, the chat page and its websocket)
-    // for up to 20 s of page time, then print the DOM.
-    let dom = run_chromium(
-        &bin,
-        profile.path(),
-        &[
-            "--virtual-time-budget=20000".into(),
-            "--dump-dom".into(),
-            url,
-        ],
-    )?;
+    // The page runs in real time (challenge, proof of work, redirect, the chat page and
+    // its websocket) and is asked every 100 ms whether the websocket is open.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (open, dom) = runtime.block_on(async {
+        let mut page = LivePage::open(&bin, profile.path(), &c.url(0, "/")).await?;
+        let open = page
+            .wait_for(
+                "document.getElementById('status')?.className === 'status open'",
+                Duration::from_secs(30),
+            )
+            .await?;
+        anyhow::Ok((open, page.dom().await))
+    })?;
     let admin = c.edges[0].admin;
     assert!(
         metric(admin, "skylane_edge_challenge_total", "solved") >= 1.0,
@@ -87,8 +50,9 @@ fn chromium_solves_the_challenge_and_the_chat_websocket_opens() -> anyhow::Resul
         c.logs()
     );
     assert!(
-        dom.contains("class=\"status open\""),
-        "the chat websocket did not open behind the challenge; DOM:\n{dom}"
+        open,
+        "the chat websocket did not open behind the challenge; DOM:\n{dom}\n{}",
+        c.logs()
     );
     assert!(metric(admin, "skylane_edge_challenge_total", "cleared") >= 2.0);
     Ok(())
