@@ -38,8 +38,8 @@ use crate::tunnel::TunnelPool;
 pub struct Generation {
     /// Routes, policy and the shared parts.
     pub edge: Arc<Edge>,
-    /// The TLS acceptor with this generation's certificates (when HTTPS is configured).
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The TLS settings with this generation's certificates (when HTTPS is configured).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// HTTP server settings from this generation's limits and timeouts.
     pub http: Arc<auto::Builder<TokioExecutor>>,
     /// How many times the config was reloaded before this generation (0: the first).
@@ -179,10 +179,10 @@ fn build(
         ),
     });
     let tls = match &config.https {
-        Some(https) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+        Some(https) => Some(Arc::new(
             crate::tls::server_config(https, carried.acme.clone())
                 .map_err(|e| anyhow::anyhow!("https.certificates: {e}"))?,
-        ))),
+        )),
         None => None,
     };
     Ok(Generation {

@@ -637,7 +637,7 @@ async fn accept_https(
         // The connection keeps the certificates, HTTP settings and timeouts in force now;
         // each of its requests reads the routes and policy in force when it arrives.
         let generation = live.generation();
-        let Some(acceptor) = generation.tls.clone() else {
+        let Some(tls_config) = generation.tls.clone() else {
             return;
         };
         let live = live.clone();
@@ -650,25 +650,30 @@ async fn accept_https(
                 return;
             };
             let timeouts = &edge.policy.timeouts;
-            // The handshake waits its turn, then runs, both within the handshake timeout.
-            let handshake = async {
-                let _turn = handshakes.acquire().await;
-                acceptor.accept(tcp).await
-            };
-            let tls = match tokio::time::timeout(timeouts.tls_handshake, handshake).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            // The handshake waits its turn, then runs on the handshake threads, both within
+            // the handshake timeout (kept there, so a stalled handshake ends there too).
+            let limit = timeouts.tls_handshake;
+            let handshake = crate::tls::handshakes::run(async move {
+                tokio::time::timeout(limit, async move {
+                    let _turn = handshakes.acquire_owned().await;
+                    crate::tls::stream::accept(tls_config, tcp).await
+                })
+                .await
+            });
+            let tls = match handshake.await {
+                Some(Ok(Ok(s))) => s,
+                Some(Ok(Err(e))) => {
                     metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "error").increment(1);
                     tracing::debug!(%tcp_peer, error = %e, "tls handshake failed");
                     return;
                 }
-                Err(_) => {
+                Some(Err(_)) | None => {
                     metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "timeout").increment(1);
                     return;
                 }
             };
             // The CA's TLS-ALPN-01 validation only needs the handshake (RFC 8737).
-            if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+            if tls.connection().alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
                 return;
             }
             let watch = ConnWatch::new(Some(permit));

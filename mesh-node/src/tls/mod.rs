@@ -13,6 +13,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::acme::{ACME_TLS_ALPN, Acme};
 use crate::config::Https;
 
+pub mod handshakes;
+pub mod stream;
+
 /// Errors loading certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

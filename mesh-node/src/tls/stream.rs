@@ -1,0 +1,747 @@
+//! Users' TLS connections on rustls's unbuffered API, so that an idle connection holds no
+//! buffer at all.
+//!
+//! rustls's buffered `ServerConnection` (what tokio-rustls drives) keeps a receive buffer
+//! of at least 4 KiB per connection for as long as it lives: at 19,000 idle websockets
+//! that buffer alone is 76 MiB of the edge. Here the caller owns the buffers. Ciphertext
+//! is read into a per-thread scratch buffer and decrypted there; a connection keeps bytes
+//! of its own only while they are in flight: the unread part of a record that arrived
+//! partly, plaintext the reader had no room for yet, and ciphertext the socket has not
+//! taken yet. Each is freed when it empties.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The largest TLS record on the wire: 16 KiB of plaintext, plus what TLS 1.2 allows for
+/// padding and tag, plus the header (RFC 8446 §5.2, RFC 5246 §6.2.3).
+const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
+
+/// Plaintext taken per write: large enough for full records, small enough that the
+/// ciphertext waiting for the socket stays bounded.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Ciphertext waiting for the socket beyond which writes wait for it to drain.
+const MAX_UNSENT: usize = 2 * WRITE_CHUNK;
+
+/// Per-record overhead of the ciphers rustls offers (header, explicit nonce, tag, type).
+const RECORD_OVERHEAD: usize = 5 + 8 + 16 + 1;
+
+thread_local! {
+    /// Where ciphertext lands when a connection has no partial record of its own: one per
+    /// thread, used only inside a poll, never across an await.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 2 * MAX_RECORD]);
+}
+
+/// A server-side TLS connection over `io`, after its handshake.
+pub struct TlsStream<IO> {
+    io: IO,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext received and not yet processed: the start of a record whose rest is
+    /// still on the way.
+    incoming: Vec<u8>,
+    /// Decrypted data the reader had no room for.
+    plaintext: Vec<u8>,
+    /// How much of `plaintext` has been read.
+    plaintext_read: usize,
+    /// Ciphertext for the peer that the socket has not taken yet.
+    outgoing: Vec<u8>,
+    /// How much of `outgoing` has been written.
+    outgoing_sent: usize,
+    /// The peer closed (close_notify, or the socket's end): reads return 0.
+    read_closed: bool,
+    /// A close_notify has been queued: writes are refused.
+    write_closed: bool,
+}
+
+/// Runs the server side of a handshake over `io` with `config`.
+pub async fn accept<IO>(config: Arc<ServerConfig>, io: IO) -> io::Result<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let mut stream = TlsStream {
+        io,
+        conn,
+        incoming: Vec::new(),
+        plaintext: Vec::new(),
+        plaintext_read: 0,
+        outgoing: Vec::new(),
+        outgoing_sent: 0,
+        read_closed: false,
+        write_closed: false,
+    };
+    poll_fn(|cx| stream.poll_handshake(cx)).await?;
+    Ok(stream)
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// What processing the received ciphertext came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Processed {
+    /// Everything complete has been processed: more must be read.
+    NeedsData,
+    /// The peer closed its side cleanly.
+    PeerClosed,
+}
+
+impl<IO> TlsStream<IO> {
+    /// The rustls connection: ALPN, SNI, the negotiated version.
+    pub fn connection(&self) -> &UnbufferedServerConnection {
+        &self.conn
+    }
+
+    /// Processes the ciphertext in `incoming`, plaintext going to `out` and past its room
+    /// to `plaintext`, handshake records to `outgoing`.
+    fn process_incoming(&mut self, out: &mut ReadBuf<'_>) -> io::Result<Processed> {
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let result = self.process(&mut incoming, out);
+        self.incoming = incoming;
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        result
+    }
+
+    /// Processes the ciphertext at the front of `buf`, removing from it what was used.
+    fn process(&mut self, buf: &mut Vec<u8>, out: &mut ReadBuf<'_>) -> io::Result<Processed> {
+        let mut start = 0;
+        let result = self.process_slice(buf, &mut start, out);
+        buf.drain(..start);
+        result
+    }
+
+    /// Processes `buf[*start..]`, moving `*start` past what rustls is done with.
+    fn process_slice(
+        &mut self,
+        buf: &mut [u8],
+        start: &mut usize,
+        out: &mut ReadBuf<'_>,
+    ) -> io::Result<Processed> {
+        loop {
+            let status = self.conn.process_tls_records(&mut buf[*start..]);
+            let mut discard = status.discard;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => return Err(tls_error(e)),
+            };
+            let next = match state {
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        deliver(record.payload, out, &mut self.plaintext);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))?;
+                    None
+                }
+                // The records just encoded go out with the next flush, in order.
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    None
+                }
+                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => {
+                    Some(Processed::NeedsData)
+                }
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    Some(Processed::PeerClosed)
+                }
+                // Early data is off (`max_early_data_size` is 0), and rustls may add states.
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unexpected TLS state {other:?}"),
+                    ));
+                }
+            };
+            *start += discard;
+            if let Some(next) = next {
+                return Ok(next);
+            }
+        }
+    }
+}
+
+/// Copies a record's plaintext into the reader's buffer, and what does not fit behind
+/// what is already waiting.
+fn deliver(payload: &[u8], out: &mut ReadBuf<'_>, plaintext: &mut Vec<u8>) {
+    let direct = if plaintext.is_empty() {
+        payload.len().min(out.remaining())
+    } else {
+        0
+    };
+    out.put_slice(&payload[..direct]);
+    plaintext.extend_from_slice(&payload[direct..]);
+}
+
+/// Appends to `outgoing` what `write` puts into `room` bytes, or into the room it asks
+/// for if that was too little.
+fn encode_into<E>(
+    outgoing: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+) -> io::Result<()>
+where
+    E: Into<Encoding>,
+{
+    loop {
+        let len = outgoing.len();
+        outgoing.resize(len + room, 0);
+        match write(&mut outgoing[len..]).map_err(Into::into) {
+            Ok(n) => {
+                outgoing.truncate(len + n);
+                return Ok(());
+            }
+            Err(Encoding::TooSmall(InsufficientSizeError { required_size }))
+                if required_size > room =>
+            {
+                outgoing.truncate(len);
+                room = required_size;
+            }
+            Err(Encoding::TooSmall(InsufficientSizeError { required_size })) => {
+                outgoing.truncate(len);
+                return Err(io::Error::other(format!(
+                    "encoding a TLS record: {required_size} bytes wanted, {room} given"
+                )));
+            }
+            Err(Encoding::Failed(why)) => {
+                outgoing.truncate(len);
+                return Err(io::Error::other(format!("encoding a TLS record: {why}")));
+            }
+        }
+    }
+}
+
+/// The errors of encoding a handshake record and of encrypting data, as one.
+#[derive(Debug)]
+enum Encoding {
+    TooSmall(InsufficientSizeError),
+    Failed(String),
+}
+
+impl From<EncodeError> for Encoding {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::InsufficientSize(s) => Self::TooSmall(s),
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<EncryptError> for Encoding {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(s) => Self::TooSmall(s),
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Application data the client sent right behind its Finished is kept for the
+        // first read.
+        let mut none = [0u8; 0];
+        let mut sink = ReadBuf::new(&mut none);
+        loop {
+            ready!(self.poll_send(cx))?;
+            if !self.conn.is_handshaking() {
+                return Poll::Ready(Ok(()));
+            }
+            let (n, processed) = ready!(self.poll_fill(cx, &mut sink))?;
+            if n == 0 || processed == Processed::PeerClosed {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Writes `outgoing` to the socket until it is empty.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.outgoing_sent < self.outgoing.len() {
+            let n = ready!(
+                Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.outgoing_sent..])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.outgoing_sent += n;
+        }
+        self.outgoing = Vec::new();
+        self.outgoing_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads from the socket, appending to `incoming`; returns how much arrived.
+    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let len = self.incoming.len();
+        let want = MAX_RECORD.max(len + 4096).min(len + MAX_RECORD);
+        self.incoming.resize(want, 0);
+        let mut buf = ReadBuf::new(&mut self.incoming[len..]);
+        let result = Pin::new(&mut self.io).poll_read(cx, &mut buf);
+        let n = buf.filled().len();
+        self.incoming.truncate(len + n);
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        ready!(result)?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Reads from the socket into the thread's scratch buffer and processes it there,
+    /// keeping only a partial record at the end. Returns how much arrived.
+    fn poll_receive_scratch(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<(usize, Processed)>> {
+        SCRATCH.with(|scratch| {
+            // A re-entrant poll on this thread (not something a TLS stream does) would
+            // find the scratch taken: it reads into a buffer of its own instead.
+            let Ok(mut scratch) = scratch.try_borrow_mut() else {
+                let n = ready!(self.poll_receive(cx))?;
+                return Poll::Ready(Ok((n, self.process_incoming(out)?)));
+            };
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let n = buf.filled().len();
+            let mut start = 0;
+            let processed = self.process_slice(&mut scratch[..n], &mut start, out)?;
+            self.incoming.extend_from_slice(&scratch[start..n]);
+            Poll::Ready(Ok((n, processed)))
+        })
+    }
+
+    /// Reads from the socket and processes what came: in the thread's scratch buffer
+    /// when no partial record is waiting, else behind it. Returns how much arrived.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<(usize, Processed)>> {
+        if self.incoming.is_empty() {
+            return self.poll_receive_scratch(cx, out);
+        }
+        let n = ready!(self.poll_receive(cx))?;
+        Poll::Ready(Ok((n, self.process_incoming(out)?)))
+    }
+
+    /// Moves waiting plaintext into `out`; true if there was any.
+    fn take_plaintext(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        let waiting = &self.plaintext[self.plaintext_read..];
+        if waiting.is_empty() {
+            return false;
+        }
+        let n = waiting.len().min(out.remaining());
+        out.put_slice(&waiting[..n]);
+        self.plaintext_read += n;
+        if self.plaintext_read == self.plaintext.len() {
+            self.plaintext = Vec::new();
+            self.plaintext_read = 0;
+        }
+        true
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if out.remaining() == 0 || this.take_plaintext(out) {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            // Records rustls answers (a key update) go out as they come; a socket that
+            // does not take them yet gets them with the next write or flush.
+            if this.outgoing_sent < this.outgoing.len() {
+                let _ = this.poll_send(cx)?;
+            }
+            let before = out.filled().len();
+            let (n, processed) = ready!(this.poll_fill(cx, out))?;
+            if processed == Processed::PeerClosed {
+                this.read_closed = true;
+            } else if n == 0 {
+                // The socket ended without close_notify. Between records that is an end
+                // like any other (browsers close this way); inside one, it is a cut.
+                this.read_closed = true;
+                if !this.incoming.is_empty() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed in the middle of a TLS record",
+                    )));
+                }
+            }
+            if out.filled().len() > before || this.take_plaintext(out) {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        // Ciphertext waiting beyond the bound is written out before more is taken.
+        if this.outgoing.len() - this.outgoing_sent >= MAX_UNSENT {
+            ready!(this.poll_send(cx))?;
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let data = &data[..data.len().min(WRITE_CHUNK)];
+        this.encrypt(data)?;
+        // Give the socket what it takes now; the rest waits for the next write or flush.
+        match this.poll_send(cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) | Poll::Pending => {}
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            this.write_closed = true;
+            this.queue_close_notify()?;
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+impl<IO> TlsStream<IO> {
+    /// Runs the connection up to the state where data may be encrypted, keeping what it
+    /// produces on the way (handshake records, plaintext), and hands that state to `f`.
+    fn with_write_traffic(
+        &mut self,
+        mut f: impl FnMut(
+            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+            &mut Vec<u8>,
+        ) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let result = (|| {
+            let mut start = 0;
+            loop {
+                let status = self.conn.process_tls_records(&mut incoming[start..]);
+                let mut discard = status.discard;
+                let state = status.state.map_err(tls_error)?;
+                let done = match state {
+                    ConnectionState::WriteTraffic(mut write) => {
+                        f(&mut write, &mut self.outgoing)?;
+                        true
+                    }
+                    ConnectionState::ReadTraffic(mut records) => {
+                        // Only a record completed by bytes already here: kept for the
+                        // next read.
+                        while let Some(record) = records.next_record() {
+                            let record = record.map_err(tls_error)?;
+                            discard += record.discard;
+                            self.plaintext.extend_from_slice(record.payload);
+                        }
+                        false
+                    }
+                    ConnectionState::EncodeTlsData(mut encode) => {
+                        encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))?;
+                        false
+                    }
+                    ConnectionState::TransmitTlsData(transmit) => {
+                        transmit.done();
+                        false
+                    }
+                    // Seen here first, the peer's close_notify still ends the reading.
+                    ConnectionState::PeerClosed => {
+                        self.read_closed = true;
+                        false
+                    }
+                    other => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            format!("cannot write in TLS state {other:?}"),
+                        ));
+                    }
+                };
+                start += discard;
+                if done {
+                    incoming.drain(..start);
+                    return Ok(());
+                }
+            }
+        })();
+        self.incoming = incoming;
+        if self.incoming.is_empty() {
+            self.incoming = Vec::new();
+        }
+        result
+    }
+
+    /// Encrypts `data` into `outgoing`.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        self.with_write_traffic(|write, outgoing| {
+            let records = data.len().div_ceil(16 * 1024).max(1);
+            let room = data.len() + records * RECORD_OVERHEAD;
+            encode_into(outgoing, room, |room| write.encrypt(data, room))
+        })
+    }
+
+    /// Puts a close_notify into `outgoing`.
+    fn queue_close_notify(&mut self) -> io::Result<()> {
+        self.with_write_traffic(|write, outgoing| {
+            encode_into(outgoing, 64, |room| write.queue_close_notify(room))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+    /// A server config with a fresh self-signed certificate for `localhost`, and a
+    /// client config trusting it.
+    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_for(rustls::DEFAULT_VERSIONS)
+    }
+
+    fn configs_for(
+        client_versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let der = cert.cert.der().clone();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(client_versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    type Pair = (
+        TlsStream<DuplexStream>,
+        tokio_rustls::client::TlsStream<DuplexStream>,
+    );
+
+    async fn pair(window: usize) -> Pair {
+        pair_with(window, configs()).await
+    }
+
+    async fn pair_with(
+        window: usize,
+        (server_config, client_config): (Arc<ServerConfig>, Arc<rustls::ClientConfig>),
+    ) -> Pair {
+        let (a, b) = tokio::io::duplex(window);
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let (server, client) = tokio::join!(accept(server_config, a), connector.connect(name, b));
+        (
+            server.expect("server handshake"),
+            client.expect("client handshake"),
+        )
+    }
+
+    fn idle_holds_nothing<IO>(s: &TlsStream<IO>) {
+        assert_eq!(s.incoming.capacity(), 0, "receive buffer kept");
+        assert_eq!(s.plaintext.capacity(), 0, "plaintext buffer kept");
+        assert_eq!(s.outgoing.capacity(), 0, "send buffer kept");
+    }
+
+    /// A pattern that shows any byte out of place.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn echoes_a_megabyte_through_small_reads_and_holds_no_buffer_when_idle() {
+        let (mut server, client) = pair(8 * 1024).await;
+        idle_holds_nothing(&server);
+        let data = pattern(1 << 20);
+        let echo = tokio::spawn(async move {
+            // Reads of odd small sizes: records arrive split across reads, and plaintext
+            // waits for the reader.
+            let mut buf = vec![0u8; 1000];
+            let mut total = 0;
+            while total < 1 << 20 {
+                let want = 1 + total % 997;
+                let n = server.read(&mut buf[..want]).await.expect("server read");
+                assert!(n > 0, "early end");
+                server.write_all(&buf[..n]).await.expect("server write");
+                total += n;
+            }
+            server.flush().await.expect("flush");
+            server
+        });
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let writer = async {
+            for chunk in data.chunks(70_001) {
+                to_server.write_all(chunk).await.expect("client write");
+            }
+            to_server.flush().await.expect("client flush");
+        };
+        let mut back = vec![0u8; 1 << 20];
+        let (_, read) = tokio::join!(writer, from_server.read_exact(&mut back));
+        read.expect("client read");
+        assert!(back == data, "the echo differs");
+        let server = echo.await.expect("echo task");
+        idle_holds_nothing(&server);
+    }
+
+    #[tokio::test]
+    async fn speaks_tls_1_2_to_a_client_that_offers_only_that() {
+        let configs = configs_for(&[&rustls::version::TLS12]);
+        let (mut server, mut client) = pair_with(1 << 20, configs).await;
+        assert_eq!(
+            server.connection().protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        let data = pattern(100_000);
+        client.write_all(&data).await.expect("write");
+        client.flush().await.expect("flush");
+        let mut got = vec![0u8; data.len()];
+        server.read_exact(&mut got).await.expect("read");
+        assert!(got == data);
+        server.write_all(&data).await.expect("write back");
+        server.flush().await.expect("flush");
+        client.read_exact(&mut got).await.expect("read back");
+        assert!(got == data);
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_both_directions() {
+        let (mut server, mut client) = pair(64 * 1024).await;
+        client.write_all(b"last words").await.expect("write");
+        client.shutdown().await.expect("client shutdown");
+        let mut got = Vec::new();
+        server
+            .read_to_end(&mut got)
+            .await
+            .expect("server reads to the end");
+        assert_eq!(got, b"last words");
+        server
+            .write_all(b"reply")
+            .await
+            .expect("server writes after the peer closed");
+        server.shutdown().await.expect("server shutdown");
+        let mut reply = Vec::new();
+        client
+            .read_to_end(&mut reply)
+            .await
+            .expect("client reads to a clean end");
+        assert_eq!(reply, b"reply");
+        assert!(
+            server.write_all(b"more").await.is_err(),
+            "write after shutdown"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_inside_a_record_is_an_error_and_between_records_an_end() {
+        // Between records: the socket just ends (what browsers do).
+        let (mut server, client) = pair(64 * 1024).await;
+        drop(client);
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).await.expect("an end"), 0);
+
+        // Inside one: a record header promising more than comes.
+        let (mut server, client) = pair(64 * 1024).await;
+        let (mut raw, _) = client.into_inner();
+        raw.write_all(&[0x17, 0x03, 0x03, 0x01, 0x00, 1, 2, 3])
+            .await
+            .expect("raw write");
+        drop(raw);
+        let err = server.read(&mut buf).await.expect_err("a cut record");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn garbage_fails_the_handshake_and_a_tampered_record_the_read() {
+        let (server_config, _) = configs();
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let err = accept(server_config, a)
+            .await
+            .err()
+            .expect("a refused handshake");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+
+        let (mut server, client) = pair(64 * 1024).await;
+        let (mut raw, _) = client.into_inner();
+        // A well-formed application-data record whose tag cannot verify.
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        record.extend_from_slice(&[0xAA; 0x20]);
+        raw.write_all(&record).await.expect("raw write");
+        let mut buf = [0u8; 16];
+        let err = server
+            .read(&mut buf)
+            .await
+            .expect_err("a record that does not decrypt");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test]
+    async fn data_keeps_flowing_across_a_key_update() {
+        let (mut server, mut client) = pair(64 * 1024).await;
+        client.write_all(b"before").await.expect("write");
+        client
+            .get_mut()
+            .1
+            .refresh_traffic_keys()
+            .expect("key update");
+        client.write_all(b" after").await.expect("write");
+        client.flush().await.expect("flush");
+        let mut got = [0u8; 12];
+        server
+            .read_exact(&mut got)
+            .await
+            .expect("read across the update");
+        assert_eq!(&got, b"before after");
+        server.write_all(b"still here").await.expect("write");
+        server.flush().await.expect("flush");
+        let mut reply = [0u8; 10];
+        client.read_exact(&mut reply).await.expect("client read");
+        assert_eq!(&reply, b"still here");
+    }
+}
