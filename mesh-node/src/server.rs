@@ -652,22 +652,19 @@ async fn accept_https(
             let timeouts = &edge.policy.timeouts;
             // The handshake waits its turn, then runs on the handshake threads, both within
             // the handshake timeout (kept there, so a stalled handshake ends there too).
-            let limit = timeouts.tls_handshake;
-            let handshake = crate::tls::handshakes::run(async move {
-                tokio::time::timeout(limit, async move {
-                    let _turn = handshakes.acquire_owned().await;
-                    crate::tls::stream::accept(tls_config, tcp).await
-                })
-                .await
+            let deadline = tokio::time::Instant::now() + timeouts.tls_handshake;
+            let handshake = crate::tls::handshakes::run(deadline, async move {
+                let _turn = handshakes.acquire_owned().await;
+                crate::tls::stream::accept(tls_config, tcp).await
             });
             let tls = match handshake.await {
-                Some(Ok(Ok(s))) => s,
-                Some(Ok(Err(e))) => {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
                     metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "error").increment(1);
                     tracing::debug!(%tcp_peer, error = %e, "tls handshake failed");
                     return;
                 }
-                Some(Err(_)) | None => {
+                None => {
                     metrics::counter!("skylane_edge_tls_handshake_failures_total", "reason" => "timeout").increment(1);
                     return;
                 }

@@ -45,20 +45,24 @@ fn lower_priority() {
     }
 }
 
-/// Runs `handshake` on the handshake threads and returns its output. The sockets it uses
-/// stay registered with the runtime that created them; only the CPU work moves.
-pub async fn run<F, T>(handshake: F) -> Option<T>
+/// Runs `handshake` on the handshake threads and returns its output, or `None` if it has
+/// not finished by `deadline`. The deadline is kept by the caller's runtime (its timers do
+/// not wait for the lower priority), and a handshake past it, or whose caller is dropped,
+/// is cancelled. The sockets a handshake uses stay registered with the runtime that
+/// created them; only the CPU work moves.
+pub async fn run<F, T>(deadline: tokio::time::Instant, handshake: F) -> Option<T>
 where
     F: Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    match runtime() {
-        Some(rt) => match rt.spawn(handshake).await {
-            Ok(output) => Some(output),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => None,
-        },
-        None => Some(handshake.await),
+    let Some(rt) = runtime() else {
+        return tokio::time::timeout_at(deadline, handshake).await.ok();
+    };
+    let task = tokio_util::task::AbortOnDropHandle::new(rt.spawn(handshake));
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok(output)) => Some(output),
+        Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Ok(Err(_)) | Err(_) => None,
     }
 }
 
@@ -69,7 +73,8 @@ mod tests {
     #[tokio::test]
     async fn handshakes_run_on_threads_of_lower_priority() {
         let own = rustix::process::getpriority_process(None).expect("getpriority");
-        let (name, nice) = run(async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (name, nice) = run(deadline, async {
             (
                 std::thread::current().name().map(str::to_owned),
                 rustix::process::getpriority_process(None).expect("getpriority"),
@@ -83,6 +88,24 @@ mod tests {
         assert_eq!(
             rustix::process::getpriority_process(None).expect("getpriority"),
             own
+        );
+    }
+
+    #[tokio::test]
+    async fn a_handshake_past_its_deadline_is_cancelled() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        let out = run(deadline, async move {
+            let _held = tx;
+            std::future::pending::<()>().await
+        })
+        .await;
+        assert!(out.is_none());
+        // The task's future was dropped, and the sender it held with it.
+        let gone = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await;
+        assert!(
+            matches!(gone, Ok(Err(_))),
+            "the handshake task outlived its deadline"
         );
     }
 }

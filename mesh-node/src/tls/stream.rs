@@ -4,10 +4,10 @@
 //! rustls's buffered `ServerConnection` (what tokio-rustls drives) keeps a receive buffer
 //! of at least 4 KiB per connection for as long as it lives: at 19,000 idle websockets
 //! that buffer alone is 76 MiB of the edge. Here the caller owns the buffers. Ciphertext
-//! is read into a per-thread scratch buffer and decrypted there; a connection keeps bytes
-//! of its own only while they are in flight: the unread part of a record that arrived
-//! partly, plaintext the reader had no room for yet, and ciphertext the socket has not
-//! taken yet. Each is freed when it empties.
+//! is read into a per-thread scratch buffer and decrypted there, and records are encrypted
+//! into another; a connection keeps bytes of its own only while they are in flight: the
+//! start of a record whose rest is still on the way, plaintext the reader had no room for
+//! yet, and ciphertext the socket has not taken yet. Each is freed when it empties.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -17,13 +17,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, WriteTraffic,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The largest TLS record on the wire: 16 KiB of plaintext, plus what TLS 1.2 allows for
 /// padding and tag, plus the header (RFC 8446 §5.2, RFC 5246 §6.2.3).
 const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
+
+/// The most received ciphertext a connection may hold unprocessed. rustls joins a
+/// handshake message sent in fragments inside the caller's buffer, records and all, until
+/// the message is whole; a message is at most 64 KiB (rustls's own limit), so a peer that
+/// needs more is refused, as rustls's buffered API refuses it ("message buffer full").
+const MAX_HELD: usize = 0xffff + MAX_RECORD;
 
 /// Plaintext taken per write: large enough for full records, small enough that the
 /// ciphertext waiting for the socket stays bounded.
@@ -35,10 +43,28 @@ const MAX_UNSENT: usize = 2 * WRITE_CHUNK;
 /// Per-record overhead of the ciphers rustls offers (header, explicit nonce, tag, type).
 const RECORD_OVERHEAD: usize = 5 + 8 + 16 + 1;
 
+/// Room for the ciphertext of one write.
+const SEAL_ROOM: usize = WRITE_CHUNK + WRITE_CHUNK.div_ceil(16 * 1024) * RECORD_OVERHEAD;
+
 thread_local! {
-    /// Where ciphertext lands when a connection has no partial record of its own: one per
-    /// thread, used only inside a poll, never across an await.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 2 * MAX_RECORD]);
+    /// Where received ciphertext is processed: a connection's held bytes, then what the
+    /// socket gave behind them. One per thread, used only inside a poll.
+    static OPEN: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_HELD + 2 * MAX_RECORD]);
+    /// Where a write is encrypted when nothing is waiting for the socket before it.
+    static SEAL: RefCell<Vec<u8>> = RefCell::new(vec![0; SEAL_ROOM]);
+}
+
+/// Runs `f` on this thread's buffer in `cell`, or on a fresh one of `len` bytes if a poll
+/// on this thread already holds it (a TLS stream polled from inside another's poll).
+fn with_scratch<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf[..]),
+        Err(_) => f(&mut vec![0; len]),
+    })
 }
 
 /// A server-side TLS connection over `io`, after its handshake.
@@ -46,8 +72,8 @@ pub struct TlsStream<IO> {
     io: IO,
     conn: UnbufferedServerConnection,
     /// Ciphertext received and not yet processed: the start of a record whose rest is
-    /// still on the way.
-    incoming: Vec<u8>,
+    /// still on the way (or of a handshake message in fragments).
+    held: Vec<u8>,
     /// Decrypted data the reader had no room for.
     plaintext: Vec<u8>,
     /// How much of `plaintext` has been read.
@@ -71,7 +97,7 @@ where
     let mut stream = TlsStream {
         io,
         conn,
-        incoming: Vec::new(),
+        held: Vec::new(),
         plaintext: Vec::new(),
         plaintext_read: 0,
         outgoing: Vec::new(),
@@ -102,28 +128,10 @@ impl<IO> TlsStream<IO> {
         &self.conn
     }
 
-    /// Processes the ciphertext in `incoming`, plaintext going to `out` and past its room
-    /// to `plaintext`, handshake records to `outgoing`.
-    fn process_incoming(&mut self, out: &mut ReadBuf<'_>) -> io::Result<Processed> {
-        let mut incoming = std::mem::take(&mut self.incoming);
-        let result = self.process(&mut incoming, out);
-        self.incoming = incoming;
-        if self.incoming.is_empty() {
-            self.incoming = Vec::new();
-        }
-        result
-    }
-
-    /// Processes the ciphertext at the front of `buf`, removing from it what was used.
-    fn process(&mut self, buf: &mut Vec<u8>, out: &mut ReadBuf<'_>) -> io::Result<Processed> {
-        let mut start = 0;
-        let result = self.process_slice(buf, &mut start, out);
-        buf.drain(..start);
-        result
-    }
-
-    /// Processes `buf[*start..]`, moving `*start` past what rustls is done with.
-    fn process_slice(
+    /// Processes `buf[*start..]`, moving `*start` past what rustls is done with:
+    /// plaintext goes to `out` and past its room to `plaintext`, records rustls sends
+    /// (handshake, key update, alerts) to `outgoing`.
+    fn process(
         &mut self,
         buf: &mut [u8],
         start: &mut usize,
@@ -134,7 +142,11 @@ impl<IO> TlsStream<IO> {
             let mut discard = status.discard;
             let state = match status.state {
                 Ok(state) => state,
-                Err(e) => return Err(tls_error(e)),
+                Err(e) => {
+                    *start += discard;
+                    self.queue_alert(&mut buf[*start..]);
+                    return Err(tls_error(e));
+                }
             };
             let next = match state {
                 ConnectionState::ReadTraffic(mut records) => {
@@ -174,6 +186,83 @@ impl<IO> TlsStream<IO> {
             }
         }
     }
+
+    /// After an error, rustls has an alert for the peer (what went wrong, for its logs):
+    /// it goes to `outgoing`, for one last try at sending.
+    fn queue_alert(&mut self, buf: &mut [u8]) {
+        let status = self.conn.process_tls_records(buf);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
+            let _ = encode_into(&mut self.outgoing, 64, |room| encode.encode(room));
+        }
+    }
+
+    /// Runs the connection up to the state where data may be encrypted, keeping what it
+    /// produces on the way (handshake records, plaintext), and hands that state to `f`
+    /// with `outgoing`.
+    fn with_write_traffic<R>(
+        &mut self,
+        f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let mut held = std::mem::take(&mut self.held);
+        let mut f = Some(f);
+        let mut start = 0;
+        let result = loop {
+            let status = self.conn.process_tls_records(&mut held[start..]);
+            let mut discard = status.discard;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => break Err(tls_error(e)),
+            };
+            let done = match state {
+                ConnectionState::WriteTraffic(mut write) => match f.take() {
+                    Some(f) => Some(f(&mut write, &mut self.outgoing)),
+                    None => Some(Err(io::Error::other("TLS write state reached twice"))),
+                },
+                // Only a record completed by bytes already held: kept for the next read.
+                ConnectionState::ReadTraffic(mut records) => {
+                    let mut failed = None;
+                    while let Some(record) = records.next_record() {
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                self.plaintext.extend_from_slice(record.payload);
+                            }
+                            Err(e) => {
+                                failed = Some(Err(tls_error(e)));
+                                break;
+                            }
+                        }
+                    }
+                    failed
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))
+                        .err()
+                        .map(Err)
+                }
+                ConnectionState::TransmitTlsData(transmit) => {
+                    transmit.done();
+                    None
+                }
+                // Seen here first, the peer's close_notify still ends the reading.
+                ConnectionState::PeerClosed => {
+                    self.read_closed = true;
+                    None
+                }
+                other => Some(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    format!("cannot write in TLS state {other:?}"),
+                ))),
+            };
+            start += discard;
+            if let Some(done) = done {
+                break done;
+            }
+        };
+        held.drain(..start.min(held.len()));
+        self.held = if held.is_empty() { Vec::new() } else { held };
+        result
+    }
 }
 
 /// Copies a record's plaintext into the reader's buffer, and what does not fit behind
@@ -201,27 +290,16 @@ where
     loop {
         let len = outgoing.len();
         outgoing.resize(len + room, 0);
-        match write(&mut outgoing[len..]).map_err(Into::into) {
-            Ok(n) => {
-                outgoing.truncate(len + n);
-                return Ok(());
-            }
+        let result = write(&mut outgoing[len..]).map_err(Into::into);
+        outgoing.truncate(len + *result.as_ref().unwrap_or(&0));
+        match result {
+            Ok(_) => return Ok(()),
             Err(Encoding::TooSmall(InsufficientSizeError { required_size }))
                 if required_size > room =>
             {
-                outgoing.truncate(len);
                 room = required_size;
             }
-            Err(Encoding::TooSmall(InsufficientSizeError { required_size })) => {
-                outgoing.truncate(len);
-                return Err(io::Error::other(format!(
-                    "encoding a TLS record: {required_size} bytes wanted, {room} given"
-                )));
-            }
-            Err(Encoding::Failed(why)) => {
-                outgoing.truncate(len);
-                return Err(io::Error::other(format!("encoding a TLS record: {why}")));
-            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -247,6 +325,17 @@ impl From<EncryptError> for Encoding {
         match e {
             EncryptError::InsufficientSize(s) => Self::TooSmall(s),
             other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<Encoding> for io::Error {
+    fn from(e: Encoding) -> Self {
+        match e {
+            Encoding::TooSmall(InsufficientSizeError { required_size }) => io::Error::other(
+                format!("encoding a TLS record: rustls wants {required_size} bytes of room"),
+            ),
+            Encoding::Failed(why) => io::Error::other(format!("encoding a TLS record: {why}")),
         }
     }
 }
@@ -285,58 +374,39 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         Poll::Ready(Ok(()))
     }
 
-    /// Reads from the socket, appending to `incoming`; returns how much arrived.
-    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let len = self.incoming.len();
-        let want = MAX_RECORD.max(len + 4096).min(len + MAX_RECORD);
-        self.incoming.resize(want, 0);
-        let mut buf = ReadBuf::new(&mut self.incoming[len..]);
-        let result = Pin::new(&mut self.io).poll_read(cx, &mut buf);
-        let n = buf.filled().len();
-        self.incoming.truncate(len + n);
-        if self.incoming.is_empty() {
-            self.incoming = Vec::new();
-        }
-        ready!(result)?;
-        Poll::Ready(Ok(n))
-    }
-
-    /// Reads from the socket into the thread's scratch buffer and processes it there,
-    /// keeping only a partial record at the end. Returns how much arrived.
-    fn poll_receive_scratch(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<(usize, Processed)>> {
-        SCRATCH.with(|scratch| {
-            // A re-entrant poll on this thread (not something a TLS stream does) would
-            // find the scratch taken: it reads into a buffer of its own instead.
-            let Ok(mut scratch) = scratch.try_borrow_mut() else {
-                let n = ready!(self.poll_receive(cx))?;
-                return Poll::Ready(Ok((n, self.process_incoming(out)?)));
-            };
-            let mut buf = ReadBuf::new(&mut scratch[..]);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-            let n = buf.filled().len();
-            let mut start = 0;
-            let processed = self.process_slice(&mut scratch[..n], &mut start, out)?;
-            self.incoming.extend_from_slice(&scratch[start..n]);
-            Poll::Ready(Ok((n, processed)))
-        })
-    }
-
-    /// Reads from the socket and processes what came: in the thread's scratch buffer
-    /// when no partial record is waiting, else behind it. Returns how much arrived.
+    /// Reads from the socket and processes what came behind the bytes held, in the
+    /// thread's scratch buffer; keeps what is left (a partial record). Returns how much
+    /// arrived. On a TLS error, the alert rustls has for the peer gets one try.
     fn poll_fill(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<(usize, Processed)>> {
-        if self.incoming.is_empty() {
-            return self.poll_receive_scratch(cx, out);
+        let result = with_scratch(&OPEN, MAX_HELD + 2 * MAX_RECORD, |scratch| {
+            let held = self.held.len();
+            scratch[..held].copy_from_slice(&self.held);
+            let mut buf = ReadBuf::new(&mut scratch[held..]);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let n = buf.filled().len();
+            let mut start = 0;
+            let processed = self.process(&mut scratch[..held + n], &mut start, out);
+            self.held.clear();
+            self.held.extend_from_slice(&scratch[start..held + n]);
+            if self.held.is_empty() {
+                self.held = Vec::new();
+            } else if self.held.len() > MAX_HELD {
+                self.held = Vec::new();
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the peer sent more than a TLS handshake message may hold",
+                )));
+            }
+            Poll::Ready(processed.map(|p| (n, p)))
+        });
+        if let Poll::Ready(Err(_)) = &result {
+            let _ = self.poll_send(cx);
         }
-        let n = ready!(self.poll_receive(cx))?;
-        Poll::Ready(Ok((n, self.process_incoming(out)?)))
+        result
     }
 
     /// Moves waiting plaintext into `out`; true if there was any.
@@ -353,6 +423,55 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             self.plaintext_read = 0;
         }
         true
+    }
+
+    /// Encrypts `data` and gives the socket what it takes now; the rest waits in
+    /// `outgoing` for the next write or flush. With nothing waiting before it, the data is
+    /// encrypted in the thread's scratch buffer and only what the socket leaves is kept.
+    fn seal_and_send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<()> {
+        let records = data.len().div_ceil(16 * 1024).max(1);
+        let room = data.len() + records * RECORD_OVERHEAD;
+        if !self.outgoing.is_empty() || room > SEAL_ROOM {
+            self.with_write_traffic(|write, outgoing| {
+                encode_into(outgoing, room, |room| write.encrypt(data, room))
+            })?;
+            return match self.poll_send(cx) {
+                Poll::Ready(Err(e)) => Err(e),
+                _ => Ok(()),
+            };
+        }
+        with_scratch(&SEAL, SEAL_ROOM, |scratch| {
+            // Handshake records rustls has to send first (a key update) land in
+            // `outgoing`, and the data goes behind them there.
+            let sealed = self.with_write_traffic(|write, outgoing| {
+                if outgoing.is_empty() {
+                    match write.encrypt(data, scratch) {
+                        Ok(len) => return Ok(Some(len)),
+                        // More room than reckoned: `outgoing` grows to what rustls asks.
+                        Err(EncryptError::InsufficientSize(_)) => {}
+                        Err(e) => return Err(Encoding::from(e).into()),
+                    }
+                }
+                encode_into(outgoing, room, |room| write.encrypt(data, room)).map(|()| None)
+            })?;
+            let mut sent = 0;
+            if let Some(len) = sealed {
+                while sent < len {
+                    match Pin::new(&mut self.io).poll_write(cx, &scratch[sent..len]) {
+                        Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                        Poll::Ready(Ok(n)) => sent += n,
+                        Poll::Ready(Err(e)) => return Err(e),
+                        Poll::Pending => break,
+                    }
+                }
+                self.outgoing.extend_from_slice(&scratch[sent..len]);
+                return Ok(());
+            }
+            match self.poll_send(cx) {
+                Poll::Ready(Err(e)) => Err(e),
+                _ => Ok(()),
+            }
+        })
     }
 }
 
@@ -383,7 +502,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                 // The socket ended without close_notify. Between records that is an end
                 // like any other (browsers close this way); inside one, it is a cut.
                 this.read_closed = true;
-                if !this.incoming.is_empty() {
+                if !this.held.is_empty() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the peer closed in the middle of a TLS record",
@@ -415,12 +534,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             return Poll::Ready(Ok(0));
         }
         let data = &data[..data.len().min(WRITE_CHUNK)];
-        this.encrypt(data)?;
-        // Give the socket what it takes now; the rest waits for the next write or flush.
-        match this.poll_send(cx) {
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) | Poll::Pending => {}
-        }
+        this.seal_and_send(cx, data)?;
         Poll::Ready(Ok(data.len()))
     }
 
@@ -434,99 +548,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         let this = self.get_mut();
         if !this.write_closed {
             this.write_closed = true;
-            this.queue_close_notify()?;
+            this.with_write_traffic(|write, outgoing| {
+                encode_into(outgoing, 64, |room| write.queue_close_notify(room))
+            })?;
         }
         ready!(this.poll_send(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
-    }
-}
-
-impl<IO> TlsStream<IO> {
-    /// Runs the connection up to the state where data may be encrypted, keeping what it
-    /// produces on the way (handshake records, plaintext), and hands that state to `f`.
-    fn with_write_traffic(
-        &mut self,
-        mut f: impl FnMut(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-            &mut Vec<u8>,
-        ) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut incoming = std::mem::take(&mut self.incoming);
-        let result = (|| {
-            let mut start = 0;
-            loop {
-                let status = self.conn.process_tls_records(&mut incoming[start..]);
-                let mut discard = status.discard;
-                let state = status.state.map_err(tls_error)?;
-                let done = match state {
-                    ConnectionState::WriteTraffic(mut write) => {
-                        f(&mut write, &mut self.outgoing)?;
-                        true
-                    }
-                    ConnectionState::ReadTraffic(mut records) => {
-                        // Only a record completed by bytes already here: kept for the
-                        // next read.
-                        while let Some(record) = records.next_record() {
-                            let record = record.map_err(tls_error)?;
-                            discard += record.discard;
-                            self.plaintext.extend_from_slice(record.payload);
-                        }
-                        false
-                    }
-                    ConnectionState::EncodeTlsData(mut encode) => {
-                        encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))?;
-                        false
-                    }
-                    ConnectionState::TransmitTlsData(transmit) => {
-                        transmit.done();
-                        false
-                    }
-                    // Seen here first, the peer's close_notify still ends the reading.
-                    ConnectionState::PeerClosed => {
-                        self.read_closed = true;
-                        false
-                    }
-                    other => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            format!("cannot write in TLS state {other:?}"),
-                        ));
-                    }
-                };
-                start += discard;
-                if done {
-                    incoming.drain(..start);
-                    return Ok(());
-                }
-            }
-        })();
-        self.incoming = incoming;
-        if self.incoming.is_empty() {
-            self.incoming = Vec::new();
+        // A peer already gone has nothing left to be told.
+        match ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            other => Poll::Ready(other),
         }
-        result
-    }
-
-    /// Encrypts `data` into `outgoing`.
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
-        self.with_write_traffic(|write, outgoing| {
-            let records = data.len().div_ceil(16 * 1024).max(1);
-            let room = data.len() + records * RECORD_OVERHEAD;
-            encode_into(outgoing, room, |room| write.encrypt(data, room))
-        })
-    }
-
-    /// Puts a close_notify into `outgoing`.
-    fn queue_close_notify(&mut self) -> io::Result<()> {
-        self.with_write_traffic(|write, outgoing| {
-            encode_into(outgoing, 64, |room| write.queue_close_notify(room))
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
     /// A server config with a fresh self-signed certificate for `localhost`, and a
@@ -582,7 +620,7 @@ mod tests {
     }
 
     fn idle_holds_nothing<IO>(s: &TlsStream<IO>) {
-        assert_eq!(s.incoming.capacity(), 0, "receive buffer kept");
+        assert_eq!(s.held.capacity(), 0, "receive buffer kept");
         assert_eq!(s.plaintext.capacity(), 0, "plaintext buffer kept");
         assert_eq!(s.outgoing.capacity(), 0, "send buffer kept");
     }
@@ -719,6 +757,32 @@ mod tests {
             .await
             .expect_err("a record that does not decrypt");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_message_in_tiny_fragments_is_refused_past_the_bound() {
+        // A ClientHello announcing 64 KiB, then sent a byte per record: rustls joins the
+        // fragments inside our buffer, record headers and all, so what it would hold is
+        // six times the message.
+        let (server_config, _) = configs();
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(accept(server_config, a));
+        let mut flight = vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0xff, 0xff];
+        for _ in 0..20_000 {
+            flight.extend_from_slice(&[0x16, 0x03, 0x03, 0x00, 0x01, 0x03]);
+        }
+        // The server may stop reading once it refuses: the write need not finish.
+        let _ = tokio::time::timeout(Duration::from_secs(5), b.write_all(&flight)).await;
+        let refused = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server kept holding fragments")
+            .expect("task");
+        let err = refused.err().expect("a refused handshake");
+        assert!(
+            err.to_string()
+                .contains("more than a TLS handshake message may hold"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
