@@ -651,12 +651,9 @@ async fn accept_https(
             };
             let timeouts = &edge.policy.timeouts;
             // The handshake waits its turn, then runs on the handshake threads, both within
-            // the handshake timeout (kept there, so a stalled handshake ends there too).
+            // the handshake timeout.
             let deadline = tokio::time::Instant::now() + timeouts.tls_handshake;
-            let handshake = crate::tls::handshakes::run(deadline, async move {
-                let _turn = handshakes.acquire_owned().await;
-                crate::tls::stream::accept(tls_config, tcp).await
-            });
+            let handshake = crate::tls::handshakes::accept(deadline, handshakes, tls_config, tcp);
             let tls = match handshake.await {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {

@@ -9,7 +9,13 @@
 //! With CPU to spare, the priority changes nothing.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use super::stream::TlsStream;
 
 /// The nice value of the handshake threads (0 is normal, 19 the lowest priority).
 pub const HANDSHAKE_NICE: i32 = 10;
@@ -66,6 +72,30 @@ where
     }
 }
 
+/// Accepts a TLS connection on `tcp` on the handshake threads, once `turns` gives it a
+/// turn, within `deadline`; `None` past it. The socket itself moves to the handshake
+/// runtime for the handshake, so that its readiness events are handled there too, and
+/// back to the caller's runtime after.
+pub async fn accept(
+    deadline: tokio::time::Instant,
+    turns: Arc<Semaphore>,
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Option<io::Result<TlsStream<TcpStream>>> {
+    let tcp = match tcp.into_std() {
+        Ok(tcp) => tcp,
+        Err(e) => return Some(Err(e)),
+    };
+    let tls = run(deadline, async move {
+        let _turn = turns.acquire_owned().await;
+        let tcp = TcpStream::from_std(tcp)?;
+        let tls = super::stream::accept(config, tcp).await?;
+        tls.map_io(|tcp| tcp.into_std())
+    })
+    .await?;
+    Some(tls.and_then(|tls| tls.map_io(TcpStream::from_std)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +119,41 @@ mod tests {
             rustix::process::getpriority_process(None).expect("getpriority"),
             own
         );
+    }
+
+    #[tokio::test]
+    async fn a_socket_accepted_on_the_handshake_threads_serves_on_the_callers() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (server_config, client_config) = crate::tls::stream::tests::configs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = tokio_rustls::TlsConnector::from(client_config)
+                .connect(name, tcp)
+                .await
+                .expect("client handshake");
+            tls.write_all(b"ping").await.expect("write");
+            let mut reply = [0u8; 4];
+            tls.read_exact(&mut reply).await.expect("read");
+            reply
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let turns = Arc::new(Semaphore::new(1));
+        let mut tls = accept(deadline, turns, server_config, tcp)
+            .await
+            .expect("in time")
+            .expect("handshake");
+        let mut got = [0u8; 4];
+        tls.read_exact(&mut got).await.expect("server read");
+        assert_eq!(&got, b"ping");
+        tls.write_all(b"pong").await.expect("server write");
+        tls.flush().await.expect("flush");
+        assert_eq!(&client.await.expect("client"), b"pong");
     }
 
     #[tokio::test]

@@ -128,6 +128,32 @@ impl<IO> TlsStream<IO> {
         &self.conn
     }
 
+    /// The same connection over `f(io)`: the socket handed from one runtime to another.
+    pub fn map_io<T>(self, f: impl FnOnce(IO) -> io::Result<T>) -> io::Result<TlsStream<T>> {
+        let Self {
+            io,
+            conn,
+            held,
+            plaintext,
+            plaintext_read,
+            outgoing,
+            outgoing_sent,
+            read_closed,
+            write_closed,
+        } = self;
+        Ok(TlsStream {
+            io: f(io)?,
+            conn,
+            held,
+            plaintext,
+            plaintext_read,
+            outgoing,
+            outgoing_sent,
+            read_closed,
+            write_closed,
+        })
+    }
+
     /// Processes `buf[*start..]`, moving `*start` past what rustls is done with:
     /// plaintext goes to `out` and past its room to `plaintext`, records rustls sends
     /// (handshake, key update, alerts) to `outgoing`.
@@ -562,14 +588,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 
     /// A server config with a fresh self-signed certificate for `localhost`, and a
     /// client config trusting it.
-    fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+    pub(crate) fn configs() -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         configs_for(rustls::DEFAULT_VERSIONS)
     }
 
