@@ -70,6 +70,11 @@ fn with_scratch<R>(
 /// A server-side TLS connection over `io`, after its handshake.
 pub struct TlsStream<IO> {
     io: IO,
+    session: Session,
+}
+
+/// A connection's TLS state apart from its socket.
+struct Session {
     conn: UnbufferedServerConnection,
     /// Ciphertext received and not yet processed: the start of a record whose rest is
     /// still on the way (or of a handshake message in fragments).
@@ -96,14 +101,16 @@ where
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = TlsStream {
         io,
-        conn,
-        held: Vec::new(),
-        plaintext: Vec::new(),
-        plaintext_read: 0,
-        outgoing: Vec::new(),
-        outgoing_sent: 0,
-        read_closed: false,
-        write_closed: false,
+        session: Session {
+            conn,
+            held: Vec::new(),
+            plaintext: Vec::new(),
+            plaintext_read: 0,
+            outgoing: Vec::new(),
+            outgoing_sent: 0,
+            read_closed: false,
+            write_closed: false,
+        },
     };
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
@@ -125,35 +132,19 @@ enum Processed {
 impl<IO> TlsStream<IO> {
     /// The rustls connection: ALPN, SNI, the negotiated version.
     pub fn connection(&self) -> &UnbufferedServerConnection {
-        &self.conn
+        &self.session.conn
     }
 
     /// The same connection over `f(io)`: the socket handed from one runtime to another.
     pub fn map_io<T>(self, f: impl FnOnce(IO) -> io::Result<T>) -> io::Result<TlsStream<T>> {
-        let Self {
-            io,
-            conn,
-            held,
-            plaintext,
-            plaintext_read,
-            outgoing,
-            outgoing_sent,
-            read_closed,
-            write_closed,
-        } = self;
         Ok(TlsStream {
-            io: f(io)?,
-            conn,
-            held,
-            plaintext,
-            plaintext_read,
-            outgoing,
-            outgoing_sent,
-            read_closed,
-            write_closed,
+            io: f(self.io)?,
+            session: self.session,
         })
     }
+}
 
+impl Session {
     /// Processes `buf[*start..]`, moving `*start` past what rustls is done with:
     /// plaintext goes to `out` and past its room to `plaintext`, records rustls sends
     /// (handshake, key update, alerts) to `outgoing`.
@@ -211,6 +202,22 @@ impl<IO> TlsStream<IO> {
                 return Ok(next);
             }
         }
+    }
+
+    /// Moves waiting plaintext into `out`; true if there was any.
+    fn take_plaintext(&mut self, out: &mut ReadBuf<'_>) -> bool {
+        let waiting = &self.plaintext[self.plaintext_read..];
+        if waiting.is_empty() {
+            return false;
+        }
+        let n = waiting.len().min(out.remaining());
+        out.put_slice(&waiting[..n]);
+        self.plaintext_read += n;
+        if self.plaintext_read == self.plaintext.len() {
+            self.plaintext = Vec::new();
+            self.plaintext_read = 0;
+        }
+        true
     }
 
     /// After an error, rustls has an alert for the peer (what went wrong, for its logs):
@@ -374,7 +381,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         let mut sink = ReadBuf::new(&mut none);
         loop {
             ready!(self.poll_send(cx))?;
-            if !self.conn.is_handshaking() {
+            if !self.session.conn.is_handshaking() {
                 return Poll::Ready(Ok(()));
             }
             let (n, processed) = ready!(self.poll_fill(cx, &mut sink))?;
@@ -386,17 +393,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
 
     /// Writes `outgoing` to the socket until it is empty.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.outgoing_sent < self.outgoing.len() {
+        while self.session.outgoing_sent < self.session.outgoing.len() {
             let n = ready!(
-                Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.outgoing_sent..])
+                Pin::new(&mut self.io)
+                    .poll_write(cx, &self.session.outgoing[self.session.outgoing_sent..])
             )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.outgoing_sent += n;
+            self.session.outgoing_sent += n;
         }
-        self.outgoing = Vec::new();
-        self.outgoing_sent = 0;
+        self.session.outgoing = Vec::new();
+        self.session.outgoing_sent = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -409,19 +417,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<(usize, Processed)>> {
         let result = with_scratch(&OPEN, MAX_HELD + 2 * MAX_RECORD, |scratch| {
-            let held = self.held.len();
-            scratch[..held].copy_from_slice(&self.held);
+            let held = self.session.held.len();
+            scratch[..held].copy_from_slice(&self.session.held);
             let mut buf = ReadBuf::new(&mut scratch[held..]);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
             let n = buf.filled().len();
             let mut start = 0;
-            let processed = self.process(&mut scratch[..held + n], &mut start, out);
-            self.held.clear();
-            self.held.extend_from_slice(&scratch[start..held + n]);
-            if self.held.is_empty() {
-                self.held = Vec::new();
-            } else if self.held.len() > MAX_HELD {
-                self.held = Vec::new();
+            let processed = self
+                .session
+                .process(&mut scratch[..held + n], &mut start, out);
+            self.session.held.clear();
+            self.session
+                .held
+                .extend_from_slice(&scratch[start..held + n]);
+            if self.session.held.is_empty() {
+                self.session.held = Vec::new();
+            } else if self.session.held.len() > MAX_HELD {
+                self.session.held = Vec::new();
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "the peer sent more than a TLS handshake message may hold",
@@ -435,30 +447,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         result
     }
 
-    /// Moves waiting plaintext into `out`; true if there was any.
-    fn take_plaintext(&mut self, out: &mut ReadBuf<'_>) -> bool {
-        let waiting = &self.plaintext[self.plaintext_read..];
-        if waiting.is_empty() {
-            return false;
-        }
-        let n = waiting.len().min(out.remaining());
-        out.put_slice(&waiting[..n]);
-        self.plaintext_read += n;
-        if self.plaintext_read == self.plaintext.len() {
-            self.plaintext = Vec::new();
-            self.plaintext_read = 0;
-        }
-        true
-    }
-
     /// Encrypts `data` and gives the socket what it takes now; the rest waits in
     /// `outgoing` for the next write or flush. With nothing waiting before it, the data is
     /// encrypted in the thread's scratch buffer and only what the socket leaves is kept.
     fn seal_and_send(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<()> {
         let records = data.len().div_ceil(16 * 1024).max(1);
         let room = data.len() + records * RECORD_OVERHEAD;
-        if !self.outgoing.is_empty() || room > SEAL_ROOM {
-            self.with_write_traffic(|write, outgoing| {
+        if !self.session.outgoing.is_empty() || room > SEAL_ROOM {
+            self.session.with_write_traffic(|write, outgoing| {
                 encode_into(outgoing, room, |room| write.encrypt(data, room))
             })?;
             return match self.poll_send(cx) {
@@ -469,7 +465,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         with_scratch(&SEAL, SEAL_ROOM, |scratch| {
             // Handshake records rustls has to send first (a key update) land in
             // `outgoing`, and the data goes behind them there.
-            let sealed = self.with_write_traffic(|write, outgoing| {
+            let sealed = self.session.with_write_traffic(|write, outgoing| {
                 if outgoing.is_empty() {
                     match write.encrypt(data, scratch) {
                         Ok(len) => return Ok(Some(len)),
@@ -490,7 +486,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                         Poll::Pending => break,
                     }
                 }
-                self.outgoing.extend_from_slice(&scratch[sent..len]);
+                self.session.outgoing.extend_from_slice(&scratch[sent..len]);
                 return Ok(());
             }
             match self.poll_send(cx) {
@@ -508,34 +504,34 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if out.remaining() == 0 || this.take_plaintext(out) {
+        if out.remaining() == 0 || this.session.take_plaintext(out) {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if this.read_closed {
+            if this.session.read_closed {
                 return Poll::Ready(Ok(()));
             }
             // Records rustls answers (a key update) go out as they come; a socket that
             // does not take them yet gets them with the next write or flush.
-            if this.outgoing_sent < this.outgoing.len() {
+            if this.session.outgoing_sent < this.session.outgoing.len() {
                 let _ = this.poll_send(cx)?;
             }
             let before = out.filled().len();
             let (n, processed) = ready!(this.poll_fill(cx, out))?;
             if processed == Processed::PeerClosed {
-                this.read_closed = true;
+                this.session.read_closed = true;
             } else if n == 0 {
                 // The socket ended without close_notify. Between records that is an end
                 // like any other (browsers close this way); inside one, it is a cut.
-                this.read_closed = true;
-                if !this.held.is_empty() {
+                this.session.read_closed = true;
+                if !this.session.held.is_empty() {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the peer closed in the middle of a TLS record",
                     )));
                 }
             }
-            if out.filled().len() > before || this.take_plaintext(out) {
+            if out.filled().len() > before || this.session.take_plaintext(out) {
                 return Poll::Ready(Ok(()));
             }
         }
@@ -549,11 +545,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.write_closed {
+        if this.session.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         // Ciphertext waiting beyond the bound is written out before more is taken.
-        if this.outgoing.len() - this.outgoing_sent >= MAX_UNSENT {
+        if this.session.outgoing.len() - this.session.outgoing_sent >= MAX_UNSENT {
             ready!(this.poll_send(cx))?;
         }
         if data.is_empty() {
@@ -572,9 +568,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.write_closed {
-            this.write_closed = true;
-            this.with_write_traffic(|write, outgoing| {
+        if !this.session.write_closed {
+            this.session.write_closed = true;
+            this.session.with_write_traffic(|write, outgoing| {
                 encode_into(outgoing, 64, |room| write.queue_close_notify(room))
             })?;
         }
@@ -646,9 +642,9 @@ pub(crate) mod tests {
     }
 
     fn idle_holds_nothing<IO>(s: &TlsStream<IO>) {
-        assert_eq!(s.held.capacity(), 0, "receive buffer kept");
-        assert_eq!(s.plaintext.capacity(), 0, "plaintext buffer kept");
-        assert_eq!(s.outgoing.capacity(), 0, "send buffer kept");
+        assert_eq!(s.session.held.capacity(), 0, "receive buffer kept");
+        assert_eq!(s.session.plaintext.capacity(), 0, "plaintext buffer kept");
+        assert_eq!(s.session.outgoing.capacity(), 0, "send buffer kept");
     }
 
     /// A pattern that shows any byte out of place.
