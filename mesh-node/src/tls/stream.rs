@@ -129,6 +129,27 @@ enum Processed {
     PeerClosed,
 }
 
+/// What runs where rustls lets data be encrypted: the state and `outgoing`.
+type Encrypt<'a> =
+    dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<()> + 'a;
+
+/// Where one call into rustls left the connection.
+#[derive(Debug)]
+enum Step {
+    /// Something was done (plaintext delivered, records encoded): call again.
+    Again,
+    /// Everything complete has been processed and data may be sent: more must be read.
+    NeedsData,
+    /// The handshake needs more from the peer.
+    Blocked,
+    /// The data asked for was encrypted.
+    Wrote,
+    /// The peer closed its side cleanly.
+    PeerClosed,
+    /// Both sides closed.
+    Closed,
+}
+
 impl<IO> TlsStream<IO> {
     /// The rustls connection: ALPN, SNI, the negotiated version.
     pub fn connection(&self) -> &UnbufferedServerConnection {
@@ -155,53 +176,76 @@ impl Session {
         out: &mut ReadBuf<'_>,
     ) -> io::Result<Processed> {
         loop {
-            let status = self.conn.process_tls_records(&mut buf[*start..]);
-            let mut discard = status.discard;
-            let state = match status.state {
-                Ok(state) => state,
-                Err(e) => {
-                    *start += discard;
-                    self.queue_alert(&mut buf[*start..]);
-                    return Err(tls_error(e));
+            match self.step(buf, start, out, None)? {
+                Step::Again => {}
+                // (No write was asked for: `Wrote` does not come.)
+                Step::NeedsData | Step::Blocked | Step::Wrote => {
+                    return Ok(Processed::NeedsData);
                 }
-            };
-            let next = match state {
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        let record = record.map_err(tls_error)?;
-                        discard += record.discard;
-                        deliver(record.payload, out, &mut self.plaintext);
-                    }
-                    None
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))?;
-                    None
-                }
-                // The records just encoded go out with the next flush, in order.
-                ConnectionState::TransmitTlsData(transmit) => {
-                    transmit.done();
-                    None
-                }
-                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => {
-                    Some(Processed::NeedsData)
-                }
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
-                    Some(Processed::PeerClosed)
-                }
-                // Early data is off (`max_early_data_size` is 0), and rustls may add states.
-                other => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("unexpected TLS state {other:?}"),
-                    ));
-                }
-            };
-            *start += discard;
-            if let Some(next) = next {
-                return Ok(next);
+                Step::PeerClosed | Step::Closed => return Ok(Processed::PeerClosed),
             }
         }
+    }
+
+    /// One call into rustls over `buf[*start..]`, moving `*start` past what rustls is
+    /// done with: plaintext goes to `out` and past its room to `plaintext`, records rustls
+    /// sends to `outgoing`, and where data may be encrypted, `write` (if any) runs. On a
+    /// TLS error, rustls's alert for the peer goes to `outgoing` too.
+    fn step(
+        &mut self,
+        buf: &mut [u8],
+        start: &mut usize,
+        out: &mut ReadBuf<'_>,
+        write: Option<&mut Encrypt<'_>>,
+    ) -> io::Result<Step> {
+        let status = self.conn.process_tls_records(&mut buf[*start..]);
+        let mut discard = status.discard;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                *start += discard;
+                self.queue_alert(&mut buf[*start..]);
+                return Err(tls_error(e));
+            }
+        };
+        let step = match state {
+            ConnectionState::ReadTraffic(mut records) => {
+                while let Some(record) = records.next_record() {
+                    let record = record.map_err(tls_error)?;
+                    discard += record.discard;
+                    deliver(record.payload, out, &mut self.plaintext);
+                }
+                Step::Again
+            }
+            ConnectionState::EncodeTlsData(mut encode) => {
+                encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))?;
+                Step::Again
+            }
+            // The records just encoded go out with the next flush, in order.
+            ConnectionState::TransmitTlsData(transmit) => {
+                transmit.done();
+                Step::Again
+            }
+            ConnectionState::WriteTraffic(mut traffic) => match write {
+                Some(write) => {
+                    write(&mut traffic, &mut self.outgoing)?;
+                    Step::Wrote
+                }
+                None => Step::NeedsData,
+            },
+            ConnectionState::BlockedHandshake => Step::Blocked,
+            ConnectionState::PeerClosed => Step::PeerClosed,
+            ConnectionState::Closed => Step::Closed,
+            // Early data is off (`max_early_data_size` is 0), and rustls may add states.
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected TLS state {other:?}"),
+                ));
+            }
+        };
+        *start += discard;
+        Ok(step)
     }
 
     /// Moves waiting plaintext into `out`; true if there was any.
@@ -238,63 +282,38 @@ impl Session {
     ) -> io::Result<R> {
         let mut held = std::mem::take(&mut self.held);
         let mut f = Some(f);
+        let mut result = None;
+        let mut write = |traffic: &mut WriteTraffic<'_, ServerConnectionData>,
+                         outgoing: &mut Vec<u8>| {
+            let f = f
+                .take()
+                .ok_or_else(|| io::Error::other("TLS write state reached twice"))?;
+            result = Some(f(traffic, outgoing)?);
+            Ok(())
+        };
+        // Plaintext completed by bytes already held is kept for the next read.
+        let mut none = [0u8; 0];
+        let mut keep = ReadBuf::new(&mut none);
         let mut start = 0;
-        let result = loop {
-            let status = self.conn.process_tls_records(&mut held[start..]);
-            let mut discard = status.discard;
-            let state = match status.state {
-                Ok(state) => state,
-                Err(e) => break Err(tls_error(e)),
-            };
-            let done = match state {
-                ConnectionState::WriteTraffic(mut write) => match f.take() {
-                    Some(f) => Some(f(&mut write, &mut self.outgoing)),
-                    None => Some(Err(io::Error::other("TLS write state reached twice"))),
-                },
-                // Only a record completed by bytes already held: kept for the next read.
-                ConnectionState::ReadTraffic(mut records) => {
-                    let mut failed = None;
-                    while let Some(record) = records.next_record() {
-                        match record {
-                            Ok(record) => {
-                                discard += record.discard;
-                                self.plaintext.extend_from_slice(record.payload);
-                            }
-                            Err(e) => {
-                                failed = Some(Err(tls_error(e)));
-                                break;
-                            }
-                        }
-                    }
-                    failed
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.outgoing, 4096, |room| encode.encode(room))
-                        .err()
-                        .map(Err)
-                }
-                ConnectionState::TransmitTlsData(transmit) => {
-                    transmit.done();
-                    None
-                }
+        let outcome = loop {
+            match self.step(&mut held, &mut start, &mut keep, Some(&mut write)) {
+                Ok(Step::Again) => {}
                 // Seen here first, the peer's close_notify still ends the reading.
-                ConnectionState::PeerClosed => {
-                    self.read_closed = true;
-                    None
+                Ok(Step::PeerClosed) => self.read_closed = true,
+                Ok(Step::Wrote) => break Ok(()),
+                Ok(other) => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        format!("cannot write in TLS state {other:?}"),
+                    ));
                 }
-                other => Some(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    format!("cannot write in TLS state {other:?}"),
-                ))),
-            };
-            start += discard;
-            if let Some(done) = done {
-                break done;
+                Err(e) => break Err(e),
             }
         };
         held.drain(..start.min(held.len()));
         self.held = if held.is_empty() { Vec::new() } else { held };
-        result
+        outcome?;
+        result.ok_or_else(|| io::Error::other("TLS write state never reached"))
     }
 }
 

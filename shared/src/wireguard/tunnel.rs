@@ -888,6 +888,19 @@ mod tests {
         }
     }
 
+    /// A flow from `a` to `target`, and its other end as `b` accepts it.
+    async fn open_flow(a: &WgTunnel, b: &WgTunnel, target: SocketAddr) -> (WgStream, WgStream) {
+        let (flow, accepted) = tokio::join!(
+            async {
+                a.connect(target, Duration::from_secs(5))
+                    .await
+                    .expect("connect")
+            },
+            tokio::time::timeout(Duration::from_secs(5), b.accept()),
+        );
+        (flow, accepted.expect("accepted in time"))
+    }
+
     /// Two tunnels on loopback with a tap between them that can replay what it saw and
     /// inject anything: a flow works, and garbage, a replayed data packet and a stranger's
     /// handshake are dropped, counted and never answered.
@@ -946,15 +959,7 @@ mod tests {
             });
         }
         let target: SocketAddr = "10.1.0.2:7100".parse().expect("addr");
-        let (mut flow, accepted) = tokio::join!(
-            async {
-                a.connect(target, Duration::from_secs(5))
-                    .await
-                    .expect("connect")
-            },
-            tokio::time::timeout(Duration::from_secs(5), b.accept()),
-        );
-        let mut accepted = accepted.expect("accepted in time");
+        let (mut flow, mut accepted) = open_flow(&a, &b, target).await;
         flow.write_all(b"hello").await.expect("write");
         let mut got = [0u8; 5];
         tokio::time::timeout(Duration::from_secs(5), accepted.read_exact(&mut got))
@@ -1021,15 +1026,7 @@ mod tests {
         assert_eq!(&got, b" again");
 
         // A FIN reaches the other side as the end of the stream, a reset as an error.
-        let (mut second, accepted2) = tokio::join!(
-            async {
-                a.connect(target, Duration::from_secs(5))
-                    .await
-                    .expect("connect")
-            },
-            tokio::time::timeout(Duration::from_secs(5), b.accept()),
-        );
-        let mut accepted2 = accepted2.expect("accepted in time");
+        let (mut second, mut accepted2) = open_flow(&a, &b, target).await;
         second.write_all(b"bye").await.expect("write");
         second.shutdown().await.expect("shutdown");
         let mut rest = Vec::new();
