@@ -228,3 +228,64 @@ http {
   }
 EOF
 }
+
+# ---------------------------------------------------------------- rathole, the peer
+RATHOLE_VERSION=0.5.0
+# rathole_bin: sets `rathole` to a rathole 0.5.0 binary ($RATHOLE_BIN, else the one cached in
+# ~/.cache/skylane-bench, built there with `cargo install` the first time). Only the server,
+# client and Noise transport are built: no TLS library is needed. Not --locked: the versions
+# its lock file pins (time 0.3.2x) no longer compile with current Rust.
+rathole_bin() {
+  if [[ -n "${RATHOLE_BIN:-}" ]]; then
+    rathole="$RATHOLE_BIN"
+  else
+    local root="${XDG_CACHE_HOME:-$HOME/.cache}/skylane-bench/rathole-$RATHOLE_VERSION"
+    rathole="$root/bin/rathole"
+    if [[ ! -x "$rathole" ]]; then
+      log "building rathole $RATHOLE_VERSION with cargo install (once; kept in $root)"
+      cargo install rathole --version "$RATHOLE_VERSION" --no-default-features \
+        --features server,client,noise --root "$root" >&2 || die "could not build rathole"
+    fi
+  fi
+  [[ -x "$rathole" ]] || die "$rathole is not executable"
+}
+
+# rathole_configs: a Noise key pair (rathole's default pattern, Noise_NK_25519_ChaChaPoly_BLAKE2s)
+# and rathole-server.toml / rathole-client.toml in $run_dir: the server listens for its client
+# on P_RATHOLE and exposes the origin on P_RATHOLE_SVC; the client, beside the origin, dials
+# the server and forwards to P_ORIGIN.
+rathole_configs() {
+  local keys private public token="bench-$RANDOM$RANDOM"
+  keys="$("$rathole" --genkey)"
+  private="$(awk '/Private Key:/ {getline; print}' <<<"$keys")"
+  public="$(awk '/Public Key:/ {getline; print}' <<<"$keys")"
+  [[ -n "$private" && -n "$public" ]] || die "rathole --genkey gave no key pair"
+  cat >"$run_dir/rathole-server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$P_RATHOLE"
+
+[server.transport]
+type = "noise"
+
+[server.transport.noise]
+local_private_key = "$private"
+
+[server.services.web]
+token = "$token"
+bind_addr = "127.0.0.1:$P_RATHOLE_SVC"
+EOF
+  cat >"$run_dir/rathole-client.toml" <<EOF
+[client]
+remote_addr = "127.0.0.1:$P_RATHOLE"
+
+[client.transport]
+type = "noise"
+
+[client.transport.noise]
+remote_public_key = "$public"
+
+[client.services.web]
+token = "$token"
+local_addr = "127.0.0.1:$P_ORIGIN"
+EOF
+}

@@ -3,9 +3,10 @@
 
   report.py RESULTS_DIR --command "benchmarks/run.sh" [--conns 32 --duration 10 ...]
 
-Reads RESULTS_DIR/raw/*: wrk-T-R.json (T = a, b, c; R = round), ws-T.json,
-half-T-R.log (h2load --log-file: start_us, status, latency_us per request),
-half-T-R.txt, bulk-T.json, machine.json, after.json.
+Reads RESULTS_DIR/raw/*: wrk-T-R.json (T = a, b, c, d; R = round), h2-T-R.txt and
+h2-T-R.cpu.json (h2load over HTTP/2), ws-T.json, half-T-R.log (h2load --log-file:
+start_us, status, latency_us per request), half-T-R.txt, bulk-T.json, machine.json,
+after.json.
 """
 
 import argparse
@@ -19,7 +20,11 @@ TARGETS = {
     "a": "origin direct (plain HTTP, no TLS)",
     "b": "nginx TLS -> origin",
     "c": "edge -> QUIC tunnel -> connector -> origin",
+    "d": "nginx TLS -> rathole (Noise) -> origin",
 }
+
+# Issue 14's targets: Skylane (c) against the like-for-like peer (d), then against nginx (b).
+PEER_FACTOR = 1.25
 
 
 def load(path, default=None):
@@ -70,10 +75,65 @@ def half_stats(log_path, txt_path):
     return out
 
 
+def h2_stats(txt_path, cpu_path):
+    """req/s, counts and server CPU of one h2load run, from its text output."""
+    try:
+        txt = open(txt_path).read()
+    except OSError:
+        return None
+    m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", txt)
+    c = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", txt)
+    if not m or not c:
+        return None
+    out = {"rps": float(m.group(2)), "seconds": float(m.group(1)),
+           "succeeded": int(c.group(4)), "failed": int(c.group(5)), "errored": int(c.group(6))}
+    lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", txt)
+    if lat:
+        out["request_time_mean"] = lat.group(3)
+    cpu = load(cpu_path, {})
+    out["cpu_s"] = cpu
+    out["server_cpu_us_per_request"] = round(sum(cpu.values()) / max(1, out["succeeded"]) * 1e6, 1)
+    return out
+
+
 def fmt_us(v):
     if v is None:
         return "n/a"
     return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs"
+
+
+def peer_verdict(res):
+    """Issue 14's rows: each figure of (c) against (d) or (b), as the ratio (c) / reference,
+    and whether its target is met."""
+    rows = []
+    mr, h2, ws, bk = res["max_rate"], res["h2"], res["websocket"], res["bulk"]
+
+    def row(name, b, d, c, target, ratio, met, fmt):
+        rows.append({"row": name, "b": fmt(b), "d": fmt(d), "c": fmt(c), "target": target,
+                     "ratio": f"{ratio:.2f}x", "met": met})
+
+    rps = lambda v: f"{v:,.0f} req/s"
+    us = lambda v: f"{v:.0f} µs"
+    mbs = lambda v: f"{v:,.0f} MB/s"
+    if all(t in mr for t in "bcd"):
+        b, c, d = (mr[t]["rps_median"] for t in "bcd")
+        row("HTTP/1.1 req/s", b, d, c, f">= {PEER_FACTOR}x (d)", c / d, c >= PEER_FACTOR * d, rps)
+        b, c, d = (mr[t]["server_cpu_us_per_request_median"] for t in "bcd")
+        row("HTTP/1.1 server CPU per request", b, d, c, f"<= {1 / PEER_FACTOR:.2f}x (d)", c / d, c * PEER_FACTOR <= d, us)
+        row("HTTP/1.1 server CPU per request", b, d, c, "<= 1.5x (b)", c / b, c <= 1.5 * b, us)
+    if all(t in h2 for t in "bcd"):
+        b, c, d = (h2[t]["rps_median"] for t in "bcd")
+        row("HTTP/2 req/s", b, d, c, f">= {PEER_FACTOR}x (d)", c / d, c >= PEER_FACTOR * d, rps)
+        b, c, d = (h2[t]["server_cpu_us_per_request_median"] for t in "bcd")
+        row("HTTP/2 server CPU per request", b, d, c, f"<= {1 / PEER_FACTOR:.2f}x (d)", c / d, c * PEER_FACTOR <= d, us)
+    if all("MB_per_s" in bk.get(t, {}) for t in "bcd"):
+        b, c, d = (bk[t]["MB_per_s"] for t in "bcd")
+        row("bulk download", b, d, c, f">= {PEER_FACTOR}x (d)", c / d, c >= PEER_FACTOR * d, mbs)
+        row("bulk download", b, d, c, ">= 0.8x (b)", c / b, c >= 0.8 * b, mbs)
+    if all(t in ws for t in "bcd"):
+        b, c, d = (ws[t]["p50_us"] for t in "bcd")
+        row("websocket echo p50", b, d, c, "<= 1.5x (b)", c / b, c <= 1.5 * b, us)
+    return rows
 
 
 def main():
@@ -85,6 +145,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--path", default="/api/time")
     ap.add_argument("--bulk-bytes", type=int, default=1 << 30)
+    ap.add_argument("--h2-conns", type=int, default=16)
+    ap.add_argument("--h2-streams", type=int, default=10)
     args = ap.parse_args()
     raw = os.path.join(args.dir, "raw")
 
@@ -116,6 +178,19 @@ def main():
             "rounds": rounds,
         }
 
+    # 1b. HTTP/2: median round by req/s
+    res["h2"] = {}
+    for t in TARGETS:
+        rounds = [h2_stats(p, p[: -len(".txt")] + ".cpu.json") for p in sorted(glob.glob(f"{raw}/h2-{t}-*.txt"))]
+        rounds = [r for r in rounds if r]
+        if rounds:
+            res["h2"][t] = {
+                "rps_median": statistics.median(r["rps"] for r in rounds),
+                "server_cpu_us_per_request_median": statistics.median(r["server_cpu_us_per_request"] for r in rounds),
+                "failed_total": sum(r["failed"] + r["errored"] for r in rounds),
+                "rounds": rounds,
+            }
+
     # 2. websocket
     for t in TARGETS:
         w = load(f"{raw}/ws-{t}.json")
@@ -129,7 +204,7 @@ def main():
             res[key]["rate_rps"] = int(open(f"{raw}/{prefix}-rate.txt").read().strip())
         except (OSError, ValueError):
             pass
-        for t in ("a", "b", "c"):
+        for t in TARGETS:
             rs = []
             for log in sorted(glob.glob(f"{raw}/{prefix}-{t}-*.log")):
                 r = log[: -len(".log")]
@@ -169,6 +244,7 @@ def main():
         verdict["half_load_added_p99_us"] = round(added, 1)
         verdict["latency_target_met"] = added < 1000
     res["verdict"] = verdict
+    res["peer_verdict"] = peer_verdict(res)
 
     with open(os.path.join(args.dir, "results.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -197,6 +273,21 @@ def main():
     L.append("Per round (req/s): " + "; ".join(
         f"({t}) " + ", ".join(f"{r['rps']:.0f}" for r in mr[t]["rounds"]) for t in TARGETS if t in mr) + "\n")
 
+    h2 = res["h2"]
+    if h2:
+        n = len(next(iter(h2.values()))["rounds"])
+        L.append(f"## HTTP/2 request rate (h2load -c{args.h2_conns} -m{args.h2_streams} -D {args.duration}, GET {args.path}, "
+                 f"median of {n} interleaved rounds)\n")
+        L.append("| target | req/s | server CPU per request | failed | per round (req/s) |")
+        L.append("|---|---:|---:|---:|---|")
+        for t, name in TARGETS.items():
+            if t in h2:
+                r = h2[t]
+                per_round = ", ".join(f"{x['rps']:.0f}" for x in r["rounds"])
+                L.append(f"| ({t}) {name} | {r['rps_median']:.0f} | {r['server_cpu_us_per_request_median']:.0f} µs | "
+                         f"{r['failed_total']} | {per_round} |")
+        L.append("")
+
     ws = res["websocket"]
     if ws:
         L.append(f"## Websocket echo round trip (one connection, sequential {next(iter(ws.values()))['size_bytes']}-byte binary messages)\n")
@@ -216,7 +307,7 @@ def main():
         L.append(f"## {title.format(rate=h['rate_rps'])}, h2load --h1 -c{args.half_conns} --rps, {args.duration}s after 2s warm-up\n")
         L.append("| target | round | achieved req/s | p50 | p90 | p99 | p99.9 | max | failed |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for t in ("a", "b", "c"):
+        for t in TARGETS:
             if t in h:
                 for i, r in enumerate(h[t]["rounds"], 1):
                     failed = r.get("h2load", {}).get("failed", "?")
@@ -235,13 +326,14 @@ def main():
     bk = res["bulk"]
     if bk:
         L.append(f"## Bulk download ({args.bulk_bytes} bytes, curl --http1.1, one connection)\n")
-        L.append("| target | MB/s | seconds | CPU s (origin / nginx / connector / edge) |")
+        L.append("| target | MB/s | seconds | CPU s (origin / nginx / connector / edge / rathole server / rathole client) |")
         L.append("|---|---:|---:|---|")
         for t, name in TARGETS.items():
             if t in bk:
                 b = bk[t]
                 c = b.get("cpu_s", {})
-                cpu = " / ".join(f"{c.get(k, 0):.2f}" for k in ("origin", "nginx", "connector", "edge"))
+                cpu = " / ".join(f"{c.get(k, 0):.2f}" for k in
+                                 ("origin", "nginx", "connector", "edge", "rathole_server", "rathole_client"))
                 if "MB_per_s" in b:
                     L.append(f"| ({t}) {name} | {b['MB_per_s']:.0f} | {b['seconds']:.2f} | {cpu} |")
                 else:
@@ -262,6 +354,15 @@ def main():
                  f"**{'met' if verdict['latency_target_met'] else 'NOT met'}** "
                  f"((c) achieved {verdict['half_load_c_achieved_rps']} of {hl['rate_rps']} req/s)")
     L.append("")
+    pv = res["peer_verdict"]
+    if pv:
+        L.append("## Targets (issue 14): Skylane (c) against nginx + rathole (d), then against nginx (b)\n")
+        L.append("| row | (b) nginx | (d) nginx + rathole | (c) Skylane | target | (c) / reference |")
+        L.append("|---|---:|---:|---:|---|---|")
+        for row in pv:
+            L.append(f"| {row['row']} | {row['b']} | {row['d']} | {row['c']} | {row['target']} | "
+                     f"**{'met' if row['met'] else 'not met'}** ({row['ratio']}) |")
+        L.append("")
     with open(os.path.join(args.dir, "results.md"), "w") as f:
         f.write("\n".join(L))
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Skylane whole-path benchmark (issue 2): HTTPS request rate and latency, websocket echo
-# round trips and 1 GB download throughput for
+# Skylane whole-path benchmark (issues 2 and 14): HTTPS request rate and latency over
+# HTTP/1.1 and HTTP/2, websocket echo round trips and 1 GB download throughput for
 #   (a) demo-origin directly (plain HTTP, no TLS),
 #   (b) nginx terminating TLS in front of demo-origin (keep-alive upstream),
 #   (c) mesh-node edge -> QUIC tunnel over the mesh socket -> origin-connector -> demo-origin,
-# all measured in the same run on this machine, plus the "half load" comparison: (b) and (c)
+#   (d) nginx terminating TLS -> rathole 0.5.0 (Noise tunnel) -> demo-origin: the like-for-like
+#       peer, a TLS edge plus an encrypted tunnel (rathole is built once with `cargo install`
+#       and kept in ~/.cache/skylane-bench),
+# all measured in the same run on this machine, plus the "half load" comparison: every target
 # at a fixed request rate equal to half of (b)'s measured maximum.
 #
 #   benchmarks/run.sh                          build release binaries, then measure
@@ -16,7 +19,8 @@
 # Other knobs (defaults in brackets): BENCH_DURATION [10] seconds per wrk run,
 # BENCH_CONNECTIONS [32], BENCH_ROUNDS [3] interleaved a/b/c rounds (the median is
 # reported), BENCH_PATH [/api/time], WS_COUNT [2000], BULK_BYTES [1073741824],
-# BENCH_PORT_BASE [28080] (seven consecutive ports from here, TCP and UDP, on 127.0.0.1),
+# BENCH_PORT_BASE [28080] (ten consecutive ports from here, TCP and UDP, on 127.0.0.1),
+# BENCH_H2_CONNECTIONS [16] and BENCH_H2_STREAMS [10] for the HTTP/2 run (h2load -c -m),
 # BENCH_HALF_CONNECTIONS [2 x BENCH_CONNECTIONS] for the fixed-rate run, BENCH_KEEP_LOGS [0]
 # (1 keeps h2load's per-request logs, several MB each), BENCH_SKYLANE_WORKER_THREADS [unset:
 # one per core] sets node.worker_threads of the edge and the connector,
@@ -51,6 +55,11 @@ P_EDGE_ADMIN=$((BASE + 3))
 P_CONN_ADMIN=$((BASE + 4))
 P_CONN_MESH=$((BASE + 5)) # UDP
 P_EDGE_MESH=$((BASE + 6)) # UDP
+P_PEER=$((BASE + 7))      # nginx, HTTPS, in front of rathole
+P_RATHOLE=$((BASE + 8))   # rathole server's control and data channels (Noise over TCP)
+P_RATHOLE_SVC=$((BASE + 9)) # rathole server's exposed service (what nginx proxies to)
+H2_CONNS="${BENCH_H2_CONNECTIONS:-16}"
+H2_STREAMS="${BENCH_H2_STREAMS:-10}"
 
 # shellcheck source=benchmarks/lib.sh
 source "$here/lib.sh"
@@ -67,9 +76,11 @@ apt_install "${need_apt[@]}"
 
 # ---------------------------------------------------------------- binaries
 skylane_bins
+rathole_bin
 
 # ---------------------------------------------------------------- ports
-ports_free $P_ORIGIN $P_NGINX $P_EDGE $P_EDGE_ADMIN $P_CONN_ADMIN -- $P_CONN_MESH $P_EDGE_MESH
+ports_free $P_ORIGIN $P_NGINX $P_EDGE $P_EDGE_ADMIN $P_CONN_ADMIN $P_PEER $P_RATHOLE $P_RATHOLE_SVC \
+  -- $P_CONN_MESH $P_EDGE_MESH
 
 mkdir -p "$out/raw"
 log "results go to $out"
@@ -78,6 +89,7 @@ log "results go to $out"
 machine_json "nginx=$(nginx -v 2>&1 | sed 's/.*: //')" \
   "wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
   "h2load=$(h2load --version 2>&1 | head -1 | awk '{print $2}')" \
+  "rathole=$("$rathole" --version 2>&1 | sed -n 's/^Build Version: *//p')" \
   "skylane_worker_threads=${BENCH_SKYLANE_WORKER_THREADS:-default}" >"$out/raw/machine.json"
 
 # ---------------------------------------------------------------- keys, certs, configs
@@ -91,18 +103,18 @@ healthy_threshold = 1
 unhealthy_threshold = 3'
 skylane_configs
 
-cat >"$run_dir/nginx.conf" <<EOF
-# nginx as the TLS-terminating reverse proxy baseline: same certificate as the edge,
-# HTTP/2 on, keep-alive upstream, websocket upgrade headers, no temp files.
-$(nginx_preamble)
-  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+rathole_configs
+
+# nginx_proxy PORT UPSTREAM: a server block terminating TLS on PORT for UPSTREAM.
+nginx_proxy() {
+  cat <<EOF
   server {
-    listen 127.0.0.1:$P_NGINX ssl http2;
+    listen 127.0.0.1:$1 ssl http2;
     ssl_certificate $run_dir/certs/edge.pem;
     ssl_certificate_key $run_dir/certs/edge.key;
     keepalive_requests 1000000;
     location / {
-      proxy_pass http://origin;
+      proxy_pass http://$2;
       proxy_http_version 1.1;
       proxy_set_header Host \$host;
       proxy_set_header Upgrade \$http_upgrade;
@@ -111,6 +123,20 @@ $(nginx_preamble)
       proxy_read_timeout 120s;
     }
   }
+EOF
+}
+cat >"$run_dir/nginx.conf" <<EOF
+# nginx as the TLS-terminating reverse proxy, (b) straight to the origin and (d) to rathole:
+# same certificate as the edge, HTTP/2 on, keep-alive upstream, websocket upgrade headers,
+# no temp files.
+$(nginx_preamble)
+  upstream rathole {
+    server 127.0.0.1:$P_RATHOLE_SVC;
+    keepalive 64;
+  }
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+$(nginx_proxy "$P_NGINX" origin)
+$(nginx_proxy "$P_PEER" rathole)
 }
 EOF
 
@@ -124,6 +150,13 @@ nginx -p "$run_dir" -c "$run_dir/nginx.conf" >"$run_dir/nginx.log" 2>&1 &
 pids+=($!); PID_NGINX=$!
 wait_for "https://127.0.0.1:$P_NGINX/health" -k || die "nginx did not start (see $run_dir/nginx-error.log)"
 
+# Logs at warn, as the Skylane nodes'.
+RUST_LOG=warn "$rathole" --server "$run_dir/rathole-server.toml" >"$run_dir/rathole-server.log" 2>&1 &
+pids+=($!); PID_RH_SERVER=$!
+RUST_LOG=warn "$rathole" --client "$run_dir/rathole-client.toml" >"$run_dir/rathole-client.log" 2>&1 &
+pids+=($!); PID_RH_CLIENT=$!
+wait_for "https://127.0.0.1:$P_PEER/health" -k || die "no answer through rathole (see its logs)"
+
 (cd "$run_dir" && exec "$bin/origin-connector" --config connector.toml) >"$run_dir/connector.log" 2>&1 &
 pids+=($!); PID_CONN=$!
 (cd "$run_dir" && exec "$bin/mesh-node" --config edge.toml) >"$run_dir/edge.log" 2>&1 &
@@ -131,14 +164,15 @@ pids+=($!); PID_EDGE=$!
 wait_for "http://127.0.0.1:$P_EDGE_ADMIN/readyz" || die "edge tunnel not ready (see logs)"
 wait_for "https://127.0.0.1:$P_EDGE/health" -k || die "no answer through the tunnel"
 
-cpu_snapshot() { # -> "origin nginx connector edge"
-  echo "$(cpu_of $PID_ORIGIN) $(cpu_of $PID_NGINX) $(cpu_of $PID_CONN) $(cpu_of $PID_EDGE)"
+cpu_snapshot() { # -> "origin nginx connector edge rathole_server rathole_client"
+  echo "$(cpu_of $PID_ORIGIN) $(cpu_of $PID_NGINX) $(cpu_of $PID_CONN) $(cpu_of $PID_EDGE)" \
+    "$(cpu_of $PID_RH_SERVER) $(cpu_of $PID_RH_CLIENT)"
 }
 cpu_json() { # before after -> json object of deltas
   python3 - "$1" "$2" <<'PY'
 import json, sys
 b = [float(x) for x in sys.argv[1].split()]; a = [float(x) for x in sys.argv[2].split()]
-names = ["origin", "nginx", "connector", "edge"]
+names = ["origin", "nginx", "connector", "edge", "rathole_server", "rathole_client"]
 print(json.dumps({n: round(y - x, 3) for n, x, y in zip(names, b, a)}))
 PY
 }
@@ -157,22 +191,24 @@ declare -A URL=(
   [a]="http://127.0.0.1:$P_ORIGIN"
   [b]="https://127.0.0.1:$P_NGINX"
   [c]="https://127.0.0.1:$P_EDGE"
+  [d]="https://127.0.0.1:$P_PEER"
 )
 declare -A WSURL=(
   [a]="ws://127.0.0.1:$P_ORIGIN/ws"
   [b]="wss://127.0.0.1:$P_NGINX/ws"
   [c]="wss://127.0.0.1:$P_EDGE/ws"
+  [d]="wss://127.0.0.1:$P_PEER/ws"
 )
 
 if [[ "$PROFILE" != only ]]; then
 # ---------------------------------------------------------------- 1. max request rate
 log "warm-up"
-for t in a b c; do
+for t in a b c d; do
   timeout 30 wrk -t1 -c"$CONNS" -d2s "${URL[$t]}$REQ_PATH" >/dev/null
 done
 
 for r in $(seq 1 "$ROUNDS"); do
-  for t in a b c; do
+  for t in a b c d; do
     log "wrk round $r target $t: -t1 -c$CONNS -d${DURATION}s ${URL[$t]}$REQ_PATH"
     before=$(cpu_snapshot); fb=$(edge_frames)
     timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
@@ -187,8 +223,21 @@ done
 # The tunnel's QUIC path after the load (congestion window, losses, packet size).
 curl -fsS --max-time 2 "http://127.0.0.1:$P_EDGE_ADMIN/status" >"$out/raw/edge-status-after-wrk.json" 2>/dev/null || true
 
+# ---------------------------------------------------------------- 1b. HTTP/2 request rate
+# h2load with several streams in flight per connection; (a) speaks no TLS, so no HTTP/2.
+for r in $(seq 1 "$ROUNDS"); do
+  for t in b c d; do
+    log "h2 round $r target $t: h2load -c$H2_CONNS -m$H2_STREAMS -D $DURATION ${URL[$t]}$REQ_PATH"
+    before=$(cpu_snapshot)
+    timeout $((DURATION + 40)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" --warm-up-time=1 -D "$DURATION" \
+      "${URL[$t]}$REQ_PATH" >"$out/raw/h2-$t-$r.txt" 2>&1 || true
+    after=$(cpu_snapshot)
+    cpu_json "$before" "$after" >"$out/raw/h2-$t-$r.cpu.json"
+  done
+done
+
 # ---------------------------------------------------------------- 2. websocket echo RTT
-for t in a b c; do
+for t in a b c d; do
   log "websocket echo $t: $WS_COUNT sequential messages"
   timeout 120 python3 "$here/ws_rtt.py" "${WSURL[$t]}" --count "$WS_COUNT" --insecure \
     --max-seconds 90 >"$out/raw/ws-$t.json"
@@ -216,7 +265,7 @@ for spec in "half:$half" "halfc:$half_c"; do
   for r in 1 2; do
     # (a) at the same rate shows the floor of the instrument itself: h2load and the origin
     # sharing the two cores, without any proxy.
-    for t in a b c; do
+    for t in a b c d; do
       log "$name round $r target $t: $rate req/s ($HALF_CONNS connections x $per_client req/s), HTTP/1.1"
       before=$(cpu_snapshot)
       timeout $((DURATION + 40)) h2load --h1 -t1 -c"$HALF_CONNS" --rps="$per_client" \
@@ -229,7 +278,7 @@ for spec in "half:$half" "halfc:$half_c"; do
 done
 
 # ---------------------------------------------------------------- 4. bulk download
-for t in a b c; do
+for t in a b c d; do
   log "bulk download $BULK_BYTES bytes via $t"
   before=$(cpu_snapshot); fb=$(edge_frames)
   curl -ksS --http1.1 --max-time 300 -o /dev/null \
@@ -273,7 +322,8 @@ if [[ -n "${SKYLANE_BIN_DIR:-}" ]]; then cmdline="SKYLANE_BIN_DIR=$SKYLANE_BIN_D
 if [[ -n "${BENCH_SKYLANE_WORKER_THREADS:-}" ]]; then cmdline="BENCH_SKYLANE_WORKER_THREADS=$BENCH_SKYLANE_WORKER_THREADS $cmdline"; fi
 if [[ "$PROFILE" == 1 ]]; then cmdline="PROFILE=1 $cmdline"; fi
 python3 "$here/report.py" "$out" --command "$cmdline" \
-  --conns "$CONNS" --half-conns "$HALF_CONNS" --duration "$DURATION" --path "$REQ_PATH" --bulk-bytes "$BULK_BYTES"
+  --conns "$CONNS" --half-conns "$HALF_CONNS" --duration "$DURATION" --path "$REQ_PATH" --bulk-bytes "$BULK_BYTES" \
+  --h2-conns "$H2_CONNS" --h2-streams "$H2_STREAMS"
 # The per-request h2load logs are large; results.json keeps their percentiles.
 if [[ "${BENCH_KEEP_LOGS:-0}" != 1 ]]; then rm -f "$out"/raw/half-*.log "$out"/raw/halfc-*.log; fi
 log "done: $out/results.md"
