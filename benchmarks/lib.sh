@@ -289,3 +289,23 @@ token = "$token"
 local_addr = "127.0.0.1:$P_ORIGIN"
 EOF
 }
+
+# inferno_bins: sets `inferno` to a directory with inferno's inferno-collapse-perf and
+# inferno-flamegraph (flame graphs as SVG), built once with `cargo install` and cached like
+# rathole ($INFERNO_DIR names another directory).
+INFERNO_VERSION=0.12.3
+inferno_bins() {
+  if [[ -n "${INFERNO_DIR:-}" ]]; then
+    inferno="$INFERNO_DIR"
+  else
+    local root="${XDG_CACHE_HOME:-$HOME/.cache}/skylane-bench/inferno-$INFERNO_VERSION"
+    inferno="$root/bin"
+    if [[ ! -x "$inferno/inferno-flamegraph" ]]; then
+      log "building inferno $INFERNO_VERSION with cargo install (once; kept in $root)"
+      cargo install inferno --version "$INFERNO_VERSION" --locked --root "$root" >&2 ||
+        die "could not build inferno"
+    fi
+  fi
+  [[ -x "$inferno/inferno-flamegraph" && -x "$inferno/inferno-collapse-perf" ]] ||
+    die "no inferno-flamegraph / inferno-collapse-perf in $inferno"
+}

@@ -292,24 +292,39 @@ done
 fi # measurements
 
 # ---------------------------------------------------------------- 5. optional profile
+# The edge and the connector, each under the HTTP/1.1 load of step 1 and the HTTP/2 load of
+# step 1b: perf's report of self time, a summary by area with inclusive times
+# (perf_summary.py) and a flame graph (SVG, inferno: built once like rathole).
 if [[ "$PROFILE" == 1 || "$PROFILE" == only ]]; then
+  inferno_bins
   if [[ "$PROFILE" == only ]]; then timeout 30 wrk -t1 -c"$CONNS" -d3s "${URL[c]}$REQ_PATH" >/dev/null; fi
-  log "profiling edge and connector under wrk load (perf record, cpu-clock)"
-  for who in edge connector; do
-    pid=$PID_EDGE; [[ $who == connector ]] && pid=$PID_CONN
-    timeout 60 perf record -q -F 499 -e cpu-clock --call-graph dwarf,8192 -p "$pid" \
-      -o "$run_dir/perf-$who.data" -- sleep "$DURATION" 2>/dev/null &
-    perf_pid=$!
-    sleep 0.5
-    timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"$((DURATION - 1))s" "${URL[c]}$REQ_PATH" >/dev/null
-    wait "$perf_pid" || true
-    perf report -i "$run_dir/perf-$who.data" --no-children --sort dso,symbol --stdio \
-      --percent-limit 0.7 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-$who-self.txt" || true
-    perf report -i "$run_dir/perf-$who.data" --children --sort symbol --stdio \
-      --percent-limit 3 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-$who-children.txt" || true
-    perf script -i "$run_dir/perf-$who.data" -F comm,tid,period,ip,sym,dso 2>/dev/null |
-      python3 "$here/perf_summary.py" >"$out/profile-$who-summary.txt" || true
-    if [[ "$PROFILE" == only ]]; then cp "$run_dir/perf-$who.data" "$out/"; fi
+  for load in h1 h2; do
+    for who in edge connector; do
+      log "profiling the $who under the $load load (perf record, cpu-clock)"
+      pid=$PID_EDGE; [[ $who == connector ]] && pid=$PID_CONN
+      data="$run_dir/perf-$who-$load.data"
+      timeout 60 perf record -q -F 499 -e cpu-clock --call-graph dwarf,16384 -p "$pid" \
+        -o "$data" -- sleep "$DURATION" 2>/dev/null &
+      perf_pid=$!
+      sleep 0.5
+      if [[ $load == h1 ]]; then
+        timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"$((DURATION - 1))s" "${URL[c]}$REQ_PATH" >/dev/null
+      else
+        timeout $((DURATION + 30)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$((DURATION - 1))" \
+          "${URL[c]}$REQ_PATH" >/dev/null 2>&1 || true
+      fi
+      wait "$perf_pid" || true
+      name="$who-$load"
+      perf report -i "$data" --no-children --sort dso,symbol --stdio \
+        --percent-limit 0.7 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-$name-self.txt" || true
+      perf script -i "$data" >"$run_dir/perf-$name.script" 2>/dev/null || true
+      python3 "$here/perf_summary.py" <"$run_dir/perf-$name.script" >"$out/profile-$name-summary.txt" || true
+      "$inferno/inferno-collapse-perf" --all <"$run_dir/perf-$name.script" >"$run_dir/perf-$name.folded" 2>/dev/null &&
+        "$inferno/inferno-flamegraph" --title "$who, $load load ($(basename "$out"))" --width 1600 \
+          <"$run_dir/perf-$name.folded" >"$out/flame-$name.svg" 2>/dev/null || log "no flame graph for $name"
+      rm -f "$run_dir/perf-$name.script" "$run_dir/perf-$name.folded"
+      if [[ "$PROFILE" == only ]]; then cp "$data" "$out/"; fi
+    done
   done
 fi
 

@@ -163,7 +163,7 @@ pub struct Config {
     pub log: LogSection,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
-    /// Runtime worker threads (`node.worker_threads`); `None`: one per CPU.
+    /// Runtime worker threads (`node.worker_threads`); `None`: one (see `skylane_shared::cli::run`).
     pub worker_threads: Option<usize>,
     /// Path probing, route selection and gossip.
     pub routing: RoutingConfig,
@@ -242,7 +242,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     v.in_range("shutdown_grace_ms", file.shutdown_grace_ms, 0..=3_600_000)?;
     let worker_threads = match file.node.worker_threads {
-        Some(n) => Some(v.in_range("node.worker_threads", n, 1..=1024)? as usize),
+        Some(n) => Some(v.in_range("node.worker_threads", n, 0..=1024)? as usize),
         None => None,
     };
     v.mesh_sections(&file.routing, &file.membership)?;

@@ -30,10 +30,13 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
 /// Sets up logging, the runtime, the metrics recorder and signal handling, then runs
 /// `serve` to completion. An error is logged, printed, and becomes exit code 1.
 ///
-/// The runtime has `worker_threads` threads, or one per CPU. One thread means tokio's
-/// single-threaded runtime, not a multi-threaded one with one worker: no work-stealing
-/// queues and no wake-ups handed between threads (on the benchmark machine 38 instead of
-/// 47 µs of CPU per request, see `docs/benchmarks.md`).
+/// The runtime: by default (and with `worker_threads = 1`) tokio's single-threaded
+/// runtime: no work-stealing queues and no wake-ups handed between threads, which cost a
+/// multi-threaded runtime 30–40 % more CPU per proxied request on the 2-core benchmark
+/// machines (see `docs/benchmarks.md`), while the tunnel to a connector is one QUIC
+/// connection, driven by one task, either way. `worker_threads = n > 1` runs a
+/// multi-threaded runtime with n workers, `0` one with a worker per CPU: for a machine
+/// whose load is more than one core carries.
 pub fn run<F, Fut>(log: &LogSection, worker_threads: Option<usize>, serve: F) -> Result<(), i32>
 where
     F: FnOnce(Option<PrometheusHandle>, Shutdown) -> Fut,
@@ -42,8 +45,8 @@ where
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
     raise_open_file_limit();
     let mut builder = match worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
+        None | Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(_) => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
     if let Some(n) = worker_threads.filter(|&n| n > 1) {

@@ -191,10 +191,11 @@ pub struct NodeSection {
     pub listen: SocketAddr,
     /// Region label shown to operators, e.g. `"Sydney"`.
     pub region: Option<String>,
-    /// Threads that run the node's tasks; default: one per CPU. On a machine whose few
-    /// cores are shared with other busy processes, fewer threads mean fewer wake-ups
-    /// handed between them, and lower latency; 1 runs the node on a single thread (see
-    /// `docs/benchmarks.md`).
+    /// Threads that run the node's tasks; default 1: one thread, with no wake-ups handed
+    /// between threads, which is the cheapest per request (see `docs/benchmarks.md`). The
+    /// edge's TLS handshakes run on threads of their own (one per CPU) either way. More
+    /// (n > 1, or 0 for one per CPU) for a machine whose load is more than one core
+    /// carries.
     pub worker_threads: Option<u64>,
 }
 

@@ -101,7 +101,7 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
         ),
         (
             "mesh-node",
-            edge.replace("# worker_threads = 1 ", "worker_threads = 0 "),
+            edge.replace("# worker_threads = 1 ", "worker_threads = 1025 "),
             "node.worker_threads",
         ),
         (

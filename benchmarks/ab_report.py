@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""results.md of benchmarks/ab.sh: variant A against variant B, from OUT/raw/*.
+
+  ab_report.py OUT --rounds 3 --title T --name-a A --name-b B [--conns 32 --h2 "16 x 10" ...]
+
+Reads h1-V-R.txt (wrk with wrk_json.lua), h2-V-R.txt (h2load), *.cpu ("edge connector
+origin" CPU seconds before, then after), ws-V.json, bulk-V.json, machine.json, after.json.
+"""
+
+import argparse
+import json
+import re
+import statistics
+
+
+def load(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def cpu(path):
+    """CPU seconds (edge, connector, origin) used between the two snapshots."""
+    v = [float(x) for x in open(path).read().split()]
+    return v[3] - v[0], v[4] - v[1], v[5] - v[2]
+
+
+def h1(out, v, r):
+    text = open(f"{out}/raw/h1-{v}-{r}.txt").read()
+    d = json.loads(re.search(r"^JSON (.*)$", text, re.M).group(1))
+    return d["rps"], d["requests"], d["p99_us"]
+
+
+def h2(out, v, r):
+    text = open(f"{out}/raw/h2-{v}-{r}.txt").read()
+    m = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text)
+    c = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", text)
+    if not m or not c:
+        return None
+    return float(m.group(1)), int(c.group(1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--title", default="A against B")
+    ap.add_argument("--name-a", default="A")
+    ap.add_argument("--name-b", default="B")
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--h2", default="16 x 10")
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--path", default="/api/time")
+    a = ap.parse_args()
+    out = a.out
+    names = {"A": a.name_a, "B": a.name_b}
+    rows = {}
+    for v in "AB":
+        row = {}
+        rps, p99, per_req, per_req_nodes = [], [], [], []
+        for r in range(1, a.rounds + 1):
+            x, n, p = h1(out, v, r)
+            e, c, o = cpu(f"{out}/raw/h1-{v}-{r}.cpu")
+            rps.append(x)
+            p99.append(p)
+            per_req.append((e + c + o) / max(n, 1) * 1e6)
+            per_req_nodes.append((e + c) / max(n, 1) * 1e6)
+        row["HTTP/1.1 req/s"] = f"{statistics.median(rps):,.0f} ({', '.join(f'{x:,.0f}' for x in rps)})"
+        row["HTTP/1.1 p99"] = f"{statistics.median(p99) / 1000:.2f} ms"
+        row["HTTP/1.1 server CPU per request (edge + connector + origin)"] = f"{statistics.median(per_req):.0f} µs"
+        row["HTTP/1.1 CPU per request, edge + connector only"] = f"{statistics.median(per_req_nodes):.0f} µs"
+        rps2, per_req2 = [], []
+        for r in range(1, a.rounds + 1):
+            got = h2(out, v, r)
+            if not got:
+                continue
+            x, n = got
+            e, c, o = cpu(f"{out}/raw/h2-{v}-{r}.cpu")
+            rps2.append(x)
+            per_req2.append((e + c + o) / max(n, 1) * 1e6)
+        if rps2:
+            row["HTTP/2 req/s"] = f"{statistics.median(rps2):,.0f} ({', '.join(f'{x:,.0f}' for x in rps2)})"
+            row["HTTP/2 server CPU per request"] = f"{statistics.median(per_req2):.0f} µs"
+        ws = load(f"{out}/raw/ws-{v}.json")
+        if ws:
+            row["websocket echo p50 / p99"] = f"{ws['p50_us']:.0f} / {ws['p99_us']:.0f} µs"
+        bulk = load(f"{out}/raw/bulk-{v}.json")
+        if bulk and "bytes" in bulk:
+            e, c, _ = cpu(f"{out}/raw/bulk-{v}.cpu")
+            mb = bulk["bytes"] / 1e6
+            row["bulk MB/s"] = f"{bulk.get('bytes_per_s', 0) / 1e6:,.0f}"
+            row["bulk CPU per MB, edge + connector"] = f"{(e + c) / max(mb, 1e-9) * 1000:.2f} ms"
+        rows[v] = row
+    m = load(f"{out}/raw/machine.json", {})
+    after = load(f"{out}/raw/after.json", {})
+    print(f"# {a.title}, one run\n")
+    print(f"{m.get('date_utc')}, {m.get('nproc')} × {m.get('cpu_model')}, kernel {m.get('kernel')}, "
+          f"commit {m.get('git_commit')}; load average before {m.get('loadavg_before')}, after "
+          f"{after.get('loadavg_after')}.\n")
+    print(f"- A, {names['A']}: `{m.get('A')}`")
+    print(f"- B, {names['B']}: `{m.get('B')}`\n")
+    print(f"GET {a.path}; wrk -t1 -c{a.conns} -d{a.duration}s and h2load -c/-m {a.h2} -D {a.duration}, "
+          f"{a.rounds} rounds interleaved A, B, A, B, … (a fresh edge and connector each), medians.\n")
+    print(f"| | {names['A']} | {names['B']} |\n|---|---:|---:|")
+    for k in rows["A"]:
+        print(f"| {k} | {rows['A'][k]} | {rows['B'].get(k, 'n/a')} |")
+
+
+if __name__ == "__main__":
+    main()
