@@ -55,15 +55,28 @@ mkdir -p "$out/raw"
 
 # variant SPEC KEY DEFAULT: the value of KEY in a variant's spec.
 variant() {
-  local kv
-  for kv in $1; do
+  local kv kvs
+  read -ra kvs <<<"$1"
+  for kv in "${kvs[@]}"; do
     if [[ ${kv%%=*} == "$2" ]]; then echo "${kv#*=}"; return; fi
   done
   echo "$3"
 }
+# check_variant SPEC: dies on a key that is not name, bin, threads or transport.
+check_variant() {
+  local kv kvs
+  read -ra kvs <<<"$1"
+  for kv in "${kvs[@]}"; do
+    case ${kv%%=*} in
+      name | bin | threads | transport) ;;
+      *) die "unknown key in variant \"$1\": ${kv%%=*} (name, bin, threads, transport)" ;;
+    esac
+  done
+}
 declare -A SPEC=([A]="$AB_A" [B]="$AB_B")
 declare -A NAME BIN
 for v in A B; do
+  check_variant "${SPEC[$v]}"
   NAME[$v]="$(variant "${SPEC[$v]}" name "$v")"
   BIN[$v]="$(variant "${SPEC[$v]}" bin "$default_bin")"
   BIN[$v]="$(cd "${BIN[$v]}" && pwd)" || die "variant $v: bin ${BIN[$v]} is not a directory"
@@ -94,9 +107,19 @@ start() {
   wait_for "http://127.0.0.1:$P_EDGE_ADMIN/readyz" || die "${NAME[$1]}: edge not ready"
   wait_for "https://127.0.0.1:$P_EDGE/health" -k || die "${NAME[$1]}: no answer through the tunnel"
 }
+# stop_pair: stops the pair (KILL after 10 s) and takes it off the list cleanup stops.
 stop_pair() {
   kill -TERM "$PID_EDGE" "$PID_CONN" 2>/dev/null || true
+  local _
+  for _ in $(seq 1 100); do
+    kill -0 "$PID_EDGE" 2>/dev/null || kill -0 "$PID_CONN" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$PID_EDGE" "$PID_CONN" 2>/dev/null || true
   wait "$PID_EDGE" "$PID_CONN" 2>/dev/null || true
+  local keep=() p
+  for p in "${pids[@]}"; do [[ $p == "$PID_EDGE" || $p == "$PID_CONN" ]] || keep+=("$p"); done
+  pids=("${keep[@]}")
 }
 # CPU seconds so far: "edge connector origin".
 cpu_now() { echo "$(cpu_of "$PID_EDGE") $(cpu_of "$PID_CONN") $(cpu_of "$PID_ORIGIN")"; }
@@ -112,14 +135,16 @@ for r in $(seq 1 "$ROUNDS"); do
       -s "$here/wrk_json.lua" "$url$REQ_PATH" >"$out/raw/h1-$v-$r.txt"
     echo "$before $(cpu_now)" >"$out/raw/h1-$v-$r.cpu"
     log "round $r ${NAME[$v]}: h2load -c$H2_CONNS -m$H2_STREAMS -D $DURATION"
+    # Warm-up in a run of its own, so the CPU counted below is only the measured requests'.
+    timeout 30 h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D 1 "$url$REQ_PATH" >/dev/null 2>&1 || true
     before=$(cpu_now)
-    timeout $((DURATION + 40)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" --warm-up-time=1 -D "$DURATION" \
+    timeout $((DURATION + 40)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$DURATION" \
       "$url$REQ_PATH" >"$out/raw/h2-$v-$r.txt" 2>&1 || true
     echo "$before $(cpu_now)" >"$out/raw/h2-$v-$r.cpu"
     if [[ $r == 1 && $WS_COUNT != 0 ]]; then
       log "${NAME[$v]}: websocket echo, $WS_COUNT messages"
       timeout 120 python3 "$here/ws_rtt.py" "wss://127.0.0.1:$P_EDGE/ws" --count "$WS_COUNT" \
-        --insecure --max-seconds 90 >"$out/raw/ws-$v.json"
+        --insecure --max-seconds 90 >"$out/raw/ws-$v.json" || log "${NAME[$v]}: websocket echo failed"
     fi
     if [[ $r == 1 && $BULK_BYTES != 0 ]]; then
       log "${NAME[$v]}: bulk download of $BULK_BYTES bytes"

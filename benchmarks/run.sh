@@ -17,13 +17,13 @@
 #                                              perf.data files are kept in the results dir
 #
 # Other knobs (defaults in brackets): BENCH_DURATION [10] seconds per wrk run,
-# BENCH_CONNECTIONS [32], BENCH_ROUNDS [3] interleaved a/b/c rounds (the median is
+# BENCH_CONNECTIONS [32], BENCH_ROUNDS [3] interleaved a/b/c/d rounds (the median is
 # reported), BENCH_PATH [/api/time], WS_COUNT [2000], BULK_BYTES [1073741824],
 # BENCH_PORT_BASE [28080] (ten consecutive ports from here, TCP and UDP, on 127.0.0.1),
 # BENCH_H2_CONNECTIONS [16] and BENCH_H2_STREAMS [10] for the HTTP/2 run (h2load -c -m),
 # BENCH_HALF_CONNECTIONS [2 x BENCH_CONNECTIONS] for the fixed-rate run, BENCH_KEEP_LOGS [0]
 # (1 keeps h2load's per-request logs, several MB each), BENCH_SKYLANE_WORKER_THREADS [unset:
-# one per core] sets node.worker_threads of the edge and the connector,
+# the nodes' default, 1] sets node.worker_threads of the edge and the connector,
 # BENCH_OUT [benchmarks/results/<UTC timestamp>].
 #
 # Everything listens on 127.0.0.1 only and sends traffic to loopback only. Every load step
@@ -77,6 +77,7 @@ apt_install "${need_apt[@]}"
 # ---------------------------------------------------------------- binaries
 skylane_bins
 rathole_bin
+if [[ "$PROFILE" != 0 ]]; then inferno_bins; fi
 
 # ---------------------------------------------------------------- ports
 ports_free $P_ORIGIN $P_NGINX $P_EDGE $P_EDGE_ADMIN $P_CONN_ADMIN $P_PEER $P_RATHOLE $P_RATHOLE_SVC \
@@ -228,8 +229,10 @@ curl -fsS --max-time 2 "http://127.0.0.1:$P_EDGE_ADMIN/status" >"$out/raw/edge-s
 for r in $(seq 1 "$ROUNDS"); do
   for t in b c d; do
     log "h2 round $r target $t: h2load -c$H2_CONNS -m$H2_STREAMS -D $DURATION ${URL[$t]}$REQ_PATH"
+    # Warm-up in a run of its own, so the CPU counted below is only the measured requests'.
+    timeout 30 h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D 1 "${URL[$t]}$REQ_PATH" >/dev/null 2>&1 || true
     before=$(cpu_snapshot)
-    timeout $((DURATION + 40)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" --warm-up-time=1 -D "$DURATION" \
+    timeout $((DURATION + 40)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$DURATION" \
       "${URL[$t]}$REQ_PATH" >"$out/raw/h2-$t-$r.txt" 2>&1 || true
     after=$(cpu_snapshot)
     cpu_json "$before" "$after" >"$out/raw/h2-$t-$r.cpu.json"
@@ -240,7 +243,7 @@ done
 for t in a b c d; do
   log "websocket echo $t: $WS_COUNT sequential messages"
   timeout 120 python3 "$here/ws_rtt.py" "${WSURL[$t]}" --count "$WS_COUNT" --insecure \
-    --max-seconds 90 >"$out/raw/ws-$t.json"
+    --max-seconds 90 >"$out/raw/ws-$t.json" || log "websocket echo through $t failed"
 done
 
 # ---------------------------------------------------------------- 3. half load
@@ -270,7 +273,7 @@ for spec in "half:$half" "halfc:$half_c"; do
       before=$(cpu_snapshot)
       timeout $((DURATION + 40)) h2load --h1 -t1 -c"$HALF_CONNS" --rps="$per_client" \
         --warm-up-time=2 -D "$DURATION" --log-file="$out/raw/$name-$t-$r.log" \
-        "${URL[$t]}$REQ_PATH" >"$out/raw/$name-$t-$r.txt" 2>&1
+        "${URL[$t]}$REQ_PATH" >"$out/raw/$name-$t-$r.txt" 2>&1 || log "h2load through $t failed"
       after=$(cpu_snapshot)
       cpu_json "$before" "$after" >"$out/raw/$name-$t-$r.cpu.json"
     done
@@ -296,7 +299,6 @@ fi # measurements
 # step 1b: perf's report of self time, a summary by area with inclusive times
 # (perf_summary.py) and a flame graph (SVG, inferno: built once like rathole).
 if [[ "$PROFILE" == 1 || "$PROFILE" == only ]]; then
-  inferno_bins
   if [[ "$PROFILE" == only ]]; then timeout 30 wrk -t1 -c"$CONNS" -d3s "${URL[c]}$REQ_PATH" >/dev/null; fi
   for load in h1 h2; do
     for who in edge connector; do
@@ -315,9 +317,11 @@ if [[ "$PROFILE" == 1 || "$PROFILE" == only ]]; then
       fi
       wait "$perf_pid" || true
       name="$who-$load"
-      perf report -i "$data" --no-children --sort dso,symbol --stdio \
+      # --no-inline: resolving inlined frames through addr2line takes minutes per profile.
+      timeout 300 perf report -i "$data" --no-inline --no-children --sort dso,symbol --stdio \
         --percent-limit 0.7 -g none 2>/dev/null | grep -v '^$' | head -80 >"$out/profile-$name-self.txt" || true
-      perf script -i "$data" >"$run_dir/perf-$name.script" 2>/dev/null || true
+      timeout 300 perf script -i "$data" --no-inline -F comm,tid,time,period,ip,sym,dso \
+        >"$run_dir/perf-$name.script" 2>/dev/null || true
       python3 "$here/perf_summary.py" <"$run_dir/perf-$name.script" >"$out/profile-$name-summary.txt" || true
       "$inferno/inferno-collapse-perf" --all <"$run_dir/perf-$name.script" >"$run_dir/perf-$name.folded" 2>/dev/null &&
         "$inferno/inferno-flamegraph" --title "$who, $load load ($(basename "$out"))" --width 1600 \

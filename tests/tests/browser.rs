@@ -120,15 +120,19 @@ fn the_status_page_draws_the_mesh_with_every_nodes_report() -> anyhow::Result<()
     let profile = TempDir::new("chromium-status");
     let dir = std::env::var_os("SKYLANE_SCREENSHOT_DIR").map(PathBuf::from);
     let page = format!("http://{admin}/");
-    let dom = run_chromium(
-        &bin,
-        profile.path(),
-        &[
-            "--virtual-time-budget=4000".into(),
-            "--dump-dom".into(),
-            page.clone(),
-        ],
-    )?;
+    // The page runs in real time (virtual time does not wait for its fetches on a busy
+    // machine) and is asked every 100 ms whether it has drawn a route and every report.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let dom = runtime.block_on(async {
+        let mut live = LivePage::open(&bin, profile.path(), &page).await?;
+        live.wait_for(
+            "!!document.querySelector('#graph polyline') && \
+             (document.body.innerHTML.match(/ s ago<\\/td>/g) || []).length >= 3",
+            Duration::from_secs(20),
+        )
+        .await?;
+        anyhow::Ok(live.dom().await)
+    })?;
     // The graph names every member, the table has a report from each, and the routes of
     // the edge lead to the connector.
     let graph = dom

@@ -169,11 +169,29 @@ impl std::fmt::Debug for Disk {
     }
 }
 
+/// Deletes the files of the disk objects in `variants`: on a blocking thread when called on
+/// the runtime (purging many objects would otherwise stall every connection of a node on
+/// its single thread), else right here. File names are random, so a deletion that runs
+/// late never hits the file of an object stored since.
 fn delete_files(variants: &Variants) {
-    for o in variants.iter() {
-        if let Body::Disk { path, .. } = &o.body {
+    let paths: Vec<std::path::PathBuf> = variants
+        .iter()
+        .filter_map(|o| match &o.body {
+            Body::Disk { path, .. } => Some(path.clone()),
+            Body::Memory(_) => None,
+        })
+        .collect();
+    if paths.is_empty() {
+        return;
+    }
+    let delete = move || {
+        for path in &paths {
             let _ = std::fs::remove_file(path);
         }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(delete)),
+        Err(_) => delete(),
     }
 }
 
