@@ -324,7 +324,7 @@ if [[ "$PROFILE" == 1 || "$PROFILE" == only ]]; then
         >"$run_dir/perf-$name.script" 2>/dev/null || true
       python3 "$here/perf_summary.py" <"$run_dir/perf-$name.script" >"$out/profile-$name-summary.txt" || true
       "$inferno/inferno-collapse-perf" --all <"$run_dir/perf-$name.script" >"$run_dir/perf-$name.folded" 2>/dev/null &&
-        "$inferno/inferno-flamegraph" --title "$who, $load load ($(basename "$out"))" --width 1600 \
+        "$inferno/inferno-flamegraph" --title "$who, $load load ($(basename "$out"))" --width 1600 --minwidth 0.5 \
           <"$run_dir/perf-$name.folded" >"$out/flame-$name.svg" 2>/dev/null || log "no flame graph for $name"
       rm -f "$run_dir/perf-$name.script" "$run_dir/perf-$name.folded"
       if [[ "$PROFILE" == only ]]; then cp "$data" "$out/"; fi
