@@ -163,7 +163,7 @@ pub struct Config {
     pub log: LogSection,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
-    /// Runtime worker threads (`node.worker_threads`); `None`: one (see `skylane_shared::cli::run`).
+    /// Runtime worker threads (`node.worker_threads`); `None`: one per CPU (see `skylane_shared::cli::run`).
     pub worker_threads: Option<usize>,
     /// Path probing, route selection and gossip.
     pub routing: RoutingConfig,

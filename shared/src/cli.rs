@@ -30,13 +30,12 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
 /// Sets up logging, the runtime, the metrics recorder and signal handling, then runs
 /// `serve` to completion. An error is logged, printed, and becomes exit code 1.
 ///
-/// The runtime: by default (and with `worker_threads = 1`) tokio's single-threaded
-/// runtime: no work-stealing queues and no wake-ups handed between threads, which cost a
-/// multi-threaded runtime 30–40 % more CPU per proxied request on the 2-core benchmark
-/// machines (see `docs/benchmarks.md`), while the tunnel to a connector is one QUIC
-/// connection, driven by one task, either way. `worker_threads = n > 1` runs a
-/// multi-threaded runtime with n workers, `0` one with a worker per CPU: for a machine
-/// whose load is more than one core carries.
+/// The runtime: by default (and with `worker_threads = 0`) a multi-threaded one with a
+/// worker per CPU; `n > 1` workers when given. `worker_threads = 1` runs tokio's
+/// single-threaded runtime: no work-stealing queues and no wake-ups handed between
+/// threads, which cost the multi-threaded runtime 30–40 % more CPU per proxied request on
+/// the 2-core benchmark machine (see `docs/benchmarks.md`). It is not the default yet: with
+/// it, a WireGuard flow over a relay that dies stalled for over 10 s on a loaded machine.
 pub fn run<F, Fut>(log: &LogSection, worker_threads: Option<usize>, serve: F) -> Result<(), i32>
 where
     F: FnOnce(Option<PrometheusHandle>, Shutdown) -> Fut,
@@ -45,8 +44,8 @@ where
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
     raise_open_file_limit();
     let mut builder = match worker_threads {
-        None | Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(_) => tokio::runtime::Builder::new_multi_thread(),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        None | Some(_) => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
     if let Some(n) = worker_threads.filter(|&n| n > 1) {

@@ -191,11 +191,10 @@ pub struct NodeSection {
     pub listen: SocketAddr,
     /// Region label shown to operators, e.g. `"Sydney"`.
     pub region: Option<String>,
-    /// Threads that run the node's tasks; default 1: one thread, with no wake-ups handed
-    /// between threads, which is the cheapest per request (see `docs/benchmarks.md`). The
-    /// edge's TLS handshakes run on threads of their own (one per CPU) either way. More
-    /// (n > 1, or 0 for one per CPU) for a machine whose load is more than one core
-    /// carries.
+    /// Threads that run the node's tasks; default (and 0): one per CPU. 1 runs the node on
+    /// a single thread, with no wake-ups handed between threads: about 30 % less CPU per
+    /// proxied request on a small machine (see `docs/benchmarks.md`). The edge's TLS
+    /// handshakes run on threads of their own (one per CPU) either way.
     pub worker_threads: Option<u64>,
 }
 

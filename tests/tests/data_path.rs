@@ -400,14 +400,13 @@ async fn websocket_over_http2_extended_connect() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The other tests run the nodes on their default, single-threaded runtime; with
-/// `node.worker_threads = 2` each runs on a multi-threaded one, and bodies, many concurrent
-/// HTTP/2 streams and a websocket all still flow through it.
+/// `node.worker_threads = 1` runs each node on a single-threaded runtime: bodies, many
+/// concurrent HTTP/2 streams and a websocket all still flow through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multi_threaded_nodes_serve_the_whole_data_path() -> anyhow::Result<()> {
+async fn single_threaded_nodes_serve_the_whole_data_path() -> anyhow::Result<()> {
     use tokio_tungstenite::tungstenite::Message;
     let c = Cluster::start(ClusterOptions {
-        worker_threads: Some(2),
+        worker_threads: Some(1),
         ..ClusterOptions::default()
     })?;
     let client = c.client(0)?;

@@ -149,10 +149,25 @@ async fn relay_failover(transport: &'static str) -> anyhow::Result<()> {
     c.edges[relay].proc.kill();
     let killed = Instant::now();
     println!("killed {relay_name} at {:?}", std::time::SystemTime::now());
+    let route_log = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("route changed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let mut worst = Duration::ZERO;
     let mut i = 100;
     while killed.elapsed() < Duration::from_secs(6) {
-        worst = worst.max(echo(i).await?);
+        // On a stall, which end stayed on the dead relay, and when each moved.
+        let echoed = echo(i).await.map_err(|e| {
+            e.context(format!(
+                "{:?} after the kill; route changes of edge-0:\n{}\nof the connector:\n{}",
+                killed.elapsed(),
+                route_log(c.edges[0].proc.log()),
+                route_log(c.connector.log())
+            ))
+        })?;
+        worst = worst.max(echoed);
         i += 1;
         // A chat-like pace, leaving the CPU to the nodes.
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -166,12 +181,6 @@ async fn relay_failover(transport: &'static str) -> anyhow::Result<()> {
         !after.contains(&relay_name),
         "the route must leave the dead relay: {after:?}"
     );
-    let route_log = |log: String| {
-        log.lines()
-            .filter(|l| l.contains("route changed"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     println!(
         "edge-0:\n{}\nconnector:\n{}",
         route_log(c.edges[0].proc.log()),
