@@ -12,13 +12,7 @@ import json
 import re
 import statistics
 
-
-def load(path, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
+from report import load  # the sibling benchmarks/report.py
 
 
 def cpu(path):

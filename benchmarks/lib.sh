@@ -229,6 +229,21 @@ http {
 EOF
 }
 
+# ---------------------------------------------------------------- tools built with cargo
+# cargo_tool CRATE VERSION [cargo install flags...]: prints the bin directory of CRATE
+# VERSION, installed once with `cargo install` into ~/.cache/skylane-bench/CRATE-VERSION
+# and reused by every later run.
+cargo_tool() {
+  local crate=$1 version=$2 root
+  shift 2
+  root="${XDG_CACHE_HOME:-$HOME/.cache}/skylane-bench/$crate-$version"
+  if [[ ! -f "$root/.crates.toml" ]]; then
+    log "building $crate $version with cargo install (once; kept in $root)"
+    cargo install "$crate" --version "$version" "$@" --root "$root" >&2 || die "could not build $crate"
+  fi
+  echo "$root/bin"
+}
+
 # ---------------------------------------------------------------- rathole, the peer
 RATHOLE_VERSION=0.5.0
 # rathole_bin: sets `rathole` to a rathole 0.5.0 binary ($RATHOLE_BIN, else the one cached in
@@ -236,17 +251,8 @@ RATHOLE_VERSION=0.5.0
 # client and Noise transport are built: no TLS library is needed. Not --locked: the versions
 # its lock file pins (time 0.3.2x) no longer compile with current Rust.
 rathole_bin() {
-  if [[ -n "${RATHOLE_BIN:-}" ]]; then
-    rathole="$RATHOLE_BIN"
-  else
-    local root="${XDG_CACHE_HOME:-$HOME/.cache}/skylane-bench/rathole-$RATHOLE_VERSION"
-    rathole="$root/bin/rathole"
-    if [[ ! -x "$rathole" ]]; then
-      log "building rathole $RATHOLE_VERSION with cargo install (once; kept in $root)"
-      cargo install rathole --version "$RATHOLE_VERSION" --no-default-features \
-        --features server,client,noise --root "$root" >&2 || die "could not build rathole"
-    fi
-  fi
+  rathole="${RATHOLE_BIN:-$(cargo_tool rathole "$RATHOLE_VERSION" --no-default-features \
+    --features server,client,noise)/rathole}"
   [[ -x "$rathole" ]] || die "$rathole is not executable"
 }
 
@@ -295,17 +301,7 @@ EOF
 # rathole ($INFERNO_DIR names another directory).
 INFERNO_VERSION=0.12.3
 inferno_bins() {
-  if [[ -n "${INFERNO_DIR:-}" ]]; then
-    inferno="$INFERNO_DIR"
-  else
-    local root="${XDG_CACHE_HOME:-$HOME/.cache}/skylane-bench/inferno-$INFERNO_VERSION"
-    inferno="$root/bin"
-    if [[ ! -x "$inferno/inferno-flamegraph" ]]; then
-      log "building inferno $INFERNO_VERSION with cargo install (once; kept in $root)"
-      cargo install inferno --version "$INFERNO_VERSION" --locked --root "$root" >&2 ||
-        die "could not build inferno"
-    fi
-  fi
+  inferno="${INFERNO_DIR:-$(cargo_tool inferno "$INFERNO_VERSION" --locked)}"
   [[ -x "$inferno/inferno-flamegraph" && -x "$inferno/inferno-collapse-perf" ]] ||
     die "no inferno-flamegraph / inferno-collapse-perf in $inferno"
 }
