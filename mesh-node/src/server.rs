@@ -382,8 +382,13 @@ pub async fn serve(
         config.membership.clone(),
         stop_tunnels.clone(),
     )?;
-    let (mut wg_links, direct) =
-        start_wireguard(config.wireguard.as_ref(), stop_tunnels.clone()).await?;
+    let (mut wg_links, direct) = start_wireguard(
+        config.wireguard.as_ref(),
+        &socket,
+        &identity.members,
+        stop_tunnels.clone(),
+    )
+    .await?;
     // Connectors with `transport = "wireguard"`: a WireGuard tunnel over the mesh socket
     // each, instead of QUIC.
     let (quic_connectors, wg_connectors): (Vec<_>, Vec<_>) = config
@@ -698,15 +703,21 @@ async fn accept_https(
 
 /// Starts one WireGuard tunnel per `[[wireguard.peers]]` entry that a connector or a
 /// service is behind; returns the links to those connectors and the services this edge
-/// serves itself.
+/// serves itself. With any peer, the edge also carries other edges' tunnels to its peers'
+/// endpoints, and its own go through the relays a peer lists when their way fails.
 async fn start_wireguard(
     config: Option<&crate::config::wireguard::Wireguard>,
+    socket: &Arc<MeshSocket>,
+    members: &skylane_shared::membership::Members,
     stop: CancellationToken,
 ) -> anyhow::Result<(Vec<WgLink>, Option<Direct>)> {
     use skylane_shared::wireguard::WgTunnel;
+    use skylane_shared::wireguard::relay::EndpointRelay;
+    use skylane_shared::wireguard::tunnel::Ways;
     let Some(wg) = config else {
         return Ok((Vec::new(), None));
     };
+    let relay = EndpointRelay::start(socket.clone(), stop.clone());
     let resolver = skylane_shared::resolve::Resolver::from_system();
     let mut tunnels: std::collections::HashMap<String, Arc<WgTunnel>> = Default::default();
     let used = wg
@@ -721,7 +732,19 @@ async fn start_wireguard(
         let Some(peer) = wg.peers.iter().find(|p| &p.name == name) else {
             continue; // validation checked every reference names a peer
         };
-        let t = WgTunnel::start(peer.clone(), &wg.key, resolver.clone(), stop.clone())
+        let ways = relay.as_ref().and_then(|relay| {
+            if peer.relays.is_empty() {
+                // No way but its own; it still lets other edges relay to its endpoint.
+                return Ways::new(relay.clone(), Vec::new(), true);
+            }
+            let relays = peer
+                .relays
+                .iter()
+                .filter_map(|name| Some((members.by_name(name)?.id.short(), name.clone())))
+                .collect();
+            Ways::new(relay.clone(), relays, peer.direct)
+        });
+        let t = WgTunnel::start(peer.clone(), &wg.key, resolver.clone(), ways, stop.clone())
             .await
             .map_err(|e| {
                 anyhow::anyhow!("cannot start the WireGuard tunnel to {}: {e}", peer.name)

@@ -297,7 +297,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .cloned()
         .collect();
     let mesh_names: Vec<String> = connectors.iter().map(|m| m.name.clone()).collect();
-    let wireguard = wireguard::validate(&v, file.wireguard.as_ref(), &identity.key, &mesh_names)?;
+    let other_edges: Vec<String> = identity
+        .members
+        .iter()
+        .filter(|m| m.role == Role::Edge && m.id != identity.key.id())
+        .map(|m| m.name.clone())
+        .collect();
+    let wireguard = wireguard::validate(
+        &v,
+        file.wireguard.as_ref(),
+        &identity.key,
+        &mesh_names,
+        &other_edges,
+    )?;
     if connectors.is_empty()
         && wireguard
             .as_ref()

@@ -96,13 +96,15 @@ pub struct WgConnector {
     pub address: SocketAddr,
 }
 
-/// Checks the section; `node` gives the derived key when no key file is named, and
-/// `mesh_connectors` are names already taken by mesh connectors.
+/// Checks the section; `node` gives the derived key when no key file is named,
+/// `mesh_connectors` are names already taken by mesh connectors, and `other_edges` the
+/// edges that may relay a peer's tunnel.
 pub fn validate(
     v: &Validator,
     section: Option<&WireguardSection>,
     node: &NodeKey,
     mesh_connectors: &[String],
+    other_edges: &[String],
 ) -> Result<Option<Wireguard>, ConfigError> {
     let Some(s) = section else {
         return Ok(None);
@@ -136,6 +138,14 @@ pub fn validate(
                 format!("{at}.name"),
                 format!("{:?} is used twice", peer.name),
             ));
+        }
+        for (j, relay) in peer.relays.iter().enumerate() {
+            if !other_edges.contains(relay) {
+                return Err(v.invalid(
+                    format!("{at}.relays[{j}]"),
+                    format!("{relay:?} is not another edge of the mesh"),
+                ));
+            }
         }
         peers.push(peer);
     }
@@ -235,6 +245,7 @@ mod tests {
             Some(&section),
             &node,
             &["fra-connector".into()],
+            &["edge-b".into()],
         )
     }
 
@@ -267,11 +278,24 @@ mod tests {
         assert_eq!(wg.services[0].peer, "origin-vpn");
         assert_eq!(wg.services[0].service.name, "web");
         assert!(wg.services[0].service.health.is_some());
+        assert!(wg.peers[0].direct && wg.peers[0].relays.is_empty());
+        // Right after the peer's keys, `relays` and `direct` belong to it.
+        let relayed = check("relays = [\"edge-b\"]\ndirect = false")
+            .expect("valid")
+            .expect("section");
+        assert_eq!(relayed.peers[0].relays, vec!["edge-b".to_owned()]);
+        assert!(!relayed.peers[0].direct);
     }
 
     #[test]
     fn mistakes_name_their_key() {
         let cases = [
+            ("relays = [\"nobody\"]", "wireguard.peers[0].relays[0]"),
+            (
+                "relays = [\"edge-b\", \"edge-b\"]",
+                "wireguard.peers[0].relays[1]",
+            ),
+            ("direct = false", "wireguard.peers[0].direct"),
             (
                 "[[connectors]]\nname = \"x\"\npeer = \"nobody\"\naddress = \"10.77.0.1:1\"",
                 "wireguard.connectors[0].peer",
@@ -319,7 +343,7 @@ mod tests {
             toml::from_str(&format!("private_key_file = \"wg.key\"\n{PEER}")).expect("toml");
         let node = NodeKey::generate().expect("key");
         let v = Validator::new(&dir.join("edge.toml"));
-        let wg = validate(&v, Some(&section), &node, &[])
+        let wg = validate(&v, Some(&section), &node, &[], &[])
             .expect("valid")
             .expect("section");
         assert_eq!(

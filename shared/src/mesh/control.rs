@@ -24,10 +24,11 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::addr::short_id_of;
 use super::bulletin::{Bulletin, BulletinError, Stamp, Target};
 use super::frame::BodyType;
 use super::report::{self, Sample};
-use super::socket::{ControlDatagram, MeshSocket, short_id_of};
+use super::socket::{ControlDatagram, MeshSocket};
 use crate::identity::ShortId;
 use crate::membership::{Members, Role};
 use crate::resolve::Resolver;
@@ -237,7 +238,10 @@ impl MeshControl {
                 .bulletin
                 .handle(unix_ms(), from, &datagram.body)
                 .map_err(|e| e.to_string()),
-            BodyType::Relay | BodyType::RelayWireguard => Ok(()),
+            BodyType::Relay
+            | BodyType::RelayWireguard
+            | BodyType::ToEndpoint
+            | BodyType::FromEndpoint => Ok(()),
         };
         if let Err(error) = result {
             tracing::trace!(peer = %from, %error, "control datagram dropped");
@@ -536,6 +540,7 @@ impl MeshControl {
                 let short = m.id.short();
                 let path = direct.get(&short);
                 let swim = liveness.get(&short.to_string());
+                let seen = self.socket.peer_view(&m.id);
                 MemberStatus {
                     state: swim.map(|v| format!("{:?}", v.state).to_lowercase()),
                     incarnation: swim.map(|v| v.incarnation),
@@ -544,7 +549,9 @@ impl MeshControl {
                     region: m.region.clone(),
                     id: short.to_string(),
                     this_node: short == me,
-                    address: self.socket.peer_addr(&m.id).map(|a| a.to_string()),
+                    address: seen.map(|(v, _)| v.addr.to_string()),
+                    address_learned: seen.is_some_and(|(v, _)| !v.configured),
+                    heard_s_ago: seen.and_then(|(_, ago)| ago).map(|d| d.as_secs_f64()),
                     direct_state: path.map(|p| format!("{:?}", p.state).to_lowercase()),
                     direct_rtt_ms: path.and_then(|p| p.srtt_ms),
                 }
@@ -669,6 +676,13 @@ pub struct MemberStatus {
     pub incarnation: Option<u16>,
     /// Where its datagrams go on the direct path.
     pub address: Option<String>,
+    /// Whether that address was learned from its authenticated frames (it has none in
+    /// the config: behind NAT, or dialling out) rather than configured.
+    #[serde(default)]
+    pub address_learned: bool,
+    /// Seconds since an authenticated frame last came from it.
+    #[serde(default)]
+    pub heard_s_ago: Option<f64>,
     /// Liveness of the direct path (`up`, `suspect`, `dead`, …), if probed.
     pub direct_state: Option<String>,
     /// Smoothed RTT of the direct path, ms.

@@ -18,7 +18,15 @@
 //!   body type 0x03 SWIM        membership datagram
 //!   body type 0x04 BULLETIN    mesh bulletin datagram
 //!   body type 0x05 RELAY_WG    [hop: 1][n: 1][path: n × 8][wireguard datagram …]
+//!   body type 0x06 TO_ENDPOINT   [endpoint][wireguard datagram …]
+//!   body type 0x07 FROM_ENDPOINT [endpoint][wireguard datagram …]
+//!   endpoint: [4][ipv4: 4][port: 2 BE] or [6][ipv6: 16][port: 2 BE]
 //! ```
+//!
+//! TO_ENDPOINT and FROM_ENDPOINT carry a tunnel to a *stock* WireGuard endpoint (one that
+//! is not a member) through another edge: the member asks the relay to send the datagram to
+//! the endpoint from a UDP socket of its own, and the relay brings back what the endpoint
+//! answers there. One hop each way; the relay sends only to endpoints its own config names.
 //!
 //! A relay forwards RELAY and RELAY_WG bodies alike without opening the packet inside; only
 //! the last node hands it to its protocol.
@@ -26,6 +34,8 @@
 //! In a RELAY body, `path` lists every node from the QUIC sender to the QUIC receiver
 //! (3 or 4 nodes: at most two relays) and `hop` is the index of the node this hop is
 //! addressed to, so relays forward it with no routing state of their own.
+
+use std::net::{IpAddr, SocketAddr};
 
 use crate::identity::ShortId;
 
@@ -66,6 +76,10 @@ pub enum BodyType {
     Bulletin,
     /// A WireGuard datagram on a relayed path.
     RelayWireguard,
+    /// A WireGuard datagram for a stock endpoint, to send from the relay.
+    ToEndpoint,
+    /// A WireGuard datagram a stock endpoint sent to the relay.
+    FromEndpoint,
 }
 
 impl BodyType {
@@ -76,6 +90,8 @@ impl BodyType {
             BodyType::Swim => 0x03,
             BodyType::Bulletin => 0x04,
             BodyType::RelayWireguard => 0x05,
+            BodyType::ToEndpoint => 0x06,
+            BodyType::FromEndpoint => 0x07,
         }
     }
 
@@ -86,6 +102,8 @@ impl BodyType {
             0x03 => Some(BodyType::Swim),
             0x04 => Some(BodyType::Bulletin),
             0x05 => Some(BodyType::RelayWireguard),
+            0x06 => Some(BodyType::ToEndpoint),
+            0x07 => Some(BodyType::FromEndpoint),
             _ => None,
         }
     }
@@ -172,6 +190,10 @@ pub enum FrameError {
     /// A relay body whose path is too short or too long, or whose hop is outside it.
     #[error("relay header names a bad path")]
     BadRelayPath,
+    /// An endpoint body whose address family is neither 4 nor 6, or whose datagram is
+    /// empty.
+    #[error("endpoint body names a bad address")]
+    BadEndpoint,
 }
 
 impl FrameError {
@@ -183,6 +205,7 @@ impl FrameError {
             FrameError::UnknownBody(_) => "unknown_body",
             FrameError::Truncated { .. } => "truncated",
             FrameError::BadRelayPath => "bad_relay_path",
+            FrameError::BadEndpoint => "bad_endpoint",
         }
     }
 }
@@ -268,6 +291,50 @@ pub fn decode_relay(body: &[u8]) -> Result<RelayBody<'_>, FrameError> {
         len: n,
         payload: &rest[n * 8..],
     })
+}
+
+/// Appends a TO_ENDPOINT or FROM_ENDPOINT body's header (the endpoint's address); the
+/// caller appends the WireGuard datagram.
+pub fn encode_endpoint_header(out: &mut Vec<u8>, endpoint: SocketAddr) {
+    match endpoint.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&endpoint.port().to_be_bytes());
+}
+
+/// Parses a TO_ENDPOINT or FROM_ENDPOINT body: the endpoint and the datagram.
+pub fn decode_endpoint(body: &[u8]) -> Result<(SocketAddr, &[u8]), FrameError> {
+    let truncated = FrameError::Truncated {
+        kind: KIND_AUTH,
+        len: body.len(),
+    };
+    let (&family, rest) = body.split_first().ok_or(truncated.clone())?;
+    let (ip, rest): (IpAddr, &[u8]) = match family {
+        4 => {
+            let (ip, rest) = rest.split_at_checked(4).ok_or(truncated.clone())?;
+            let octets: [u8; 4] = ip.try_into().map_err(|_| truncated.clone())?;
+            (IpAddr::from(octets), rest)
+        }
+        6 => {
+            let (ip, rest) = rest.split_at_checked(16).ok_or(truncated.clone())?;
+            let octets: [u8; 16] = ip.try_into().map_err(|_| truncated.clone())?;
+            (IpAddr::from(octets), rest)
+        }
+        _ => return Err(FrameError::BadEndpoint),
+    };
+    let (port, datagram) = rest.split_at_checked(2).ok_or(truncated)?;
+    if datagram.is_empty() {
+        return Err(FrameError::BadEndpoint);
+    }
+    let port = u16::from_be_bytes([port[0], port[1]]);
+    Ok((SocketAddr::new(ip, port), datagram))
 }
 
 /// Writes the QUIC frame header for `src` into `out` (cleared first), ready for the packet.
@@ -428,13 +495,32 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn endpoint_bodies_round_trip_both_families() {
+        for endpoint in ["192.0.2.7:51820", "[2001:db8::7]:443"] {
+            let endpoint: SocketAddr = endpoint.parse().expect("addr");
+            let mut body = Vec::new();
+            encode_endpoint_header(&mut body, endpoint);
+            body.extend_from_slice(b"\x04wg");
+            assert_eq!(decode_endpoint(&body), Ok((endpoint, &b"\x04wg"[..])));
+            assert!(decode_endpoint(&body[..body.len() - 3]).is_err());
+        }
+        assert_eq!(decode_endpoint(&[5, 1, 2]), Err(FrameError::BadEndpoint));
+        assert_eq!(
+            decode_endpoint(&[4, 192, 0, 2, 7, 0, 1]),
+            Err(FrameError::BadEndpoint)
+        );
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(Frame::Auth(auth)) = decode(&data) {
                 let _ = decode_relay(auth.body);
+                let _ = decode_endpoint(auth.body);
             }
             let _ = decode_relay(&data);
+            let _ = decode_endpoint(&data);
         }
     }
 }

@@ -1,60 +1,50 @@
 //! The mesh socket: one UDP socket per node, seen by quinn as a socket whose peers are
-//! node identities.
+//! node identities ([`super::addr`]).
 //!
-//! quinn addresses each peer by a *virtual* address ([`virtual_addr`]) built from its
-//! [`ShortId`]; the socket maps it to the path datagrams take right now — direct, or through
-//! one or two relay members, as routing decided ([`MeshSocket::set_route`]). Because the
-//! path lives below QUIC, it can change without QUIC noticing: connections, streams and the
-//! websockets riding on them survive a path change. Relays forward QUIC ciphertext they
-//! cannot read.
+//! This is the I/O adapter around the sans-IO [`MeshCore`], which judges and frames every
+//! datagram. quinn sends through [`AsyncUdpSocket::try_send`] and receives through
+//! [`AsyncUdpSocket::poll_recv`]; the WireGuard driver sends with
+//! [`MeshSocket::send_wireguard`] and takes what arrives with
+//! [`MeshSocket::take_wireguard`]; the control loop (routing, membership, bulletin) sends with
+//! [`MeshSocket::send_control`] and takes what arrives with [`MeshSocket::take_control`].
+//! Relayed frames for other nodes are forwarded from inside the receive path, unopened.
 //!
-//! WireGuard datagrams ride the same paths ([`MeshSocket::send_wireguard`]): direct, or relayed
-//! by the same relays, which forward them unopened; at their end they go to the node's
-//! WireGuard driver ([`MeshSocket::take_wireguard`]) instead of quinn.
-//!
-//! Receiving, the socket demultiplexes frames: direct QUIC packets go up to quinn; routing
-//! and membership datagrams go to the node's control loop ([`MeshSocket::take_control`]);
-//! relayed packets are forwarded to the next hop or, at their end, go up to quinn as if they
-//! came from the path's first node. Authenticated frames (see [`super::auth`]) are checked
-//! before anything else: a frame from a non-member, with a bad tag, addressed to another
-//! node, or replayed is dropped and counted without a reply, so no node can be used as a
-//! relay or reflector by anyone outside the mesh.
-//!
-//! Where a peer is: a configured address ([`MeshSocket::set_peer_addr`]) wins; a member
-//! without one (an edge behind NAT) is reached at the address its authenticated frames
-//! last came from.
+//! Because the path to a member lives below QUIC and WireGuard ([`MeshSocket::set_route`]),
+//! it can change without either noticing: connections, streams and the websockets riding
+//! on them survive a path change.
 //!
 //! The UDP socket is driven through quinn-udp ([`UdpSocketState`]), as quinn drives its own
-//! sockets: several QUIC packets leave in one segmentation-offload (GSO) send, each behind
-//! its own mesh header; datagrams arrive many per `recvmmsg`, several per buffer when the
-//! kernel coalesces them (GRO), and each is checked and demultiplexed on its own. The
-//! don't-fragment bit is set, so quinn can discover the path MTU.
+//! sockets: several packets leave in one segmentation-offload (GSO) send, each in its own
+//! frame; datagrams arrive many per `recvmmsg`, several per buffer when the kernel coalesces
+//! them (GRO), and each is judged on its own ([`super::batch`]). The don't-fragment bit is
+//! set, so quinn can discover the path MTU.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::ops::Range;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
-use super::auth::{AuthError, LinkKeys, ReplayWindow, TAG_LEN};
-use super::frame::{self, AuthFrame, BodyType, Frame, MAX_RELAY_PATH};
+use super::addr::{short_id_of, virtual_addr};
+use super::auth::AuthError;
+use super::batch::{ForwardBatch, Packer, PendingPacket, copy_between, deliver_pending};
+use super::core::{DropReason, FrameSendError, Inbound, MeshCore, Outbound, SocketCounters};
+use super::frame::BodyType;
+use super::peers::PeerView;
 use crate::identity::{NodeId, NodeKey, ShortId};
 use crate::membership::Members;
+use crate::routing::Timestamp;
 
-/// First 8 bytes of every virtual address: a unique-local IPv6 prefix that spells "Skylane".
-const VIRTUAL_PREFIX: [u8; 8] = [0xfd, 0x53, 0x6b, 0x79, 0x6c, 0x61, 0x6e, 0x65];
-/// Port of every virtual address; the address bytes alone name the node.
-const VIRTUAL_PORT: u16 = 1;
 /// Socket buffer size asked of the kernel, each way.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Control datagrams waiting for the control loop; beyond this they are dropped (routing
@@ -63,35 +53,6 @@ const CONTROL_QUEUE: usize = 4096;
 /// WireGuard datagrams waiting for the WireGuard driver; beyond this they are dropped, as
 /// on a congested link (the TCP flows inside send them again).
 const WIREGUARD_QUEUE: usize = 4096;
-/// Most bytes of relayed frames forwarded in one segmentation-offload send: below the
-/// largest UDP payload of IPv4 (65,507), whatever the frames' size.
-const FORWARD_MAX_BYTES: usize = 65_000;
-
-/// The address quinn uses for a peer.
-pub fn virtual_addr(id: &NodeId) -> SocketAddr {
-    virtual_addr_of(&id.short())
-}
-
-fn virtual_addr_of(short: &ShortId) -> SocketAddr {
-    let mut octets = [0u8; 16];
-    octets[..8].copy_from_slice(&VIRTUAL_PREFIX);
-    octets[8..].copy_from_slice(&short.0);
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), VIRTUAL_PORT)
-}
-
-/// The node a virtual address stands for, if it is one.
-pub fn short_id_of(addr: &SocketAddr) -> Option<ShortId> {
-    let IpAddr::V6(v6) = addr.ip() else {
-        return None;
-    };
-    let o = v6.octets();
-    if o[..8] != VIRTUAL_PREFIX {
-        return None;
-    }
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&o[8..]);
-    Some(ShortId(s))
-}
 
 /// A WireGuard datagram that reached this node, for its WireGuard driver.
 #[derive(Clone, Debug)]
@@ -101,6 +62,30 @@ pub struct WireguardDatagram {
     pub from: ShortId,
     /// The datagram.
     pub data: Vec<u8>,
+}
+
+/// A datagram of a tunnel to a stock WireGuard endpoint that travels through another edge
+/// (see [`crate::wireguard::relay`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointDatagram {
+    /// A member asks this node to send it to the endpoint.
+    Out {
+        /// The member whose tunnel it is.
+        from: ShortId,
+        /// The stock endpoint.
+        endpoint: SocketAddr,
+        /// The WireGuard datagram.
+        data: Vec<u8>,
+    },
+    /// A relay brings what the endpoint sent it for this node.
+    In {
+        /// The relay.
+        via: ShortId,
+        /// The stock endpoint.
+        endpoint: SocketAddr,
+        /// The WireGuard datagram.
+        data: Vec<u8>,
+    },
 }
 
 /// A routing or membership datagram from a member, authenticated, for the control loop.
@@ -114,93 +99,6 @@ pub struct ControlDatagram {
     pub body: Vec<u8>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct PeerPath {
-    addr: SocketAddr,
-    /// Set from config or DNS; a learned source address never overrides it.
-    configured: bool,
-}
-
-/// A relayed route: every node from this one to the destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct RelayRoute {
-    nodes: [ShortId; MAX_RELAY_PATH],
-    len: usize,
-}
-
-impl RelayRoute {
-    fn nodes(&self) -> &[ShortId] {
-        &self.nodes[..self.len]
-    }
-}
-
-/// Counters of what the socket did, for metrics and tests.
-#[derive(Debug, Default)]
-pub struct SocketCounters {
-    /// QUIC datagrams sent (direct or into a relayed path); a segmentation-offload send
-    /// counts each datagram in it.
-    pub quic_sent: AtomicU64,
-    /// QUIC datagrams passed up to quinn.
-    pub quic_received: AtomicU64,
-    /// Datagrams (QUIC or WireGuard) sent on a relayed path.
-    pub relayed_sent: AtomicU64,
-    /// Relayed datagrams forwarded for other nodes.
-    pub relayed_forwarded: AtomicU64,
-    /// Relayed datagrams (QUIC or WireGuard) that reached this node as their destination.
-    pub relayed_received: AtomicU64,
-    /// Control datagrams (routing, membership) sent and received.
-    pub control_sent: AtomicU64,
-    /// Control datagrams received.
-    pub control_received: AtomicU64,
-    /// Datagrams that were not valid frames.
-    pub malformed: AtomicU64,
-    /// Frames from keys that are not members.
-    pub non_member: AtomicU64,
-    /// Authenticated frames whose tag did not verify (forged or altered).
-    pub bad_tag: AtomicU64,
-    /// Authenticated frames seen before (replayed) or too old.
-    pub replayed: AtomicU64,
-    /// Authenticated frames addressed to another node, or relayed along a path that does not
-    /// fit where they arrived.
-    pub misrouted: AtomicU64,
-    /// Datagrams quinn sent to a peer we have no path to.
-    pub no_path: AtomicU64,
-    /// Control datagrams dropped because the control loop lagged.
-    pub control_dropped: AtomicU64,
-    /// WireGuard datagrams sent (direct or into a relayed path).
-    pub wireguard_sent: AtomicU64,
-    /// WireGuard datagrams handed to the WireGuard driver.
-    pub wireguard_received: AtomicU64,
-    /// WireGuard datagrams dropped: no driver, or it lagged.
-    pub wireguard_dropped: AtomicU64,
-}
-
-impl SocketCounters {
-    /// The counters as JSON, for status pages.
-    pub fn snapshot(&self) -> serde_json::Value {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "quic_sent": get(&self.quic_sent),
-            "quic_received": get(&self.quic_received),
-            "relayed_sent": get(&self.relayed_sent),
-            "relayed_forwarded": get(&self.relayed_forwarded),
-            "relayed_received": get(&self.relayed_received),
-            "control_sent": get(&self.control_sent),
-            "control_received": get(&self.control_received),
-            "malformed": get(&self.malformed),
-            "non_member": get(&self.non_member),
-            "bad_tag": get(&self.bad_tag),
-            "replayed": get(&self.replayed),
-            "misrouted": get(&self.misrouted),
-            "no_path": get(&self.no_path),
-            "control_dropped": get(&self.control_dropped),
-            "wireguard_sent": get(&self.wireguard_sent),
-            "wireguard_received": get(&self.wireguard_received),
-            "wireguard_dropped": get(&self.wireguard_dropped),
-        })
-    }
-}
-
 /// The mesh socket. Create it with [`MeshSocket::bind`], then give it to quinn with
 /// [`crate::quic::endpoint`].
 pub struct MeshSocket {
@@ -211,65 +109,24 @@ pub struct MeshSocket {
     /// What receiving keeps between calls. Only quinn's endpoint driver receives, so the
     /// lock is uncontended; it is taken once per batch, not per datagram.
     recv: Mutex<RecvState>,
-    local: NodeId,
-    members: Members,
-    keys: LinkKeys,
-    /// Next counter of an authenticated frame; starts at the clock in µs so it grows across
-    /// restarts and receivers' replay windows accept the restarted node at once.
-    counter: AtomicU64,
-    windows: Mutex<HashMap<ShortId, ReplayWindow>>,
-    paths: RwLock<HashMap<ShortId, PeerPath>>,
-    /// Destinations routed through relays; absent means direct.
-    routes: RwLock<HashMap<ShortId, RelayRoute>>,
+    core: MeshCore,
+    /// The core's clock starts here.
+    epoch: Instant,
     control_tx: mpsc::Sender<ControlDatagram>,
     control_rx: Mutex<Option<mpsc::Receiver<ControlDatagram>>>,
     wireguard_tx: mpsc::Sender<WireguardDatagram>,
     wireguard_rx: Mutex<Option<mpsc::Receiver<WireguardDatagram>>>,
-    counters: SocketCounters,
+    endpoint_tx: mpsc::Sender<EndpointDatagram>,
+    endpoint_rx: Mutex<Option<mpsc::Receiver<EndpointDatagram>>>,
 }
 
 impl fmt::Debug for MeshSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MeshSocket")
-            .field("local", &self.local)
+            .field("local", &self.core.local_id())
             .field("udp", &self.io.local_addr().ok())
             .finish_non_exhaustive()
     }
-}
-
-/// Why a datagram was dropped on receipt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DropReason {
-    Malformed(&'static str),
-    NonMember,
-    BadTag,
-    Replayed,
-    Misrouted,
-    ControlQueueFull,
-    WireguardQueueFull,
-}
-
-impl DropReason {
-    fn label(self) -> &'static str {
-        match self {
-            DropReason::Malformed(label) => label,
-            DropReason::NonMember => "non_member",
-            DropReason::BadTag => "bad_tag",
-            DropReason::Replayed => "replayed",
-            DropReason::Misrouted => "misrouted",
-            DropReason::ControlQueueFull => "control_queue_full",
-            DropReason::WireguardQueueFull => "wireguard_queue_full",
-        }
-    }
-}
-
-/// What became of a received datagram.
-enum Received {
-    /// A QUIC packet for quinn: where it lies in the datagram, and its sender.
-    Quic(Range<usize>, SocketAddr),
-    /// Consumed here (control datagram queued, relayed packet queued for the next hop).
-    Consumed,
-    Dropped(DropReason),
 }
 
 /// What receiving keeps between calls of `poll_recv`.
@@ -281,161 +138,6 @@ struct RecvState {
     pending: VecDeque<PendingPacket>,
     /// Relayed frames for their next hop, collected while a batch is demultiplexed.
     forward: ForwardBatch,
-}
-
-/// A QUIC packet waiting in [`RecvState::pending`].
-struct PendingPacket {
-    /// The virtual address of its sender.
-    addr: SocketAddr,
-    ecn: Option<EcnCodepoint>,
-    data: Vec<u8>,
-}
-
-/// Relayed frames on their way to the next hop, built back to back so that a run of
-/// equal-size frames to one address (as a coalesced buffer of them usually is) leaves in one
-/// segmentation-offload send instead of one syscall each.
-#[derive(Default)]
-struct ForwardBatch {
-    buf: Vec<u8>,
-    /// Where every frame in `buf` goes, with which ECN mark.
-    to: Option<(SocketAddr, Option<EcnCodepoint>)>,
-    /// Size of every frame but a shorter last one: the segment size.
-    frame_len: usize,
-    frames: usize,
-}
-
-impl ForwardBatch {
-    /// Whether a frame of `len` bytes to `addr` can join the batch: GSO sends equal-size
-    /// segments to one address, of which only the last may be shorter.
-    fn takes(
-        &self,
-        addr: SocketAddr,
-        ecn: Option<EcnCodepoint>,
-        len: usize,
-        max_frames: usize,
-    ) -> bool {
-        self.frames == 0
-            || (self.to == Some((addr, ecn))
-                && len <= self.frame_len
-                && self.buf.len() == self.frames * self.frame_len
-                && self.frames < max_frames
-                && self.buf.len() + len <= FORWARD_MAX_BYTES)
-    }
-}
-
-/// Packs QUIC packets into the buffers quinn lends `poll_recv`. One `RecvMeta` describes a
-/// buffer of packets from one (virtual) source with one ECN mark, all `stride` bytes but a
-/// shorter last one; a packet that breaks that starts the next buffer.
-#[derive(Default)]
-struct Packer {
-    /// The run being filled; buffers before its slot hold finished runs.
-    run: Option<Run>,
-}
-
-#[derive(Clone, Copy)]
-struct Run {
-    slot: usize,
-    addr: SocketAddr,
-    ecn: Option<EcnCodepoint>,
-    stride: usize,
-    len: usize,
-}
-
-impl Run {
-    fn takes(
-        &self,
-        addr: SocketAddr,
-        ecn: Option<EcnCodepoint>,
-        len: usize,
-        capacity: usize,
-    ) -> bool {
-        self.addr == addr
-            && self.ecn == ecn
-            && len <= self.stride
-            // A packet shorter than the stride ended the run.
-            && self.len.is_multiple_of(self.stride)
-            && self.len + len <= capacity
-    }
-
-    fn meta(&self) -> RecvMeta {
-        RecvMeta {
-            addr: self.addr,
-            len: self.len,
-            stride: self.stride,
-            ecn: self.ecn,
-            // The packet's destination is this node's virtual address, which quinn knows;
-            // the real local IP means nothing to it.
-            dst_ip: None,
-        }
-    }
-}
-
-impl Packer {
-    /// Where a packet of `len` bytes goes, as (buffer, offset), or `None` if it needs a
-    /// buffer past `last_slot` (or fits none). Packets must be placed in arrival order.
-    fn place(
-        &mut self,
-        meta: &mut [RecvMeta],
-        addr: SocketAddr,
-        ecn: Option<EcnCodepoint>,
-        len: usize,
-        capacity: usize,
-        last_slot: usize,
-    ) -> Option<(usize, usize)> {
-        if let Some(run) = &mut self.run
-            && run.takes(addr, ecn, len, capacity)
-        {
-            let at = run.len;
-            run.len += len;
-            return Some((run.slot, at));
-        }
-        let slot = self.run.map_or(0, |run| run.slot + 1);
-        if slot > last_slot || len > capacity || len == 0 {
-            return None;
-        }
-        if let Some(run) = self.run {
-            meta[run.slot] = run.meta();
-        }
-        self.run = Some(Run {
-            slot,
-            addr,
-            ecn,
-            stride: len,
-            len,
-        });
-        Some((slot, 0))
-    }
-
-    /// Writes the last run's meta; returns how many buffers hold packets.
-    fn finish(self, meta: &mut [RecvMeta]) -> usize {
-        match self.run {
-            Some(run) => {
-                meta[run.slot] = run.meta();
-                run.slot + 1
-            }
-            None => 0,
-        }
-    }
-}
-
-/// Copies `range` of buffer `from` to offset `at` of buffer `to`.
-fn copy_between(
-    bufs: &mut [IoSliceMut<'_>],
-    from: usize,
-    range: Range<usize>,
-    to: usize,
-    at: usize,
-) {
-    let end = at + range.len();
-    if from == to {
-        bufs[to].copy_within(range, at);
-    } else if to < from {
-        let (low, high) = bufs.split_at_mut(from);
-        low[to][at..end].copy_from_slice(&high[0][range]);
-    } else {
-        let (low, high) = bufs.split_at_mut(to);
-        high[0][at..end].copy_from_slice(&low[from][range]);
-    }
 }
 
 impl MeshSocket {
@@ -456,8 +158,14 @@ impl MeshSocket {
         key: &NodeKey,
         members: Members,
     ) -> Result<Arc<Self>, BindError> {
-        let keys = LinkKeys::new(key, &members)?;
-        for name in keys.unusable() {
+        // The frame counter starts at the clock in µs, so it grows across restarts and
+        // receivers' replay windows accept the restarted node at once.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        let core = MeshCore::new(key, members, start)?;
+        for name in core.unusable_members() {
             tracing::warn!(member = %name, "member's public key is not usable for link keys; it can't relay or be relayed to");
         }
         let state = UdpSocketState::new((&io).into())?;
@@ -472,26 +180,19 @@ impl MeshSocket {
         }
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (wireguard_tx, wireguard_rx) = mpsc::channel(WIREGUARD_QUEUE);
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
+        let (endpoint_tx, endpoint_rx) = mpsc::channel(WIREGUARD_QUEUE);
         Ok(Arc::new(Self {
             io,
             state,
             recv: Mutex::new(RecvState::default()),
-            local: key.id(),
-            members,
-            keys,
-            counter: AtomicU64::new(start.max(1)),
-            windows: Mutex::new(HashMap::new()),
-            paths: RwLock::new(HashMap::new()),
-            routes: RwLock::new(HashMap::new()),
+            core,
+            epoch: Instant::now(),
             control_tx,
             control_rx: Mutex::new(Some(control_rx)),
             wireguard_tx,
             wireguard_rx: Mutex::new(Some(wireguard_rx)),
-            counters: SocketCounters::default(),
+            endpoint_tx,
+            endpoint_rx: Mutex::new(Some(endpoint_rx)),
         }))
     }
 
@@ -502,64 +203,52 @@ impl MeshSocket {
 
     /// This node's identity.
     pub fn local_id(&self) -> NodeId {
-        self.local
+        self.core.local_id()
     }
 
     /// The member list the socket enforces.
-    pub fn members(&self) -> &Members {
-        &self.members
+    pub fn members(&self) -> Members {
+        self.core.members()
+    }
+
+    /// Replaces the member list the socket enforces (a reload); see
+    /// [`MeshCore::set_members`].
+    pub fn set_members(&self, members: Members) -> Result<(), AuthError> {
+        self.core.set_members(members)
     }
 
     /// What the socket has counted so far.
     pub fn counters(&self) -> &SocketCounters {
-        &self.counters
+        self.core.counters()
+    }
+
+    /// The socket's clock, as the core reads it.
+    fn now(&self) -> Timestamp {
+        Timestamp::from_duration(self.epoch.elapsed())
     }
 
     /// Sets where a peer's datagrams go (from config or a DNS answer).
     pub fn set_peer_addr(&self, peer: &NodeId, addr: SocketAddr) {
-        if let Ok(mut paths) = self.paths.write() {
-            paths.insert(
-                peer.short(),
-                PeerPath {
-                    addr,
-                    configured: true,
-                },
-            );
-        }
+        self.core.peers().set_addr(peer.short(), addr);
     }
 
     /// Where a peer's datagrams go on the direct path, if anywhere.
     pub fn peer_addr(&self, peer: &NodeId) -> Option<SocketAddr> {
-        self.direct_addr(&peer.short())
+        self.core.peers().addr(&peer.short())
     }
 
-    fn direct_addr(&self, peer: &ShortId) -> Option<SocketAddr> {
-        self.paths
-            .read()
-            .ok()
-            .and_then(|p| p.get(peer).map(|p| p.addr))
+    /// What the socket knows of a peer, and how long ago it last heard from it.
+    pub fn peer_view(&self, peer: &NodeId) -> Option<(PeerView, Option<std::time::Duration>)> {
+        let view = self.core.peers().view(&peer.short())?;
+        let now = self.now();
+        Some((view, view.heard.map(|t| now.saturating_since(t))))
     }
 
-    /// Sets the path QUIC datagrams to `path`'s last node take: `path` lists every node
-    /// from this one to the destination; two nodes (or `None`) mean direct. Takes effect
-    /// with the next datagram.
+    /// Sets the path datagrams to `destination` take: `path` lists every node from this one
+    /// to the destination; two nodes (or `None`) mean direct. Takes effect with the next
+    /// datagram.
     pub fn set_route(&self, destination: ShortId, path: Option<&[ShortId]>) {
-        let Ok(mut routes) = self.routes.write() else {
-            return;
-        };
-        match path {
-            Some(nodes) if (3..=MAX_RELAY_PATH).contains(&nodes.len()) => {
-                let mut route = RelayRoute {
-                    nodes: [ShortId([0; 8]); MAX_RELAY_PATH],
-                    len: nodes.len(),
-                };
-                route.nodes[..nodes.len()].copy_from_slice(nodes);
-                routes.insert(destination, route);
-            }
-            _ => {
-                routes.remove(&destination);
-            }
-        }
+        self.core.peers().set_route(destination, path);
     }
 
     /// Takes the stream of authenticated routing and membership datagrams (once; later
@@ -572,6 +261,43 @@ impl MeshSocket {
     /// `None`). Until it is taken, they are dropped.
     pub fn take_wireguard(&self) -> Option<mpsc::Receiver<WireguardDatagram>> {
         self.wireguard_rx.lock().ok().and_then(|mut rx| rx.take())
+    }
+
+    /// Takes the stream of datagrams of tunnels to stock WireGuard endpoints that other
+    /// edges carry through this one, or that this one's tunnels get through other edges
+    /// (once; later calls get `None`). Until it is taken, they are dropped.
+    pub fn take_endpoint_datagrams(&self) -> Option<mpsc::Receiver<EndpointDatagram>> {
+        self.endpoint_rx.lock().ok().and_then(|mut rx| rx.take())
+    }
+
+    /// Sends a datagram of a tunnel to the stock `endpoint` to the member `to`, on the
+    /// direct path: [`BodyType::ToEndpoint`] asks it to send the datagram on to the
+    /// endpoint, [`BodyType::FromEndpoint`] brings it what the endpoint sent. Lost, counted,
+    /// if `to` has no address. Waits while the socket's send buffer is full.
+    pub async fn send_endpoint(
+        &self,
+        to: &ShortId,
+        body_type: BodyType,
+        endpoint: SocketAddr,
+        datagram: &[u8],
+    ) -> io::Result<()> {
+        loop {
+            let sent = SEND_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                let framed = self
+                    .core
+                    .frame_endpoint(to, body_type, endpoint, datagram, &mut buf);
+                let Some(out) = self.lost_unless_framed(framed, 1)? else {
+                    return Ok(());
+                };
+                self.io.try_send_to(&buf, out.to).map(|_| ())
+            });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.io.writable().await?,
+                other => return other,
+            }
+        }
     }
 
     /// Sends a WireGuard datagram to a member on the path routing chose for it (as QUIC
@@ -588,136 +314,54 @@ impl MeshSocket {
     }
 
     fn try_send_wireguard(&self, to: &ShortId, datagram: &[u8]) -> io::Result<()> {
-        if datagram.is_empty() {
-            return Ok(());
-        }
-        let relayed = self.routes.read().ok().and_then(|r| r.get(to).copied());
-        if relayed.is_some() {
-            self.counters.relayed_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        let sent = match relayed {
-            Some(route) => self.send_relayed(
-                1,
-                route.nodes(),
-                datagram,
-                datagram.len(),
-                None,
-                BodyType::RelayWireguard,
-            ),
-            None => match self.direct_addr(to) {
-                None => Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "no address for peer",
-                )),
-                Some(addr) => SEND_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.clear();
-                    frame::append_wireguard_header(&mut buf, self.local.short());
-                    buf.extend_from_slice(datagram);
-                    self.io.try_send_to(&buf, addr).map(|_| ())
-                }),
-            },
-        };
-        match sent {
-            Ok(()) => {
-                self.counters.wireguard_sent.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                self.counters.no_path.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Hands a WireGuard datagram to the driver.
-    fn deliver_wireguard(&self, from: ShortId, data: &[u8]) -> Received {
-        let datagram = WireguardDatagram {
-            from,
-            data: data.to_vec(),
-        };
-        if self.wireguard_tx.try_send(datagram).is_err() {
-            return Received::Dropped(DropReason::WireguardQueueFull);
-        }
-        self.counters
-            .wireguard_received
-            .fetch_add(1, Ordering::Relaxed);
-        Received::Consumed
-    }
-
-    /// Sends a routing or membership datagram to a peer on the direct path.
-    pub fn send_control(&self, to: &ShortId, body_type: BodyType, body: &[u8]) -> io::Result<()> {
-        let addr = self
-            .direct_addr(to)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no address for peer"))?;
         SEND_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
-            frame::encode_auth_header(
-                &mut buf,
-                self.local.short(),
-                *to,
-                self.next_counter(),
-                body_type,
-            );
-            buf.extend_from_slice(body);
-            self.seal(&mut buf, to)?;
-            self.io.try_send_to(&buf, addr)?;
-            self.counters.control_sent.fetch_add(1, Ordering::Relaxed);
+            buf.clear();
+            let framed = self.core.frame_wireguard(to, datagram, &mut buf);
+            let Some(out) = self.lost_unless_framed(framed, 1)? else {
+                return Ok(());
+            };
+            self.send_segments(out.to, None, &buf, out.frame_len)?;
+            let counters = self.counters();
+            counters.wireguard_sent.fetch_add(1, Ordering::Relaxed);
+            if out.relayed {
+                counters.relayed_sent.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(())
         })
     }
 
-    fn next_counter(&self) -> u64 {
-        self.counter.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Appends the tag for the link to `to`.
-    fn seal(&self, buf: &mut Vec<u8>, to: &ShortId) -> io::Result<()> {
-        let tag = self.keys.tag(to, buf).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::PermissionDenied, "no link key for peer")
-        })?;
-        buf.extend_from_slice(&tag);
-        Ok(())
-    }
-
-    /// Sends `packets`, QUIC packets of `segment` bytes each (the last may be shorter), as
-    /// relay hop `hop` of `path` (addressed to `path[hop]`): each in its own authenticated
-    /// frame, with its own counter and tag, all in one segmentation-offload send.
-    fn send_relayed(
-        &self,
-        hop: usize,
-        path: &[ShortId],
-        packets: &[u8],
-        segment: usize,
-        ecn: Option<EcnCodepoint>,
-        body_type: BodyType,
-    ) -> io::Result<()> {
-        let next = *path
-            .get(hop)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "hop outside the path"))?;
-        let addr = self
-            .direct_addr(&next)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no address for relay"))?;
-        let segment = segment.max(1);
-        let count = packets.len().div_ceil(segment) as u64;
-        // One atomic step reserves a counter for every frame of the batch.
-        let first = self.counter.fetch_add(count, Ordering::Relaxed);
+    /// Sends a routing or membership datagram to a peer on the direct path.
+    pub fn send_control(&self, to: &ShortId, body_type: BodyType, body: &[u8]) -> io::Result<()> {
         SEND_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            for (counter, packet) in (first..).zip(packets.chunks(segment)) {
-                let start = buf.len();
-                frame::append_auth_header(&mut buf, self.local.short(), next, counter, body_type);
-                frame::encode_relay_header(&mut buf, hop, path);
-                buf.extend_from_slice(packet);
-                let tag = self.keys.tag(&next, &buf[start..]).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::PermissionDenied, "no link key for peer")
-                })?;
-                buf.extend_from_slice(&tag);
-            }
-            self.send_segments(addr, ecn, &buf, segment + frame::relay_overhead(path.len()))
+            let out = self
+                .core
+                .frame_control(to, body_type, body, &mut buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::NotConnected, e))?;
+            self.io.try_send_to(&buf, out.to)?;
+            self.counters().control_sent.fetch_add(1, Ordering::Relaxed);
+            Ok(())
         })
+    }
+
+    /// What became of framing `frames` data packets: framed, or lost like packets on the
+    /// wire (no path yet: the protocol above retransmits and routing looks for another
+    /// path), counted.
+    fn lost_unless_framed(
+        &self,
+        framed: Result<Outbound, FrameSendError>,
+        frames: u64,
+    ) -> io::Result<Option<Outbound>> {
+        match framed {
+            Ok(out) => Ok(Some(out)),
+            Err(FrameSendError::Empty) => Ok(None),
+            Err(FrameSendError::NoPath | FrameSendError::NoLinkKey) => {
+                self.counters().no_path.fetch_add(frames, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
     }
 
     /// Sends `frames`, datagrams of `frame_len` bytes back to back (the last may be
@@ -747,247 +391,101 @@ impl MeshSocket {
 
     /// Sends the relayed frames collected while demultiplexing, if any.
     fn flush_forward(&self, batch: &mut ForwardBatch) {
-        let Some((addr, ecn)) = batch.to.take() else {
+        let Some(send) = batch.ready() else {
             return;
         };
-        let frames = batch.frames as u64;
-        match self.send_segments(addr, ecn, &batch.buf, batch.frame_len) {
+        let frames = send.count as u64;
+        match self.send_segments(send.to, send.ecn, send.frames, send.frame_len) {
             Ok(()) => {
-                self.counters
+                self.counters()
                     .relayed_forwarded
                     .fetch_add(frames, Ordering::Relaxed);
             }
             Err(e) => {
-                self.counters.no_path.fetch_add(frames, Ordering::Relaxed);
+                self.counters().no_path.fetch_add(frames, Ordering::Relaxed);
                 tracing::trace!(error = %e, frames, "could not forward relayed datagrams");
             }
         }
-        batch.buf.clear();
-        batch.frames = 0;
-        batch.frame_len = 0;
+        batch.clear();
     }
 
-    /// Frames `payload` as relay hop `hop` of `path` into the forward batch, sending the
-    /// batch first if the frame can't join it.
-    fn forward_relayed(
-        &self,
-        batch: &mut ForwardBatch,
-        hop: usize,
-        path: &[ShortId],
-        payload: &[u8],
-        ecn: Option<EcnCodepoint>,
-        body_type: BodyType,
-    ) {
-        let Some(&next) = path.get(hop) else {
-            return;
-        };
-        let Some(addr) = self.direct_addr(&next) else {
-            self.counters.no_path.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(next = %next, "no address for the next hop of a relayed datagram");
-            return;
-        };
-        let len = frame::relay_overhead(path.len()) + payload.len();
-        if !batch.takes(addr, ecn, len, self.state.max_gso_segments()) {
-            self.flush_forward(batch);
-        }
-        let start = batch.buf.len();
-        frame::append_auth_header(
-            &mut batch.buf,
-            self.local.short(),
-            next,
-            self.next_counter(),
-            body_type,
-        );
-        frame::encode_relay_header(&mut batch.buf, hop, path);
-        batch.buf.extend_from_slice(payload);
-        let Some(tag) = self.keys.tag(&next, &batch.buf[start..]) else {
-            batch.buf.truncate(start);
-            self.counters.no_path.fetch_add(1, Ordering::Relaxed);
-            tracing::trace!(next = %next, "no link key for the next hop of a relayed datagram");
-            return;
-        };
-        batch.buf.extend_from_slice(&tag);
-        if batch.frames == 0 {
-            batch.to = Some((addr, ecn));
-            batch.frame_len = len;
-        }
-        batch.frames += 1;
-    }
-
-    fn learn_source(&self, src: ShortId, from: SocketAddr, authenticated: bool) {
-        let known = self.paths.read().ok().and_then(|p| p.get(&src).copied());
-        // Only an authenticated frame teaches or moves an address. A QUIC frame's source is
-        // a claim anyone can forge: learning from it would let a stranger pin a member whose
-        // address is not known yet, and turn this node's answers towards any address.
-        let learn = authenticated
-            && match known {
-                None => true,
-                Some(p) => !p.configured && p.addr != from,
-            };
-        if learn && let Ok(mut paths) = self.paths.write() {
-            paths.insert(
-                src,
-                PeerPath {
-                    addr: from,
-                    configured: false,
-                },
-            );
-        }
-    }
-
-    fn count_drop(&self, drop: DropReason, from: SocketAddr) {
-        let counter = match drop {
-            DropReason::Malformed(_) => &self.counters.malformed,
-            DropReason::NonMember => &self.counters.non_member,
-            DropReason::BadTag => &self.counters.bad_tag,
-            DropReason::Replayed => &self.counters.replayed,
-            DropReason::Misrouted => &self.counters.misrouted,
-            DropReason::ControlQueueFull => &self.counters.control_dropped,
-            DropReason::WireguardQueueFull => &self.counters.wireguard_dropped,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("skylane_mesh_frames_dropped_total", "reason" => drop.label())
-            .increment(1);
-        tracing::trace!(%from, reason = drop.label(), "dropped a datagram");
-    }
-
-    /// Handles one received datagram in place. `ecn` is its mark, passed on if it is
-    /// forwarded; relayed frames for the next hop are added to `forward`.
-    fn handle_datagram(
-        &self,
-        buf: &[u8],
-        from: SocketAddr,
-        ecn: Option<EcnCodepoint>,
-        forward: &mut ForwardBatch,
-    ) -> Received {
-        let frame = match frame::decode(buf) {
-            Ok(frame) => frame,
-            Err(e) => return Received::Dropped(DropReason::Malformed(e.label())),
-        };
-        match frame {
-            Frame::Quic { src, payload } => {
-                let Some(member) = self.members.by_short(&src) else {
-                    return Received::Dropped(DropReason::NonMember);
-                };
-                self.learn_source(src, from, false);
-                self.counters.quic_received.fetch_add(1, Ordering::Relaxed);
-                Received::Quic(
-                    buf.len() - payload.len()..buf.len(),
-                    virtual_addr(&member.id),
-                )
-            }
-            Frame::Wireguard { src, payload } => {
-                if self.members.by_short(&src).is_none() {
-                    return Received::Dropped(DropReason::NonMember);
-                }
-                // The sender's id travels in clear: only the member's own address may use
-                // it, so a stranger cannot load that member's WireGuard session (its
-                // handshake rate limit, its queue) with replayed or forged datagrams.
-                if self.direct_addr(&src) != Some(from) {
-                    return Received::Dropped(DropReason::Misrouted);
-                }
-                self.deliver_wireguard(src, payload)
-            }
-            Frame::Auth(auth) => self.handle_auth(buf, auth, from, ecn, forward),
-        }
-    }
-
-    fn handle_auth(
-        &self,
-        buf: &[u8],
-        auth: AuthFrame<'_>,
-        from: SocketAddr,
-        ecn: Option<EcnCodepoint>,
-        forward: &mut ForwardBatch,
-    ) -> Received {
-        if self.members.by_short(&auth.src).is_none() {
-            return Received::Dropped(DropReason::NonMember);
-        }
-        if auth.dst != self.local.short() {
-            return Received::Dropped(DropReason::Misrouted);
-        }
-        if !self.keys.verify(&auth.src, auth.signed, auth.tag) {
-            return Received::Dropped(DropReason::BadTag);
-        }
-        let fresh = self
-            .windows
-            .lock()
-            .map(|mut w| w.entry(auth.src).or_default().accept(auth.counter))
-            .unwrap_or(false);
-        if !fresh {
-            return Received::Dropped(DropReason::Replayed);
-        }
-        self.learn_source(auth.src, from, true);
-        match auth.body_type {
-            BodyType::Routing | BodyType::Swim | BodyType::Bulletin => {
+    /// Queues what the core judged to be for the control loop or the WireGuard driver; a
+    /// full queue drops it, counted.
+    fn hand_over(&self, inbound: Inbound<'_>, from: SocketAddr) {
+        let dropped = match inbound {
+            Inbound::Control {
+                from: member,
+                body_type,
+                body,
+            } => {
                 let datagram = ControlDatagram {
-                    from: auth.src,
-                    body_type: auth.body_type,
-                    body: auth.body.to_vec(),
+                    from: member,
+                    body_type,
+                    body: body.to_vec(),
                 };
-                if self.control_tx.try_send(datagram).is_err() {
-                    return Received::Dropped(DropReason::ControlQueueFull);
+                match self.control_tx.try_send(datagram) {
+                    Ok(()) => {
+                        self.counters()
+                            .control_received
+                            .fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                    Err(_) => Some(DropReason::ControlQueueFull),
                 }
-                self.counters
-                    .control_received
-                    .fetch_add(1, Ordering::Relaxed);
-                Received::Consumed
             }
-            BodyType::Relay | BodyType::RelayWireguard => {
-                self.handle_relay(buf, &auth, ecn, forward)
+            Inbound::Wireguard {
+                from: member,
+                datagram,
+            } => {
+                let datagram = WireguardDatagram {
+                    from: member,
+                    data: datagram.to_vec(),
+                };
+                match self.wireguard_tx.try_send(datagram) {
+                    Ok(()) => {
+                        self.counters()
+                            .wireguard_received
+                            .fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                    Err(_) => Some(DropReason::WireguardQueueFull),
+                }
             }
+            Inbound::ToEndpoint {
+                from: member,
+                endpoint,
+                datagram,
+            } => self.queue_endpoint(EndpointDatagram::Out {
+                from: member,
+                endpoint,
+                data: datagram.to_vec(),
+            }),
+            Inbound::FromEndpoint {
+                via,
+                endpoint,
+                datagram,
+            } => self.queue_endpoint(EndpointDatagram::In {
+                via,
+                endpoint,
+                data: datagram.to_vec(),
+            }),
+            _ => None,
+        };
+        if let Some(reason) = dropped {
+            self.core.count_drop(reason, from);
         }
     }
 
-    fn handle_relay(
-        &self,
-        buf: &[u8],
-        auth: &AuthFrame<'_>,
-        ecn: Option<EcnCodepoint>,
-        forward: &mut ForwardBatch,
-    ) -> Received {
-        let relay = match frame::decode_relay(auth.body) {
-            Ok(relay) => relay,
-            Err(e) => return Received::Dropped(DropReason::Malformed(e.label())),
-        };
-        let path = relay.path();
-        let me = self.local.short();
-        // The hop must be addressed to us by the node before us on the path, and every node
-        // on the path must be a member, each once.
-        let fits = path[relay.hop] == me
-            && path[relay.hop - 1] == auth.src
-            && path.iter().all(|n| self.members.by_short(n).is_some())
-            && path
-                .iter()
-                .enumerate()
-                .all(|(i, n)| !path[i + 1..].contains(n));
-        if !fits {
-            return Received::Dropped(DropReason::Misrouted);
-        }
-        if relay.hop + 1 == path.len() {
-            let Some(origin) = self.members.by_short(&path[0]) else {
-                return Received::Dropped(DropReason::NonMember);
-            };
-            self.counters
-                .relayed_received
-                .fetch_add(1, Ordering::Relaxed);
-            if auth.body_type == BodyType::RelayWireguard {
-                return self.deliver_wireguard(path[0], relay.payload);
+    fn queue_endpoint(&self, datagram: EndpointDatagram) -> Option<DropReason> {
+        match self.endpoint_tx.try_send(datagram) {
+            Ok(()) => {
+                self.counters()
+                    .wireguard_received
+                    .fetch_add(1, Ordering::Relaxed);
+                None
             }
-            self.counters.quic_received.fetch_add(1, Ordering::Relaxed);
-            let end = buf.len() - TAG_LEN;
-            return Received::Quic(end - relay.payload.len()..end, virtual_addr(&origin.id));
+            Err(_) => Some(DropReason::WireguardQueueFull),
         }
-        // The ECN mark travels on, so congestion the first hop saw reaches the receiver.
-        self.forward_relayed(
-            forward,
-            relay.hop + 1,
-            path,
-            relay.payload,
-            ecn,
-            auth.body_type,
-        );
-        Received::Consumed
     }
 
     /// Demultiplexes `count` received buffers (each may hold several datagrams, `stride`
@@ -1002,7 +500,9 @@ impl MeshSocket {
         count: usize,
         state: &mut RecvState,
     ) -> usize {
+        let now = self.now();
         let capacity = bufs[..count].iter().map(|b| b.len()).min().unwrap_or(0);
+        let max_segments = self.state.max_gso_segments();
         let mut packer = Packer::default();
         let mut spilling = false;
         for i in 0..count {
@@ -1010,7 +510,8 @@ impl MeshSocket {
             let received = meta[i];
             let len = received.len.min(bufs[i].len());
             if len == 0 {
-                self.count_drop(DropReason::Malformed("empty"), received.addr);
+                self.core
+                    .count_drop(DropReason::Malformed("empty"), received.addr);
                 continue;
             }
             // Without GRO the stride is the datagram's length; never let it be 0.
@@ -1023,21 +524,31 @@ impl MeshSocket {
                 let end = (start + stride).min(len);
                 let datagram = start..end;
                 start = end;
-                let outcome = self.handle_datagram(
-                    &bufs[i][datagram.clone()],
-                    received.addr,
-                    received.ecn,
-                    &mut state.forward,
-                );
-                let (range, src) = match outcome {
-                    Received::Quic(range, src) => (range, src),
-                    Received::Consumed => continue,
-                    Received::Dropped(drop) => {
-                        self.count_drop(drop, received.addr);
+                let inbound = self
+                    .core
+                    .classify(now, &bufs[i][datagram.clone()], received.addr);
+                let (packet, src) = match inbound {
+                    Inbound::Quic { packet, from } => (packet, from),
+                    Inbound::Forward(forward) => {
+                        // The ECN mark travels on, so congestion the first hop saw reaches
+                        // the receiver.
+                        let batch = &mut state.forward;
+                        let len = forward.frame_len();
+                        if !batch.takes(forward.to, received.ecn, len, max_segments) {
+                            self.flush_forward(batch);
+                        }
+                        if self.core.seal_forward(&forward, &mut batch.buf).is_ok() {
+                            batch.added(forward.to, received.ecn, len);
+                        }
+                        continue;
+                    }
+                    Inbound::Drop(_) => continue,
+                    other => {
+                        self.hand_over(other, received.addr);
                         continue;
                     }
                 };
-                let payload = datagram.start + range.start..datagram.start + range.end;
+                let payload = datagram.start + packet.start..datagram.start + packet.end;
                 // Buffers up to `i` are free: everything in them was read. Packing never
                 // overtakes reading, as each packet is shorter than its datagram.
                 let place = if spilling {
@@ -1060,29 +571,6 @@ impl MeshSocket {
         }
         packer.finish(meta)
     }
-}
-
-/// Moves packets from `pending` into quinn's buffers, in order, as many as fit.
-fn deliver_pending(
-    pending: &mut VecDeque<PendingPacket>,
-    bufs: &mut [IoSliceMut<'_>],
-    meta: &mut [RecvMeta],
-    slots: usize,
-) -> usize {
-    let capacity = bufs[..slots].iter().map(|b| b.len()).min().unwrap_or(0);
-    let mut packer = Packer::default();
-    while let Some(packet) = pending.front() {
-        let len = packet.data.len();
-        match packer.place(meta, packet.addr, packet.ecn, len, capacity, slots - 1) {
-            Some((slot, at)) => bufs[slot][at..at + len].copy_from_slice(&packet.data),
-            // Fits no buffer at all (quinn lent smaller ones than before): lost, as on the
-            // wire.
-            None if packer.run.is_none() => {}
-            None => break,
-        }
-        pending.pop_front();
-    }
-    packer.finish(meta)
 }
 
 /// Why the mesh socket could not be set up.
@@ -1117,59 +605,26 @@ impl AsyncUdpSocket for MeshSocket {
             ));
         };
         let contents = transmit.contents;
-        if contents.is_empty() {
-            return Ok(());
-        }
         // With segmentation offload, quinn hands over several QUIC packets of
         // `segment_size` bytes (the last may be shorter); each gets its own mesh frame.
         let segment = transmit
             .segment_size
             .filter(|&s| s > 0)
-            .unwrap_or(contents.len())
-            .min(contents.len());
-        let packets = contents.len().div_ceil(segment) as u64;
-        let relayed = self.routes.read().ok().and_then(|r| r.get(&dst).copied());
-        if let Some(route) = relayed {
-            return match self.send_relayed(
-                1,
-                route.nodes(),
-                contents,
-                segment,
-                transmit.ecn,
-                BodyType::Relay,
-            ) {
-                Ok(()) => {
-                    self.counters
-                        .quic_sent
-                        .fetch_add(packets, Ordering::Relaxed);
-                    self.counters
-                        .relayed_sent
-                        .fetch_add(packets, Ordering::Relaxed);
-                    Ok(())
-                }
-                // Like packets lost on the wire: QUIC retransmits, routing fails over.
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    self.counters.no_path.fetch_add(packets, Ordering::Relaxed);
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            };
-        }
-        let Some(addr) = self.direct_addr(&dst) else {
-            self.counters.no_path.fetch_add(packets, Ordering::Relaxed);
-            return Ok(());
-        };
+            .unwrap_or(contents.len());
+        let packets = contents.len().div_ceil(segment.max(1)) as u64;
         SEND_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            for packet in contents.chunks(segment) {
-                frame::append_quic_header(&mut buf, self.local.short());
-                buf.extend_from_slice(packet);
+            let framed = self.core.frame_quic(&dst, contents, segment, &mut buf);
+            let Some(out) = self.lost_unless_framed(framed, packets)? else {
+                return Ok(());
+            };
+            self.send_segments(out.to, transmit.ecn, &buf, out.frame_len)?;
+            let counters = self.counters();
+            counters.quic_sent.fetch_add(packets, Ordering::Relaxed);
+            if out.relayed {
+                counters.relayed_sent.fetch_add(packets, Ordering::Relaxed);
             }
-            self.send_segments(addr, transmit.ecn, &buf, segment + frame::QUIC_OVERHEAD)?;
-            self.counters
-                .quic_sent
-                .fetch_add(packets, Ordering::Relaxed);
             Ok(())
         })
     }
@@ -1228,7 +683,7 @@ impl AsyncUdpSocket for MeshSocket {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(virtual_addr(&self.local))
+        Ok(virtual_addr(&self.core.local_id()))
     }
 
     fn may_fragment(&self) -> bool {
@@ -1276,17 +731,11 @@ impl UdpPoller for WritablePoller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::NodeKey;
+    use crate::mesh::auth::{LinkKeys, TAG_LEN};
+    use crate::mesh::frame;
+    use std::sync::atomic::AtomicU64;
 
     use std::time::Duration;
-
-    #[test]
-    fn virtual_addresses_round_trip() {
-        let id = NodeKey::generate().expect("key").id();
-        let addr = virtual_addr(&id);
-        assert_eq!(short_id_of(&addr), Some(id.short()));
-        assert_eq!(short_id_of(&"127.0.0.1:1".parse().expect("addr")), None);
-    }
 
     /// quinn's receive buffers: `BATCH_SIZE` of them, each its largest UDP payload times
     /// the GRO segments the socket reports (as `quinn::Endpoint` sizes them).
@@ -1748,39 +1197,5 @@ mod tests {
             // from the pending queue on the next call.
             assert_eq!(calls, 2, "the batch arrived coalesced and was split");
         }
-    }
-
-    /// Pending packets fill the buffers quinn lends, as runs, and what does not fit waits.
-    #[test]
-    fn pending_packets_are_delivered_in_order_across_calls() {
-        let x: SocketAddr = "[fd00::1]:1".parse().expect("addr");
-        let y: SocketAddr = "[fd00::2]:1".parse().expect("addr");
-        let sizes = [(x, 100), (x, 100), (x, 40), (y, 100), (x, 100), (x, 120)];
-        let mut pending: VecDeque<PendingPacket> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len))| PendingPacket {
-                addr,
-                ecn: None,
-                data: vec![i as u8; len],
-            })
-            .collect();
-        let mut storage = vec![vec![0u8; 250]; 2];
-        let mut bufs: Vec<IoSliceMut<'_>> =
-            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let mut meta = vec![RecvMeta::default(); 2];
-        // Runs: [x 100,100,40] [y 100] | [x 100] [x 120].
-        let n = deliver_pending(&mut pending, &mut bufs, &mut meta, 2);
-        assert_eq!(n, 2);
-        assert_eq!((meta[0].addr, meta[0].len, meta[0].stride), (x, 240, 100));
-        assert_eq!(&bufs[0][200..240], &[2u8; 40][..]);
-        assert_eq!((meta[1].addr, meta[1].len, meta[1].stride), (y, 100, 100));
-        assert_eq!(pending.len(), 2);
-        let n = deliver_pending(&mut pending, &mut bufs, &mut meta, 2);
-        assert_eq!(n, 2);
-        assert_eq!((meta[0].addr, meta[0].len, meta[0].stride), (x, 100, 100));
-        assert_eq!((meta[1].addr, meta[1].len, meta[1].stride), (x, 120, 120));
-        assert_eq!(&bufs[1][..120], &[5u8; 120][..]);
-        assert!(pending.is_empty());
     }
 }

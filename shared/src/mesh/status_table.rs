@@ -52,7 +52,7 @@ fn table(rows: &[Vec<String>]) -> String {
 pub fn render(status: &MeshStatus) -> String {
     let mut out = format!("node {}\n\nMEMBERS\n", status.node);
     let mut rows = vec![header(&[
-        "name", "role", "region", "state", "address", "direct", "rtt ms",
+        "name", "role", "region", "state", "address", "heard s", "direct", "rtt ms",
     ])];
     for m in &status.members {
         rows.push(vec![
@@ -64,7 +64,13 @@ pub fn render(status: &MeshStatus) -> String {
             m.role.to_string(),
             m.region.clone().unwrap_or_else(|| "-".into()),
             m.state.clone().unwrap_or_else(|| "-".into()),
-            m.address.clone().unwrap_or_else(|| "-".into()),
+            match (&m.address, m.address_learned) {
+                (Some(a), true) => format!("{a} (learned)"),
+                (Some(a), false) => a.clone(),
+                (None, _) => "-".into(),
+            },
+            m.heard_s_ago
+                .map_or_else(|| "-".into(), |s| format!("{s:.1}")),
             m.direct_state.clone().unwrap_or_else(|| "-".into()),
             ms(m.direct_rtt_ms),
         ]);
@@ -213,6 +219,8 @@ mod tests {
                 state: Some("alive".into()),
                 incarnation: Some(0),
                 address: Some("10.0.0.1:7000".into()),
+                address_learned: true,
+                heard_s_ago: Some(0.25),
                 direct_state: Some("up".into()),
                 direct_rtt_ms: Some(290.04),
             }],
@@ -248,5 +256,6 @@ mod tests {
         assert!(text.contains("5m00s"), "{text}");
         assert!(text.contains("fra via sin"), "{text}");
         assert!(text.contains("87.5 %"), "{text}");
+        assert!(text.contains("10.0.0.1:7000 (learned)"), "{text}");
     }
 }

@@ -56,6 +56,19 @@ pub struct PeerFile {
     /// MTU of the tunnel, bytes.
     #[serde(default = "default_mtu")]
     pub mtu: usize,
+    /// Edges (member names) that may carry this tunnel when this edge's own way to the
+    /// endpoint stops answering, tried in this order. Each must name the same endpoint in
+    /// its own config: an edge relays only to endpoints it knows. Default: none.
+    #[serde(default)]
+    pub relays: Vec<String>,
+    /// Whether this edge may send to the endpoint itself. `false` (with `relays`) always goes
+    /// through a relay: for an endpoint that accepts only the relays' addresses.
+    #[serde(default = "default_true")]
+    pub direct: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_keepalive() -> u16 {
@@ -96,6 +109,10 @@ pub struct Peer {
     pub max_flows: usize,
     /// MTU, bytes.
     pub mtu: usize,
+    /// Edges that may carry the tunnel, in order (member names, checked by the caller).
+    pub relays: Vec<String>,
+    /// Whether this edge may send to the endpoint itself.
+    pub direct: bool,
 }
 
 impl Peer {
@@ -179,6 +196,21 @@ impl PeerFile {
         if !(576..=9000).contains(&self.mtu) {
             return Err(err("mtu", "must be between 576 and 9000".into()));
         }
+        if !self.direct && self.relays.is_empty() {
+            return Err(err(
+                "direct",
+                "false needs `relays`: with neither, the endpoint cannot be reached".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.relays.iter().enumerate() {
+            if !seen.insert(r) {
+                return Err(err(
+                    &format!("relays[{i}]"),
+                    format!("{r:?} is listed twice"),
+                ));
+            }
+        }
         Ok(Peer {
             name: self.name.clone(),
             public_key,
@@ -192,6 +224,8 @@ impl PeerFile {
             flow_buffer_bytes: self.flow_buffer_kib * 1024,
             max_flows: self.max_flows,
             mtu: self.mtu,
+            relays: self.relays.clone(),
+            direct: self.direct,
         })
     }
 }

@@ -132,6 +132,8 @@ impl MeshWireguard {
             flow_buffer_bytes: DEFAULT_FLOW_BUFFER_KIB * 1024,
             max_flows: DEFAULT_MAX_FLOWS,
             mtu: MESH_MTU,
+            relays: Vec::new(),
+            direct: true,
         };
         let (tx, rx) = mpsc::channel(TUNNEL_QUEUE);
         {

@@ -9,11 +9,16 @@
 //! - an edge and a connector whose member entry says `transport = "wireguard"` tunnel over
 //!   the mesh socket, relayed and failed over like QUIC ([`mesh`]).
 //!
+//! A tunnel to a stock endpoint may also go through another edge when its own way fails,
+//! or when the config says so ([`path`] decides, [`relay`] carries).
+//!
 //! It does not route IP for other hosts.
 
 pub mod config;
 pub mod keys;
 pub mod mesh;
+pub mod path;
+pub mod relay;
 pub mod stack;
 pub mod tunnel;
 

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Peer;
 use super::keys::{SecretKey, format_key};
+use super::path::{self, PathAction, PathChoice, Via};
+use super::relay::{EndpointRelay, Relayed};
 use super::stack::{self, Stack};
 use crate::identity::ShortId;
 use crate::mesh::MeshSocket;
@@ -47,49 +49,221 @@ const LISTEN_BACKLOG: usize = 16;
 const BATCH: usize = 64;
 /// Largest datagram handled; WireGuard adds 32 bytes to an MTU-sized packet.
 const DATAGRAM: usize = 65_536;
+/// WireGuard's message type of a handshake initiation (the first byte).
+const HANDSHAKE_INIT: u8 = 1;
+/// WireGuard's message type of a data packet.
+const DATA: u8 = 4;
 
 /// Where a tunnel's datagrams go.
 enum WireTx {
-    /// Its own UDP socket, to the endpoint (which may roam).
-    Udp(Arc<UdpSocket>),
+    /// Its own UDP socket, to the endpoint (which may roam); and, if the config lists
+    /// relays, the other edges that may carry it.
+    Udp(Arc<UdpSocket>, Option<Arc<Ways>>),
     /// The mesh socket, to a member, on the path routing chose.
     Mesh(Arc<MeshSocket>, ShortId),
+}
+
+/// The ways a tunnel to a stock endpoint may take besides its own UDP socket: other edges
+/// that relay it, and which way it takes now.
+pub struct Ways {
+    relay: Arc<EndpointRelay>,
+    /// The relays' names, for logs and status.
+    names: Vec<(ShortId, String)>,
+    choice: Mutex<PathChoice>,
+    clock: tokio::time::Instant,
+    /// Data datagrams sent lately, with when: after a switch, those the dead way swallowed
+    /// go again on the new one, so TCP inside does not wait out its backed-off
+    /// retransmission timer. The peer's replay window drops any it did get.
+    recent: Mutex<std::collections::VecDeque<(Duration, Vec<u8>)>>,
+}
+
+/// Data datagrams a tunnel with relays keeps for sending again after a switch.
+const RECENT_DATAGRAMS: usize = 256;
+
+impl Ways {
+    /// Relays from `relays` (member id and name, in the order to try them) through
+    /// `relay`; `direct`: whether this edge may send to the endpoint itself. `None` when
+    /// there is no way at all.
+    pub fn new(
+        relay: Arc<EndpointRelay>,
+        relays: Vec<(ShortId, String)>,
+        direct: bool,
+    ) -> Option<Arc<Self>> {
+        let clock = tokio::time::Instant::now();
+        let ids: Vec<ShortId> = relays.iter().map(|(id, _)| *id).collect();
+        let choice = PathChoice::new(direct, &ids, Duration::ZERO)?;
+        Some(Arc::new(Self {
+            relay,
+            names: relays,
+            choice: Mutex::new(choice),
+            clock,
+            recent: Mutex::new(std::collections::VecDeque::new()),
+        }))
+    }
+
+    /// Keeps a data datagram that expects an answer, for [`Ways::since`].
+    fn keep(&self, now: Duration, datagram: &[u8]) {
+        let mut recent = lock(&self.recent);
+        if recent.len() >= RECENT_DATAGRAMS {
+            recent.pop_front();
+        }
+        recent.push_back((now, datagram.to_vec()));
+    }
+
+    /// The kept datagrams sent at `since` or later.
+    fn since(&self, since: Duration) -> Vec<Vec<u8>> {
+        lock(&self.recent)
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    fn current(&self) -> Via {
+        lock(&self.choice).current()
+    }
+
+    /// A name for a way, for logs and status.
+    fn describe(&self, via: Via) -> String {
+        match via {
+            Via::Direct => "direct".into(),
+            Via::Relay(id) => {
+                let name = self
+                    .names
+                    .iter()
+                    .find(|(r, _)| *r == id)
+                    .map_or_else(|| id.to_string(), |(_, n)| n.clone());
+                format!("via {name}")
+            }
+        }
+    }
 }
 
 /// Where a tunnel's datagrams come from.
 enum WireRx {
     /// Its own UDP socket; the endpoint's name is resolved again while the tunnel is down.
-    Udp(Arc<UdpSocket>, Box<Resolver>),
+    /// With relays, also what they bring back (registered once the endpoint is known).
+    Udp(
+        Arc<UdpSocket>,
+        Box<Resolver>,
+        Option<tokio::sync::mpsc::Receiver<Relayed>>,
+    ),
     /// The datagrams the mesh socket received from the member.
     Mesh(tokio::sync::mpsc::Receiver<Vec<u8>>),
 }
 
+/// Where a received datagram came from: its source address (over UDP; for a relayed one,
+/// the endpoint it came from) and the way it took.
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    addr: Option<SocketAddr>,
+    via: Via,
+}
+
 impl WireRx {
-    /// The next datagram, copied into `buf`: its length and (over UDP) its source. `None`
+    /// The next datagram, copied into `buf`: its length and where it came from. `None`
     /// when the mesh queue closed.
-    async fn recv(&mut self, buf: &mut [u8]) -> Option<io::Result<(usize, Option<SocketAddr>)>> {
+    async fn recv(
+        &mut self,
+        buf: &mut [u8],
+        endpoint: Option<SocketAddr>,
+    ) -> Option<io::Result<(usize, Source)>> {
         match self {
-            Self::Udp(udp, _) => Some(udp.recv_from(buf).await.map(|(n, from)| (n, Some(from)))),
+            Self::Udp(udp, _, relayed) => loop {
+                enum Got {
+                    Direct(io::Result<(usize, SocketAddr)>),
+                    Relayed(Option<Relayed>),
+                }
+                let got = match relayed {
+                    None => Got::Direct(udp.recv_from(buf).await),
+                    Some(rx) => tokio::select! {
+                        r = udp.recv_from(buf) => Got::Direct(r),
+                        d = rx.recv() => Got::Relayed(d),
+                    },
+                };
+                return Some(match got {
+                    Got::Direct(r) => r.map(|(n, from)| {
+                        (
+                            n,
+                            Source {
+                                addr: Some(from),
+                                via: Via::Direct,
+                            },
+                        )
+                    }),
+                    Got::Relayed(Some(d)) => Ok(copy_relayed(d, buf, endpoint)),
+                    // The relay stopped: only the direct way is left.
+                    Got::Relayed(None) => {
+                        *relayed = None;
+                        continue;
+                    }
+                });
+            },
             Self::Mesh(rx) => {
                 let d = rx.recv().await?;
                 let n = d.len().min(buf.len());
                 buf[..n].copy_from_slice(&d[..n]);
-                Some(Ok((n, None)))
+                Some(Ok((
+                    n,
+                    Source {
+                        addr: None,
+                        via: Via::Direct,
+                    },
+                )))
             }
         }
     }
 
-    fn try_recv(&mut self, buf: &mut [u8]) -> Option<(usize, Option<SocketAddr>)> {
+    fn try_recv(
+        &mut self,
+        buf: &mut [u8],
+        endpoint: Option<SocketAddr>,
+    ) -> Option<(usize, Source)> {
         match self {
-            Self::Udp(udp, _) => udp.try_recv_from(buf).ok().map(|(n, from)| (n, Some(from))),
+            Self::Udp(udp, _, relayed) => {
+                if let Ok((n, from)) = udp.try_recv_from(buf) {
+                    return Some((
+                        n,
+                        Source {
+                            addr: Some(from),
+                            via: Via::Direct,
+                        },
+                    ));
+                }
+                let d = relayed.as_mut()?.try_recv().ok()?;
+                Some(copy_relayed(d, buf, endpoint))
+            }
             Self::Mesh(rx) => {
                 let d = rx.try_recv().ok()?;
                 let n = d.len().min(buf.len());
                 buf[..n].copy_from_slice(&d[..n]);
-                Some((n, None))
+                Some((
+                    n,
+                    Source {
+                        addr: None,
+                        via: Via::Direct,
+                    },
+                ))
             }
         }
     }
+}
+
+/// A relayed datagram into `buf`; it comes from the endpoint, by way of its relay.
+fn copy_relayed(d: Relayed, buf: &mut [u8], endpoint: Option<SocketAddr>) -> (usize, Source) {
+    let n = d.data.len().min(buf.len());
+    buf[..n].copy_from_slice(&d.data[..n]);
+    (
+        n,
+        Source {
+            addr: endpoint,
+            via: Via::Relay(d.via),
+        },
+    )
 }
 
 /// What an operator sees of a tunnel.
@@ -111,6 +285,9 @@ pub struct TunnelStatus {
     pub handshake_age_s: Option<u64>,
     /// Round-trip time of the last handshake, ms.
     pub rtt_ms: Option<u32>,
+    /// The way datagrams take, when the tunnel may go through other edges: `direct` or
+    /// `via NAME`.
+    pub path: Option<String>,
     /// Bytes sent and received inside the tunnel.
     pub tx_bytes: u64,
     /// Bytes received inside the tunnel.
@@ -157,6 +334,8 @@ pub struct WgTunnel {
     clock: tokio::time::Instant,
     /// Whether it runs over the mesh socket (no endpoint of its own).
     over_mesh: bool,
+    /// The ways through other edges, for a stock endpoint that lists relays.
+    ways: Option<Arc<Ways>>,
 }
 
 impl std::fmt::Debug for WgTunnel {
@@ -184,10 +363,13 @@ pub enum ConnectError {
 impl WgTunnel {
     /// Binds the tunnel's UDP socket and starts its task; the first handshake starts at
     /// once (and is retried by boringtun's timers until the peer answers).
+    ///
+    /// `ways`: other edges that may carry the tunnel (see [`Ways`]), if the peer lists any.
     pub async fn start(
         peer: Peer,
         key: &SecretKey,
         resolver: Resolver,
+        ways: Option<Arc<Ways>>,
         stop: CancellationToken,
     ) -> io::Result<Arc<Self>> {
         let bind: SocketAddr = match resolver.resolve(&peer.endpoint).await {
@@ -213,8 +395,8 @@ impl WgTunnel {
         Ok(Self::launch(
             peer,
             key,
-            WireTx::Udp(udp.clone()),
-            WireRx::Udp(udp, Box::new(resolver)),
+            WireTx::Udp(udp.clone(), ways),
+            WireRx::Udp(udp, Box::new(resolver), None),
             None,
             stop,
         ))
@@ -272,6 +454,10 @@ impl WgTunnel {
             None,
         );
         let over_mesh = matches!(tx, WireTx::Mesh(..));
+        let ways = match &tx {
+            WireTx::Udp(_, ways) => ways.clone(),
+            WireTx::Mesh(..) => None,
+        };
         let tunnel = Arc::new(Self {
             local_public: key.public_key(),
             shared: Arc::new(Shared {
@@ -286,6 +472,7 @@ impl WgTunnel {
             peer,
             clock,
             over_mesh,
+            ways,
         });
         let initiate = listen.is_none();
         tokio::spawn(tunnel.clone().run(tx, rx, initiate, stop));
@@ -379,6 +566,7 @@ impl WgTunnel {
             up: age.is_some_and(|a| a < SESSION_LIFETIME),
             handshake_age_s: age.map(|a| a.as_secs()),
             rtt_ms: rtt,
+            path: self.ways.as_ref().map(|w| w.describe(w.current())),
             tx_bytes: tx as u64,
             rx_bytes: rx as u64,
             flows,
@@ -419,15 +607,23 @@ impl WgTunnel {
         }
         loop {
             // Resolve the endpoint at start, and again while the tunnel is down.
-            if let WireRx::Udp(_, resolver) = &rx {
+            if let WireRx::Udp(_, resolver, relayed) = &mut rx {
                 let due = resolved_at.is_none_or(|t| t.elapsed() >= RERESOLVE);
                 if due && !self.is_up() {
                     resolved_at = Some(tokio::time::Instant::now());
                     match resolver.resolve(&self.peer.endpoint).await {
                         Ok(r) => {
                             if let Some(a) = r.addrs.first() {
-                                let first = lock(&self.shared.endpoint).replace(*a).is_none();
-                                if first {
+                                let old = lock(&self.shared.endpoint).replace(*a);
+                                if old != Some(*a)
+                                    && let Some(ways) = &self.ways
+                                {
+                                    // What relays bring back from there comes to this
+                                    // tunnel, and this edge may relay there for others.
+                                    *relayed = Some(ways.relay.register(*a));
+                                    ways.relay.allow(*a);
+                                }
+                                if old.is_none() {
                                     self.initiate(&tx, &mut outbuf).await;
                                 }
                             }
@@ -449,6 +645,7 @@ impl WgTunnel {
                 stack.poll_delay(now).map(Duration::from)
             };
             let sleep = tokio::time::sleep(delay.unwrap_or(TIMER_TICK).min(TIMER_TICK));
+            let endpoint = *lock(&self.shared.endpoint);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
@@ -464,13 +661,14 @@ impl WgTunnel {
                         kicked = tokio::time::Instant::now();
                         self.initiate(&tx, &mut outbuf).await;
                     }
+                    self.judge_path(&tx, &mut outbuf).await;
                 }
-                r = rx.recv(&mut inbuf) => match r {
+                r = rx.recv(&mut inbuf, endpoint) => match r {
                     None => return,
                     Some(Ok((n, from))) => {
                         self.ingress(&tx, from, n, &mut inbuf, &mut outbuf).await;
                         for _ in 1..BATCH {
-                            match rx.try_recv(&mut inbuf) {
+                            match rx.try_recv(&mut inbuf, endpoint) {
                                 Some((n, from)) => self.ingress(&tx, from, n, &mut inbuf, &mut outbuf).await,
                                 None => break,
                             }
@@ -487,13 +685,66 @@ impl WgTunnel {
         }
     }
 
+    /// Whether the way the tunnel takes still answers; moves it to the next way if not, and
+    /// tries the direct way again while a relay carries it.
+    async fn judge_path(&self, tx: &WireTx, out: &mut [u8]) {
+        let (WireTx::Udp(udp, Some(ways)), Some(endpoint)) = (tx, *lock(&self.shared.endpoint))
+        else {
+            return;
+        };
+        let action = {
+            let rtt = self.rtt();
+            lock(&ways.choice).poll(ways.now(), rtt)
+        };
+        match action {
+            PathAction::Stay => {}
+            PathAction::Switched { from, to } => {
+                tracing::warn!(
+                    peer = %self.peer.name,
+                    from = %ways.describe(from),
+                    to = %ways.describe(to),
+                    "wireguard path stopped answering; moved"
+                );
+                metrics::counter!("skylane_wireguard_path_switches_total", "reason" => "no_answer")
+                    .increment(1);
+                // What went out on the dead way since it last answered goes again.
+                let lost = ways.since(
+                    ways.now()
+                        .saturating_sub(path::answer_timeout(self.rtt()) + TIMER_TICK * 2),
+                );
+                for datagram in &lost {
+                    self.reply(
+                        tx,
+                        datagram,
+                        Source {
+                            addr: Some(endpoint),
+                            via: to,
+                        },
+                    )
+                    .await;
+                }
+            }
+            PathAction::ProbeDirect => {
+                // A handshake straight to the endpoint: if it answers straight back, the
+                // tunnel moves home (see `PathChoice::heard`).
+                let n = match self.tunn().format_handshake_initiation(out, false) {
+                    TunnResult::WriteToNetwork(p) => p.len(),
+                    _ => return,
+                };
+                if let Err(e) = udp.send_to(&out[..n], endpoint).await {
+                    tracing::debug!(peer = %self.peer.name, error = %e, "direct probe not sent");
+                }
+            }
+        }
+    }
+
     /// Starts a handshake now rather than at the first flow.
     async fn initiate(&self, tx: &WireTx, out: &mut [u8]) {
         let packet = match self.tunn().format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(p) => p.len(),
             _ => return,
         };
-        self.send(tx, &out[..packet]).await;
+        self.send(tx, &out[..packet], true).await;
     }
 
     /// boringtun's timers: handshake retries, keepalives, rekeying, expiry.
@@ -504,7 +755,8 @@ impl WgTunnel {
             _ => return,
         };
         match result {
-            Ok(n) => self.send(tx, &out[..n]).await,
+            // A handshake initiation gets an answer; a keepalive does not.
+            Ok(n) => self.send(tx, &out[..n], out[0] == HANDSHAKE_INIT).await,
             Err(boringtun::noise::errors::WireGuardError::ConnectionExpired) => {
                 tracing::debug!(peer = %self.peer.name, "wireguard session expired");
             }
@@ -513,14 +765,7 @@ impl WgTunnel {
     }
 
     /// One datagram from the network.
-    async fn ingress(
-        &self,
-        tx: &WireTx,
-        from: Option<SocketAddr>,
-        n: usize,
-        inbuf: &mut [u8],
-        out: &mut [u8],
-    ) {
+    async fn ingress(&self, tx: &WireTx, from: Source, n: usize, inbuf: &mut [u8], out: &mut [u8]) {
         enum Next {
             Send(usize),
             Tunnel(usize, IpAddr),
@@ -529,7 +774,7 @@ impl WgTunnel {
         }
         let next = match self
             .tunn()
-            .decapsulate(from.map(|f| f.ip()), &inbuf[..n], out)
+            .decapsulate(from.addr.map(|f| f.ip()), &inbuf[..n], out)
         {
             TunnResult::WriteToNetwork(p) => Next::Send(p.len()),
             TunnResult::WriteToTunnelV4(p, src) => Next::Tunnel(p.len(), src.into()),
@@ -549,14 +794,27 @@ impl WgTunnel {
         // A cookie reply (message type 3) answers a datagram boringtun could not yet
         // authenticate, under load: it goes back to the sender, who does not become the
         // endpoint. Anything else passed authentication: the peer is where it came from
-        // (roaming).
+        // (roaming), and the way it came by answers.
         let cookie = matches!(next, Next::Send(_)) && out.first() == Some(&3);
-        if let Some(from) = from
-            && !cookie
-        {
-            let moved = lock(&self.shared.endpoint).replace(from) != Some(from);
-            if moved {
-                tracing::info!(peer = %self.peer.name, endpoint = %from, "wireguard peer endpoint");
+        if !cookie {
+            if let Some(addr) = from.addr {
+                let moved = lock(&self.shared.endpoint).replace(addr) != Some(addr);
+                if moved {
+                    tracing::info!(peer = %self.peer.name, endpoint = %addr, "wireguard peer endpoint");
+                }
+            }
+            if let WireTx::Udp(_, Some(ways)) = tx {
+                let switched = lock(&ways.choice).heard(ways.now(), from.via);
+                if let Some((old, new)) = switched {
+                    tracing::info!(
+                        peer = %self.peer.name,
+                        from = %ways.describe(old),
+                        to = %ways.describe(new),
+                        "wireguard path answers again; moved back"
+                    );
+                    metrics::counter!("skylane_wireguard_path_switches_total", "reason" => "direct_back")
+                        .increment(1);
+                }
             }
         }
         match next {
@@ -571,7 +829,7 @@ impl WgTunnel {
                         TunnResult::WriteToNetwork(p) => p.len(),
                         _ => break,
                     };
-                    self.send(tx, &out[..len]).await;
+                    self.send(tx, &out[..len], true).await;
                 }
             }
             Next::Tunnel(len, src) => {
@@ -619,23 +877,41 @@ impl WgTunnel {
                     }
                     TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => continue,
                 };
-                self.send(tx, &out[..len]).await;
+                let expects = out[0] == HANDSHAKE_INIT || path::expects_answer(&p);
+                self.send(tx, &out[..len], expects).await;
             }
         }
     }
 
-    /// Sends to the peer: its current endpoint, or over the mesh.
-    async fn send(&self, tx: &WireTx, datagram: &[u8]) {
+    /// Sends to the peer: its current endpoint, the way the tunnel takes now (or over the
+    /// mesh). `expects_answer`: the peer answers it within a round trip.
+    async fn send(&self, tx: &WireTx, datagram: &[u8], expects_answer: bool) {
         let to = *lock(&self.shared.endpoint);
-        self.reply(tx, datagram, to).await;
+        let via = match tx {
+            WireTx::Udp(_, Some(ways)) => {
+                let now = ways.now();
+                let mut choice = lock(&ways.choice);
+                if expects_answer && datagram.first() == Some(&DATA) && choice.has_alternatives() {
+                    ways.keep(now, datagram);
+                }
+                choice.sent(now, expects_answer);
+                choice.current()
+            }
+            _ => Via::Direct,
+        };
+        self.reply(tx, datagram, Source { addr: to, via }).await;
     }
 
-    /// Sends to `to` (over UDP; the mesh knows its own way).
-    async fn reply(&self, tx: &WireTx, datagram: &[u8], to: Option<SocketAddr>) {
-        let sent = match (tx, to) {
-            (WireTx::Udp(udp), Some(to)) => udp.send_to(datagram, to).await.map(|_| ()),
-            (WireTx::Udp(_), None) => return,
-            (WireTx::Mesh(socket, member), _) => socket.send_wireguard(member, datagram).await,
+    /// Sends to `to`: over UDP directly, through the relay it names, or over the mesh
+    /// (which knows its own way).
+    async fn reply(&self, tx: &WireTx, datagram: &[u8], to: Source) {
+        let sent = match (tx, to.addr, to.via) {
+            (WireTx::Udp(_, Some(ways)), Some(addr), Via::Relay(relay)) => {
+                ways.relay.send_via(&relay, addr, datagram).await
+            }
+            (WireTx::Udp(udp, _), Some(addr), _) => udp.send_to(datagram, addr).await.map(|_| ()),
+            (WireTx::Udp(..), None, _) => return,
+            (WireTx::Mesh(socket, member), _, _) => socket.send_wireguard(member, datagram).await,
         };
         if let Err(e) = sent {
             tracing::debug!(peer = %self.peer.name, ?to, error = %e, "wireguard send failed");
@@ -885,7 +1161,182 @@ mod tests {
             flow_buffer_bytes: 64 * 1024,
             max_flows: 16,
             mtu: 1420,
+            relays: Vec::new(),
+            direct: true,
         }
+    }
+
+    /// Drives a mesh socket's receive path (as quinn's endpoint driver would).
+    fn drive(socket: Arc<MeshSocket>, stop: CancellationToken) {
+        use quinn::AsyncUdpSocket as _;
+        use quinn::udp::RecvMeta;
+        tokio::spawn(async move {
+            let mut storage = vec![vec![0u8; 65_536]; 8];
+            let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
+                .iter_mut()
+                .map(|b| std::io::IoSliceMut::new(b))
+                .collect();
+            let mut meta = vec![RecvMeta::default(); 8];
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta)) => {
+                        if r.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// A stock endpoint `b` reached by `a` directly through a NAT-like tap that can cut a's
+    /// own way, and through the edge `r` that relays for it: a flow keeps working when a's
+    /// own way is cut, the tunnel says it goes via `r`, and `r` carried its datagrams.
+    #[tokio::test]
+    async fn a_stock_tunnel_moves_to_a_relay_when_its_own_way_stops_answering() {
+        let stop = CancellationToken::new();
+        let key_a = SecretKey::from_bytes(rand::random());
+        let key_b = SecretKey::from_bytes(rand::random());
+        // The endpoint b, listening.
+        let udp_b = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let b_addr = udp_b.local_addr().expect("addr");
+        let b = WgTunnel::launch(
+            peer("a", key_a.public_key(), b_addr, "10.1.0.2", "10.1.0.1"),
+            &key_b,
+            WireTx::Udp(udp_b.clone(), None),
+            WireRx::Udp(udp_b, Box::new(Resolver::from_system()), None),
+            Some(7100),
+            stop.clone(),
+        );
+        // The mesh: edges a and r.
+        let node_keys: Vec<crate::identity::NodeKey> = (0..2)
+            .map(|_| crate::identity::NodeKey::generate().expect("key"))
+            .collect();
+        let members = crate::membership::test_members(&node_keys);
+        let mut sockets = Vec::new();
+        for k in &node_keys {
+            let s = MeshSocket::bind("127.0.0.1:0".parse().expect("addr"), k, members.clone())
+                .await
+                .expect("bind");
+            drive(s.clone(), stop.clone());
+            sockets.push(s);
+        }
+        for (i, s) in sockets.iter().enumerate() {
+            let other = 1 - i;
+            s.set_peer_addr(
+                &node_keys[other].id(),
+                sockets[other].udp_addr().expect("addr"),
+            );
+        }
+        let relay_a = EndpointRelay::start(sockets[0].clone(), stop.clone()).expect("relay a");
+        let relay_r = EndpointRelay::start(sockets[1].clone(), stop.clone()).expect("relay r");
+        // r names the same endpoint in its own config.
+        relay_r.allow(b_addr);
+        // a's own way: a tap that gives each client its own way to b (so b sees a and r
+        // at different addresses, as from two machines), and can cut the first client's
+        // (a's) both ways.
+        let tap = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let tap_addr = tap.local_addr().expect("addr");
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (tap, cut) = (tap.clone(), cut.clone());
+            tokio::spawn(async move {
+                let mut ways: std::collections::HashMap<SocketAddr, Arc<UdpSocket>> =
+                    Default::default();
+                let mut first: Option<SocketAddr> = None;
+                let mut buf = vec![0u8; 65_536];
+                while let Ok((n, client)) = tap.recv_from(&mut buf).await {
+                    let first = *first.get_or_insert(client);
+                    let is_cut = |c: SocketAddr| {
+                        c == first && cut.load(std::sync::atomic::Ordering::Relaxed)
+                    };
+                    if is_cut(client) {
+                        continue;
+                    }
+                    let up = match ways.get(&client) {
+                        Some(up) => up.clone(),
+                        None => {
+                            let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+                            ways.insert(client, up.clone());
+                            let (up2, tap2, cut2) = (up.clone(), tap.clone(), cut.clone());
+                            tokio::spawn(async move {
+                                let mut buf = vec![0u8; 65_536];
+                                while let Ok((n, _)) = up2.recv_from(&mut buf).await {
+                                    let dead = client == first
+                                        && cut2.load(std::sync::atomic::Ordering::Relaxed);
+                                    if !dead {
+                                        let _ = tap2.send_to(&buf[..n], client).await;
+                                    }
+                                }
+                            });
+                            up
+                        }
+                    };
+                    let _ = up.send_to(&buf[..n], b_addr).await;
+                }
+            });
+        }
+        // a's tunnel: its endpoint is the tap (its own way), r may carry it. r sends to
+        // the same endpoint, which it was allowed.
+        relay_r.allow(tap_addr);
+        let r_id = node_keys[1].id().short();
+        let ways = Ways::new(relay_a.clone(), vec![(r_id, "r".into())], true).expect("ways");
+        let a = WgTunnel::start(
+            peer("b", key_b.public_key(), tap_addr, "10.1.0.1", "10.1.0.2"),
+            &key_a,
+            Resolver::from_system(),
+            Some(ways),
+            stop.clone(),
+        )
+        .await
+        .expect("start");
+        let target: SocketAddr = "10.1.0.2:7100".parse().expect("addr");
+        let (mut flow, mut accepted) = open_flow(&a, &b, target).await;
+        let echo = |n: u8| vec![n; 1000];
+        for n in 0..3u8 {
+            flow.write_all(&echo(n)).await.expect("write");
+            let mut got = vec![0u8; 1000];
+            tokio::time::timeout(Duration::from_secs(5), accepted.read_exact(&mut got))
+                .await
+                .expect("in time")
+                .expect("read");
+            assert_eq!(got, echo(n));
+        }
+        assert_eq!(a.status().path.as_deref(), Some("direct"));
+        // Cut a's own way: the flow goes on through r.
+        cut.store(true, std::sync::atomic::Ordering::Relaxed);
+        let cut_at = tokio::time::Instant::now();
+        for n in 3..10u8 {
+            flow.write_all(&echo(n)).await.expect("write");
+            let mut got = vec![0u8; 1000];
+            tokio::time::timeout(Duration::from_secs(10), accepted.read_exact(&mut got))
+                .await
+                .expect("the flow goes on through the relay")
+                .expect("read");
+            assert_eq!(got, echo(n));
+            // And the other way.
+            accepted.write_all(&got).await.expect("write back");
+            let mut back = vec![0u8; 1000];
+            tokio::time::timeout(Duration::from_secs(10), flow.read_exact(&mut back))
+                .await
+                .expect("the answer comes back through the relay")
+                .expect("read");
+            assert_eq!(back, echo(n));
+        }
+        let took = cut_at.elapsed();
+        eprintln!("7 round trips across the cut in {took:?}");
+        assert_eq!(a.status().path.as_deref(), Some("via r"));
+        let carried = relay_r.counters();
+        assert!(
+            carried.carried_out > 0 && carried.carried_in > 0,
+            "{carried:?}"
+        );
+        assert!(relay_a.counters().received > 0);
+        assert_eq!(relay_r.carried(), 1);
+        // About 1 s to judge the way dead, then the lost datagrams go again at once.
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        stop.cancel();
     }
 
     /// A flow from `a` to `target`, and its other end as `b` accepts it.
@@ -917,8 +1368,8 @@ mod tests {
         let b = WgTunnel::launch(
             peer("a", key_a.public_key(), tap_addr, "10.1.0.2", "10.1.0.1"),
             &key_b,
-            WireTx::Udp(udp_b.clone()),
-            WireRx::Udp(udp_b, Box::new(Resolver::from_system())),
+            WireTx::Udp(udp_b.clone(), None),
+            WireRx::Udp(udp_b, Box::new(Resolver::from_system()), None),
             Some(7100),
             stop.clone(),
         );
@@ -927,6 +1378,7 @@ mod tests {
             peer("b", key_b.public_key(), tap_addr, "10.1.0.1", "10.1.0.2"),
             &key_a,
             Resolver::from_system(),
+            None,
             stop.clone(),
         )
         .await

@@ -272,6 +272,7 @@ struct EvaluateReport {
     bandwidth: Vec<experiments::BandwidthReport>,
     failover: FailoverSummary,
     flapping: experiments::FlappingReport,
+    dataplane: Option<experiments::DataPlaneReport>,
 }
 
 fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
@@ -317,6 +318,31 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
         0.2,
     )?;
     println!("flapping: {flapping:?}");
+    let dataplane = experiments::dataplane_failover(
+        &matrix,
+        origin,
+        NetConfig::default(),
+        seed,
+        experiments::DataPlanePlan::default(),
+    )?;
+    match &dataplane {
+        Some(d) => println!(
+            "dataplane: {} via {} ({} → {}): {} of {} packets delivered intact ({} QUIC, {} WireGuard); the relay forwarded {} and opened {}; after its crash packets flowed again in {:.0} ms, {} lost",
+            d.edge,
+            d.relay,
+            d.path_before.join("→"),
+            d.path_after.join("→"),
+            d.delivered,
+            d.sent,
+            d.delivered_quic,
+            d.delivered_wireguard,
+            d.forwarded_by_relay,
+            d.opened_by_relay,
+            d.recovered_ms.unwrap_or(f64::NAN),
+            d.lost_after_crash
+        ),
+        None => println!("dataplane: no edge routes through a relay"),
+    }
     write_json(
         &args.report,
         &EvaluateReport {
@@ -325,6 +351,7 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
             bandwidth,
             failover,
             flapping,
+            dataplane,
         },
     )
 }

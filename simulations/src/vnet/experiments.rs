@@ -551,3 +551,205 @@ pub fn flapping(
         nodes_that_switched: per_node.iter().filter(|t| !t.is_empty()).count(),
     })
 }
+
+/// Data packets carried by the real mesh core in virtual time, through a relay that dies
+/// mid-stream ([`dataplane_failover`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct DataPlaneReport {
+    /// The edge that sends.
+    pub edge: String,
+    /// Its path to the origin when the relay died.
+    pub path_before: Vec<String>,
+    /// The relay that was crashed.
+    pub relay: String,
+    /// Its path at the end.
+    pub path_after: Vec<String>,
+    /// Packets sent, alternately QUIC and WireGuard, one every `interval_ms`.
+    pub sent: usize,
+    /// Packets delivered to the origin's QUIC or WireGuard side.
+    pub delivered: usize,
+    /// Of those, QUIC packets.
+    pub delivered_quic: usize,
+    /// Of those, WireGuard datagrams.
+    pub delivered_wireguard: usize,
+    /// Whether every delivered packet arrived byte for byte as sent, at most once.
+    pub intact: bool,
+    /// Packets sent after the crash that never arrived.
+    pub lost_after_crash: usize,
+    /// From the crash to the arrival of the first packet sent after it, ms.
+    pub recovered_ms: Option<f64>,
+    /// Frames the relay forwarded before it died.
+    pub forwarded_by_relay: u64,
+    /// Packets the relay took for itself instead of forwarding (must be 0: relays do not
+    /// open what they carry).
+    pub opened_by_relay: u64,
+    /// Frames the origin's core refused (bad tag, replay, misrouted): 0 on a healthy mesh.
+    pub refused_at_origin: u64,
+    /// The send interval, ms.
+    pub interval_ms: u64,
+}
+
+/// Why a data-plane run could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// The routing configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The mesh cores could not be built.
+    #[error(transparent)]
+    Wire(#[from] super::wire::WireError),
+}
+
+/// The timing of a [`dataplane_failover`] run, ms of virtual time.
+#[derive(Clone, Copy, Debug)]
+pub struct DataPlanePlan {
+    /// Routing settles this long before the first packet.
+    pub settle_ms: u64,
+    /// One packet every this long.
+    pub interval_ms: u64,
+    /// Packets flow this long before the relay dies.
+    pub before_ms: u64,
+    /// And this long after.
+    pub after_ms: u64,
+}
+
+impl Default for DataPlanePlan {
+    fn default() -> Self {
+        Self {
+            settle_ms: 30_000,
+            interval_ms: 10,
+            before_ms: 2_000,
+            after_ms: 3_000,
+        }
+    }
+}
+
+/// Builds a wired mesh (every datagram through a real [`MeshCore`]), lets routing settle,
+/// then has the farthest edge with a relayed route send a packet to the origin every
+/// interval, alternately QUIC and WireGuard; crashes the first relay of its path; and goes
+/// on for a while (see [`DataPlanePlan`]). Returns `None` if no edge's route is relayed.
+///
+/// [`MeshCore`]: skylane_shared::mesh::MeshCore
+pub fn dataplane_failover(
+    matrix: &RttMatrix,
+    origin: usize,
+    config: NetConfig,
+    seed: u64,
+    plan: DataPlanePlan,
+) -> Result<Option<DataPlaneReport>, DataPlaneError> {
+    let DataPlanePlan {
+        settle_ms,
+        interval_ms,
+        before_ms,
+        after_ms,
+    } = plan;
+    use super::wire::DataKind;
+    use std::sync::atomic::Ordering;
+    let mut net = VirtualNet::new(matrix, origin, config, seed)?.with_wire(origin)?;
+    net.run_for_ms(settle_ms);
+    let origin_key = PeerIndex(origin as u16);
+    let Some((edge, path)) = (0..matrix.len())
+        .filter(|&e| e != origin)
+        .filter_map(|e| Some((e, net.router(e).route(&origin_key)?.path.clone())))
+        .filter(|(_, p)| !p.is_direct())
+        .max_by(|(a, _), (b, _)| {
+            matrix
+                .rtt_ms(*a, origin)
+                .total_cmp(&matrix.rtt_ms(*b, origin))
+        })
+    else {
+        return Ok(None);
+    };
+    let nodes = indices(&path);
+    let relay = nodes[1];
+    let interval_ms = interval_ms.max(1);
+    let total = (before_ms + after_ms) / interval_ms;
+    let crash_at = before_ms / interval_ms;
+    let mut sent: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut crash_us = 0;
+    let mut forwarded_by_relay = 0;
+    for seq in 0..total {
+        if seq == crash_at {
+            forwarded_by_relay = net.forwarded(relay);
+            crash_us = net.now_us();
+            net.crash(relay);
+        }
+        let kind = if seq % 2 == 0 {
+            DataKind::Quic
+        } else {
+            DataKind::Wireguard
+        };
+        let mut payload = seq.to_be_bytes().to_vec();
+        payload.resize(1000, (seq % 251) as u8);
+        if net.send_data(edge, origin, kind, &payload) {
+            sent.push((net.now_us(), payload));
+        } else {
+            sent.push((net.now_us(), Vec::new()));
+        }
+        net.run_for_ms(interval_ms);
+    }
+    // Let the last packets arrive.
+    net.run_for_ms(2_000);
+    let Some(wire) = net.wire() else {
+        return Ok(None);
+    };
+    let delivered: Vec<_> = net
+        .deliveries()
+        .iter()
+        .filter(|d| d.node == origin && d.from == edge)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let intact = delivered.iter().all(|d| {
+        let Some(seq) = d.payload.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+            return false;
+        };
+        let seq = u64::from_be_bytes(seq);
+        seen.insert(seq) && sent.get(seq as usize).is_some_and(|(_, p)| *p == d.payload)
+    });
+    let lost_after_crash = (crash_at..total).filter(|s| !seen.contains(s)).count();
+    let recovered_ms = delivered
+        .iter()
+        .filter(|d| {
+            d.payload
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .is_some_and(|b| u64::from_be_bytes(b) >= crash_at)
+        })
+        .map(|d| (d.at_us - crash_us) as f64 / 1000.0)
+        .reduce(f64::min);
+    let relay_counters = wire.core(relay).counters();
+    let origin_counters = wire.core(origin).counters();
+    let after = net
+        .router(edge)
+        .route(&origin_key)
+        .map(|r| indices(&r.path))
+        .unwrap_or_default();
+    Ok(Some(DataPlaneReport {
+        edge: matrix.names()[edge].clone(),
+        path_before: names(matrix, &nodes),
+        relay: matrix.names()[relay].clone(),
+        path_after: names(matrix, &after),
+        sent: sent.len(),
+        delivered: delivered.len(),
+        delivered_quic: delivered
+            .iter()
+            .filter(|d| d.kind == DataKind::Quic)
+            .count(),
+        delivered_wireguard: delivered
+            .iter()
+            .filter(|d| d.kind == DataKind::Wireguard)
+            .count(),
+        intact,
+        lost_after_crash,
+        recovered_ms,
+        forwarded_by_relay,
+        opened_by_relay: relay_counters.quic_received.load(Ordering::Relaxed)
+            + relay_counters.wireguard_received.load(Ordering::Relaxed)
+            + relay_counters.relayed_received.load(Ordering::Relaxed),
+        refused_at_origin: origin_counters.bad_tag.load(Ordering::Relaxed)
+            + origin_counters.replayed.load(Ordering::Relaxed)
+            + origin_counters.misrouted.load(Ordering::Relaxed)
+            + origin_counters.non_member.load(Ordering::Relaxed),
+        interval_ms,
+    }))
+}

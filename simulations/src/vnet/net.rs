@@ -10,6 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -17,7 +18,10 @@ use skylane_shared::routing::{
     ConfigError, Path, PeerIndex, RouteEvent, Router, RoutingConfig, Timestamp, TransmitKind,
 };
 
+use skylane_shared::mesh::{BodyType, Inbound};
+
 use super::matrix::RttMatrix;
+use super::wire::{DataKind, Delivery, Wire, WireError};
 
 /// Link behaviour applied to every link.
 #[derive(Clone, Debug, PartialEq)]
@@ -117,6 +121,14 @@ pub struct VirtualNet {
     traffic: Vec<Traffic>,
     log: Vec<LoggedEvent>,
     processed: u64,
+    /// The mesh cores every datagram goes through, when wired ([`VirtualNet::with_wire`]).
+    /// Clones of a wired network share them (their replay windows and counters), so only
+    /// one of the clones should run.
+    wire: Option<Arc<Wire>>,
+    /// Data packets that reached the end of their path (wired networks only).
+    deliveries: Vec<Delivery>,
+    /// Relayed frames each node forwarded (wired networks only).
+    forwarded: Vec<u64>,
 }
 
 fn ts(us: u64) -> Timestamp {
@@ -172,11 +184,86 @@ impl VirtualNet {
             traffic: vec![Traffic::default(); n],
             log: Vec::new(),
             processed: 0,
+            wire: None,
+            deliveries: Vec::new(),
+            forwarded: vec![0; n],
         };
         for i in 0..n {
             net.reschedule(i);
         }
         Ok(net)
+    }
+
+    /// Puts a real mesh core under every node: from now on every datagram is framed,
+    /// authenticated, relayed and judged by the code the real socket runs (see
+    /// [`super::wire`]), and data packets can be sent along the routes
+    /// ([`VirtualNet::send_data`]).
+    pub fn with_wire(mut self, origin: usize) -> Result<Self, WireError> {
+        let wire = Wire::new(self.nodes.len(), origin)?;
+        // Routes chosen so far reach the cores as they would reach the real socket.
+        for (i, node) in self.nodes.iter().enumerate() {
+            for j in 0..self.nodes.len() {
+                if let Some(route) = node
+                    .router
+                    .route(&skylane_shared::routing::PeerIndex(j as u16))
+                {
+                    let path: Vec<usize> = route
+                        .path
+                        .nodes()
+                        .iter()
+                        .map(|p| usize::from(p.0))
+                        .collect();
+                    wire.set_route(i, j, Some(&path));
+                }
+            }
+        }
+        self.wire = Some(Arc::new(wire));
+        Ok(self)
+    }
+
+    /// The mesh cores, when wired.
+    pub fn wire(&self) -> Option<&Wire> {
+        self.wire.as_deref()
+    }
+
+    /// Data packets delivered so far (wired networks only), in order of arrival.
+    pub fn deliveries(&self) -> &[Delivery] {
+        &self.deliveries
+    }
+
+    /// Relayed frames node `i` forwarded so far (wired networks only).
+    pub fn forwarded(&self, i: usize) -> u64 {
+        self.forwarded[i]
+    }
+
+    /// Node `from` sends a data packet to `destination` now, framed by its core for the
+    /// path routing chose (direct or relayed). Returns false if it could not be framed (no
+    /// path, or the network is not wired) or `from` is down.
+    pub fn send_data(
+        &mut self,
+        from: usize,
+        destination: usize,
+        kind: DataKind,
+        payload: &[u8],
+    ) -> bool {
+        let Some(wire) = self.wire.clone() else {
+            return false;
+        };
+        if !self.nodes[from].up {
+            return false;
+        }
+        let core = wire.core(from);
+        let to = wire.short(destination);
+        let mut frame = Vec::new();
+        let framed = match kind {
+            DataKind::Quic => core.frame_quic(&to, payload, payload.len(), &mut frame),
+            DataKind::Wireguard => core.frame_wireguard(&to, payload, &mut frame),
+        };
+        let Some(next) = framed.ok().and_then(|out| wire.node_at(&out.to)) else {
+            return false;
+        };
+        self.transmit(from, next, frame);
+        true
     }
 
     /// Reseeds the network's own randomness (jitter and loss), e.g. to branch several runs
@@ -302,7 +389,6 @@ impl VirtualNet {
 
     /// Moves node `i`'s outputs into the network.
     fn flush(&mut self, i: usize) {
-        let n = self.nodes.len();
         while let Some(transmit) = self.nodes[i].router.poll_transmit() {
             let to = usize::from(transmit.destination.0);
             let traffic = &mut self.traffic[i];
@@ -315,31 +401,121 @@ impl VirtualNet {
                     traffic.probe_bytes += transmit.payload.len() as u64;
                 }
             }
-            if to >= n || self.cut[i * n + to] {
-                continue;
-            }
-            if self.config.loss > 0.0 && self.rng.random_bool(self.config.loss.clamp(0.0, 1.0)) {
-                continue;
-            }
-            let one_way = self.rtt_us[i * n + to] as f64 / 2.0;
-            let j = self.config.jitter_fraction;
-            let factor = if j > 0.0 {
-                self.rng.random_range(1.0 - j..=1.0 + j)
-            } else {
-                1.0
+            let payload = match &self.wire {
+                None => transmit.payload,
+                Some(wire) if to < self.nodes.len() => {
+                    let mut frame = Vec::new();
+                    let framed = wire.core(i).frame_control(
+                        &wire.short(to),
+                        BodyType::Routing,
+                        &transmit.payload,
+                        &mut frame,
+                    );
+                    if framed.is_err() {
+                        continue;
+                    }
+                    frame
+                }
+                Some(_) => continue,
             };
-            let at = self.now_us + (one_way * factor).round().max(1.0) as u64;
-            self.push(
-                at,
-                EventKind::Deliver {
-                    from: i,
-                    to,
-                    payload: transmit.payload,
-                },
-            );
+            self.transmit(i, to, payload);
         }
         while let Some(event) = self.nodes[i].router.poll_event() {
+            if let Some(wire) = &self.wire {
+                let path: Option<Vec<usize>> = event
+                    .new
+                    .as_ref()
+                    .map(|p| p.nodes().iter().map(|n| usize::from(n.0)).collect());
+                wire.set_route(i, usize::from(event.destination.0), path.as_deref());
+            }
             self.log.push(LoggedEvent { node: i, event });
+        }
+    }
+
+    /// Puts a datagram from node `i` on the link to `to`: lost if the link is cut or by
+    /// chance, else delivered after the link's one-way delay (with jitter).
+    fn transmit(&mut self, i: usize, to: usize, payload: Vec<u8>) {
+        let n = self.nodes.len();
+        if to >= n || self.cut[i * n + to] {
+            return;
+        }
+        if self.config.loss > 0.0 && self.rng.random_bool(self.config.loss.clamp(0.0, 1.0)) {
+            return;
+        }
+        let one_way = self.rtt_us[i * n + to] as f64 / 2.0;
+        let j = self.config.jitter_fraction;
+        let factor = if j > 0.0 {
+            self.rng.random_range(1.0 - j..=1.0 + j)
+        } else {
+            1.0
+        };
+        let at = self.now_us + (one_way * factor).round().max(1.0) as u64;
+        self.push(
+            at,
+            EventKind::Deliver {
+                from: i,
+                to,
+                payload,
+            },
+        );
+    }
+
+    /// A wired datagram from node `from` arrived at node `to`: its core judges it.
+    fn receive_wired(&mut self, wire: &Wire, from: usize, to: usize, datagram: &[u8]) {
+        let now = ts(self.now_us);
+        match wire.core(to).classify(now, datagram, wire.addr(from)) {
+            Inbound::Control {
+                from: sender, body, ..
+            } => {
+                if let Some(sender) = wire.node_of(&sender) {
+                    // Errors are counted by the router; the network carries on.
+                    let _ =
+                        self.nodes[to]
+                            .router
+                            .handle_datagram(now, &PeerIndex(sender as u16), body);
+                }
+            }
+            Inbound::Forward(forward) => {
+                let mut frame = Vec::with_capacity(forward.frame_len());
+                if wire.core(to).seal_forward(&forward, &mut frame).is_ok()
+                    && let Some(next) = wire.node_at(&forward.to)
+                {
+                    self.forwarded[to] += 1;
+                    self.transmit(to, next, frame);
+                }
+            }
+            Inbound::Quic {
+                packet,
+                from: vaddr,
+            } => {
+                let sender =
+                    skylane_shared::mesh::short_id_of(&vaddr).and_then(|s| wire.node_of(&s));
+                if let Some(sender) = sender {
+                    self.deliveries.push(Delivery {
+                        at_us: self.now_us,
+                        node: to,
+                        from: sender,
+                        kind: DataKind::Quic,
+                        payload: datagram[packet].to_vec(),
+                    });
+                }
+            }
+            Inbound::Wireguard {
+                from: sender,
+                datagram,
+            } => {
+                if let Some(sender) = wire.node_of(&sender) {
+                    self.deliveries.push(Delivery {
+                        at_us: self.now_us,
+                        node: to,
+                        from: sender,
+                        kind: DataKind::Wireguard,
+                        payload: datagram.to_vec(),
+                    });
+                }
+            }
+            // Counted by the core. Tunnels to stock endpoints do not run in virtual time.
+            Inbound::Drop(_) | Inbound::ToEndpoint { .. } | Inbound::FromEndpoint { .. } => {}
         }
     }
 
@@ -360,12 +536,17 @@ impl VirtualNet {
                         continue;
                     }
                     self.processed += 1;
-                    // Errors are counted by the router; the network carries on.
-                    let _ = self.nodes[to].router.handle_datagram(
-                        now,
-                        &PeerIndex(from as u16),
-                        &payload,
-                    );
+                    match self.wire.clone() {
+                        Some(wire) => self.receive_wired(&wire, from, to, &payload),
+                        None => {
+                            // Errors are counted by the router; the network carries on.
+                            let _ = self.nodes[to].router.handle_datagram(
+                                now,
+                                &PeerIndex(from as u16),
+                                &payload,
+                            );
+                        }
+                    }
                     self.flush(to);
                     self.reschedule(to);
                     return Some(to);
