@@ -83,6 +83,9 @@ struct Status {
     admission: Arc<Admission>,
     control: Arc<MeshControl>,
     draining: CancellationToken,
+    /// Carries other edges' tunnels to stock WireGuard endpoints, and brings this edge's
+    /// back through theirs; present when `[[wireguard.peers]]` are.
+    wg_relay: Option<Arc<skylane_shared::wireguard::relay::EndpointRelay>>,
 }
 
 /// `POST /purge`: `{"kind": "url", "value": "chat.example.com/static/app.js"}` (kinds
@@ -133,6 +136,10 @@ impl AdminRoutes for Status {
             "cache": edge.cache.as_ref().map(|c| c.status()),
             "acme": edge.acme.as_ref().map(|a| a.status()),
             "frames": self.socket.counters().snapshot(),
+            "wireguard_relay": self.wg_relay.as_ref().map(|r| json!({
+                "counters": r.counters(),
+                "carried_now": r.carried(),
+            })),
             "mesh": self.control.status(),
         })
     }
@@ -382,7 +389,7 @@ pub async fn serve(
         config.membership.clone(),
         stop_tunnels.clone(),
     )?;
-    let (mut wg_links, direct) = start_wireguard(
+    let (mut wg_links, direct, wg_relay) = start_wireguard(
         config.wireguard.as_ref(),
         &socket,
         &identity.members,
@@ -501,6 +508,7 @@ pub async fn serve(
             admission: admission.clone(),
             control,
             draining: draining.clone(),
+            wg_relay,
         });
         tokio::spawn(telemetry::serve_admin(
             admin,
@@ -710,12 +718,12 @@ async fn start_wireguard(
     socket: &Arc<MeshSocket>,
     members: &skylane_shared::membership::Members,
     stop: CancellationToken,
-) -> anyhow::Result<(Vec<WgLink>, Option<Direct>)> {
+) -> anyhow::Result<WireguardStarted> {
     use skylane_shared::wireguard::WgTunnel;
     use skylane_shared::wireguard::relay::EndpointRelay;
     use skylane_shared::wireguard::tunnel::Ways;
     let Some(wg) = config else {
-        return Ok((Vec::new(), None));
+        return Ok((Vec::new(), None, None));
     };
     let relay = EndpointRelay::start(socket.clone(), stop.clone());
     let resolver = skylane_shared::resolve::Resolver::from_system();
@@ -768,5 +776,13 @@ async fn start_wireguard(
         .filter_map(|s| Some((s.service.clone(), tunnels.get(&s.peer)?.clone())))
         .collect();
     let direct = (!services.is_empty()).then(|| Direct::start(services, stop));
-    Ok((links, direct))
+    Ok((links, direct, relay))
 }
+
+/// What [`start_wireguard`] started: links to connectors behind stock endpoints, the
+/// services served through them directly, and the relay of tunnels through other edges.
+type WireguardStarted = (
+    Vec<WgLink>,
+    Option<Direct>,
+    Option<Arc<skylane_shared::wireguard::relay::EndpointRelay>>,
+);

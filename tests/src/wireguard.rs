@@ -4,7 +4,7 @@
 //! listening on its WireGuard address. The edge runs outside, on the host, and reaches the
 //! namespace only through a veth pair: the WireGuard UDP is the one way in.
 //!
-//! Needs root, `/dev/net/tun`, `ip`, `wg` and `wireguard-go`; [`unavailable`] says which
+//! Needs root, `/dev/net/tun`, `ip`, `wg`, `wireguard-go` and `nft`; [`unavailable`] says which
 //! is missing so a test can skip with that message.
 
 use std::net::SocketAddr;
@@ -22,6 +22,8 @@ use crate::{Proc, TempDir, bin, free_tcp, free_udp, https_client};
 pub const GATEWAY_IP: &str = "10.77.0.1";
 /// The edge's address inside the tunnel.
 pub const EDGE_IP: &str = "10.77.0.2";
+/// The second edge's address inside the tunnel (a world with a relay edge).
+pub const EDGE_B_IP: &str = "10.77.0.3";
 /// Where the connector listens on the gateway's WireGuard address.
 pub const CONNECTOR_PORT: u16 = 7100;
 /// Where the origin listens in the namespace (on every address: loopback for the
@@ -41,7 +43,7 @@ pub fn unavailable() -> Option<String> {
     if !Path::new("/dev/net/tun").exists() {
         return Some("no /dev/net/tun".into());
     }
-    for tool in ["ip", "wg", "wireguard-go"] {
+    for tool in ["ip", "wg", "wireguard-go", "nft"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -49,7 +51,7 @@ pub fn unavailable() -> Option<String> {
             .is_ok_and(|s| s.success());
         if !found {
             return Some(format!(
-                "`{tool}` not installed (scripts/setup-test-deps.sh installs wireguard-go and wireguard-tools)"
+                "`{tool}` not installed (scripts/setup-test-deps.sh installs wireguard-go, wireguard-tools and nftables)"
             ));
         }
     }
@@ -86,6 +88,20 @@ pub struct WgWorld {
     pub tcp: SocketAddr,
     /// The CA of the edge's certificate.
     pub ca_pem: PathBuf,
+    /// A second edge that may carry the first one's tunnel, and the UDP port the first
+    /// one sends to the endpoint from (so its own way can be cut).
+    pub relay_edge: Option<RelayEdge>,
+}
+
+/// The second edge of a world started with [`WgWorld::start_with_relay`].
+#[derive(Debug)]
+pub struct RelayEdge {
+    /// Its process.
+    pub proc: Proc,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+    /// The first edge's WireGuard source port.
+    pub own_port: u16,
 }
 
 impl std::fmt::Debug for WgWorld {
@@ -132,6 +148,18 @@ fn wg_keypair() -> anyhow::Result<(String, String)> {
 impl WgWorld {
     /// Sets it all up; `edge_extra` is TOML appended to the edge's config.
     pub fn start(behind: Behind, edge_extra: &str) -> anyhow::Result<Self> {
+        Self::start_with(behind, edge_extra, false)
+    }
+
+    /// As [`WgWorld::start`] with a connector behind the endpoint, plus a second edge,
+    /// `edge-b`, also a peer of the endpoint, that the first edge lists in `relays`. The
+    /// first edge sends to the endpoint from a fixed port, so [`WgWorld::cut_own_way`] can
+    /// cut its own way and leave edge-b's.
+    pub fn start_with_relay() -> anyhow::Result<Self> {
+        Self::start_with(Behind::Connector, "", true)
+    }
+
+    fn start_with(behind: Behind, edge_extra: &str, relayed: bool) -> anyhow::Result<Self> {
         static WORLDS: AtomicU32 = AtomicU32::new(0);
         let n = WORLDS.fetch_add(1, Ordering::Relaxed);
         let id = (std::process::id() % 10_000) * 10 + n % 10;
@@ -191,6 +219,21 @@ impl WgWorld {
         ])?
         .trim()
         .to_owned();
+        let edge_b_wg_public = if relayed {
+            NodeKey::generate()?.save(&d.join("keys/edge-b.key"))?;
+            Some(
+                run(&[
+                    bin("mesh-node").to_str().context("path")?,
+                    "wireguard-key",
+                    "--node-key",
+                    d.join("keys/edge-b.key").to_str().context("path")?,
+                ])?
+                .trim()
+                .to_owned(),
+            )
+        } else {
+            None
+        };
 
         let mut inside = Vec::new();
         let ns_bin = |name: &str| -> anyhow::Result<Vec<String>> {
@@ -243,6 +286,17 @@ impl WgWorld {
             "allowed-ips",
             &format!("{EDGE_IP}/32"),
         ])?;
+        if let Some(b) = &edge_b_wg_public {
+            in_ns(&[
+                "wg",
+                "set",
+                &wg_if,
+                "peer",
+                b,
+                "allowed-ips",
+                &format!("{EDGE_B_IP}/32"),
+            ])?;
+        }
         in_ns(&[
             "ip",
             "addr",
@@ -264,6 +318,14 @@ impl WgWorld {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         inside.push(Proc::spawn("origin", Path::new("ip"), &args, &d)?);
 
+        let (b_member, b_source) = if relayed {
+            (
+                "[[mesh.members]]\nname = \"edge-b\"\nrole = \"edge\"\npublic_key_file = \"keys/edge-b.key.pub\"\nregion = \"Singapore\"\n\n",
+                format!(", \"{EDGE_B_IP}/32\""),
+            )
+        } else {
+            ("", String::new())
+        };
         let route_target = match behind {
             Behind::Connector => {
                 let config = format!(
@@ -271,7 +333,8 @@ impl WgWorld {
                      [node]\nname = \"connector-wg\"\nregion = \"Frankfurt\"\nkey_file = \"keys/connector.key\"\nlisten = \"127.0.0.1:7000\"\n\n\
                      [[mesh.members]]\nname = \"connector-wg\"\nrole = \"connector\"\npublic_key_file = \"keys/connector.key.pub\"\naddress = \"127.0.0.1:7000\"\nregion = \"Frankfurt\"\n\n\
                      [[mesh.members]]\nname = \"edge-wg\"\nrole = \"edge\"\npublic_key_file = \"keys/edge.key.pub\"\nregion = \"Sydney\"\n\n\
-                     [wireguard]\nlisten = \"{GATEWAY_IP}:{CONNECTOR_PORT}\"\nallowed_sources = [\"{EDGE_IP}/32\"]\n\n\
+                     {b_member}\
+                     [wireguard]\nlisten = \"{GATEWAY_IP}:{CONNECTOR_PORT}\"\nallowed_sources = [\"{EDGE_IP}/32\"{b_source}]\n\n\
                      [services.web]\nservers = [\"127.0.0.1:{ORIGIN_PORT}\"]\n\n\
                      [services.echo-tcp]\nkind = \"tcp\"\nservers = [\"127.0.0.1:{ORIGIN_PORT}\"]\n"
                 );
@@ -282,7 +345,16 @@ impl WgWorld {
                     d.join("connector.toml").display().to_string(),
                 ]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                inside.push(Proc::spawn("connector", Path::new("ip"), &args, &d)?);
+                let connector = Proc::spawn("connector", Path::new("ip"), &args, &d)?;
+                // Listening on its WireGuard address before any edge sends it a flow.
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !connector.log().contains("origin connector ready") {
+                    if std::time::Instant::now() > deadline {
+                        bail!("the connector did not start:\n{}", connector.log());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                inside.push(connector);
                 format!(
                     "[[wireguard.connectors]]\nname = \"connector-wg\"\npeer = \"gateway\"\naddress = \"{GATEWAY_IP}:{CONNECTOR_PORT}\"\n"
                 )
@@ -302,21 +374,79 @@ impl WgWorld {
         if !status.success() {
             bail!("mesh-node dev-cert failed");
         }
-        let https = free_tcp();
-        let admin = free_tcp();
-        let tcp = free_tcp();
-        let udp = free_udp();
         let endpoint: SocketAddr = format!("{ns_ip}:51820").parse()?;
-        let config = format!(
-            "shutdown_grace_ms = 2000\n\
-             [node]\nname = \"edge-wg\"\nregion = \"Sydney\"\nkey_file = \"keys/edge.key\"\nlisten = \"{udp}\"\n\n\
-             [[mesh.members]]\nname = \"edge-wg\"\nrole = \"edge\"\npublic_key_file = \"keys/edge.key.pub\"\naddress = \"{udp}\"\nregion = \"Sydney\"\n\n\
-             [https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\n\n\
-             [admin]\nlisten = \"{admin}\"\n\n\
-             [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
-             [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
-             [[wireguard.peers]]\nname = \"gateway\"\npublic_key = \"{gw_public}\"\nendpoint = \"{endpoint}\"\naddress = \"{EDGE_IP}\"\nallowed_ips = [\"10.77.0.0/24\"]\n\n\
-             {route_target}\n{edge_extra}"
+        let (https, admin, tcp, udp) = (free_tcp(), free_tcp(), free_tcp(), free_udp());
+        let udp_b = free_udp();
+        let own_port = free_udp().port();
+        let members = |with_b: bool| {
+            let mut m = format!(
+                "[[mesh.members]]\nname = \"edge-wg\"\nrole = \"edge\"\npublic_key_file = \"keys/edge.key.pub\"\naddress = \"{udp}\"\nregion = \"Sydney\"\n\n"
+            );
+            if with_b {
+                m.push_str(&format!(
+                    "[[mesh.members]]\nname = \"edge-b\"\nrole = \"edge\"\npublic_key_file = \"keys/edge-b.key.pub\"\naddress = \"{udp_b}\"\nregion = \"Singapore\"\n\n"
+                ));
+            }
+            m
+        };
+        // One edge's config: `me` (name, key file, mesh UDP), its listeners, its address in
+        // the tunnel and what its peer entry adds.
+        let edge_config = |me: (&str, &str, SocketAddr),
+                           listen: (SocketAddr, SocketAddr, SocketAddr),
+                           tunnel_ip: &str,
+                           peer_extra: &str,
+                           extra: &str| {
+            let (name, key, mesh) = me;
+            let (https, admin, tcp) = listen;
+            format!(
+                "shutdown_grace_ms = 2000\n\
+                 [node]\nname = \"{name}\"\nkey_file = \"keys/{key}\"\nlisten = \"{mesh}\"\n\n\
+                 {members}\
+                 [https]\nlisten = \"{https}\"\n\n[[https.certificates]]\ncert_file = \"certs/edge.pem\"\nkey_file = \"certs/edge.key\"\n\n\
+                 [admin]\nlisten = \"{admin}\"\n\n\
+                 [[routes]]\nhost = \"*\"\nservice = \"web\"\n\n\
+                 [[tcp]]\nlisten = \"{tcp}\"\nservice = \"echo-tcp\"\n\n\
+                 [[wireguard.peers]]\nname = \"gateway\"\npublic_key = \"{gw_public}\"\nendpoint = \"{endpoint}\"\naddress = \"{tunnel_ip}\"\nallowed_ips = [\"10.77.0.0/24\"]\n{peer_extra}\n\
+                 {route_target}\n{extra}",
+                members = members(relayed),
+            )
+        };
+        let relay_edge = if relayed {
+            let (https_b, admin_b, tcp_b) = (free_tcp(), free_tcp(), free_tcp());
+            let config = edge_config(
+                ("edge-b", "edge-b.key", udp_b),
+                (https_b, admin_b, tcp_b),
+                EDGE_B_IP,
+                "",
+                "",
+            );
+            std::fs::write(d.join("edge-b.toml"), config)?;
+            let proc = Proc::spawn(
+                "edge-b",
+                &bin("mesh-node"),
+                &["--config", d.join("edge-b.toml").to_str().context("path")?],
+                &d,
+            )?;
+            crate::wait_ready(admin_b, Duration::from_secs(20)).with_context(|| proc.log())?;
+            Some(RelayEdge {
+                proc,
+                admin: admin_b,
+                own_port,
+            })
+        } else {
+            None
+        };
+        let peer_extra = if relayed {
+            format!("listen_port = {own_port}\nrelays = [\"edge-b\"]\n")
+        } else {
+            String::new()
+        };
+        let config = edge_config(
+            ("edge-wg", "edge.key", udp),
+            (https, admin, tcp),
+            EDGE_IP,
+            &peer_extra,
+            edge_extra,
         );
         std::fs::write(d.join("edge.toml"), config)?;
         let edge = Proc::spawn(
@@ -338,9 +468,50 @@ impl WgWorld {
             https,
             admin,
             tcp,
+            relay_edge,
         };
         crate::wait_ready(admin, Duration::from_secs(20)).with_context(|| world.logs())?;
         Ok(world)
+    }
+
+    /// Cuts the first edge's own way to the endpoint, both ways (an nftables rule in the
+    /// namespace on its source port); edge-b's way stays. Only in a world with a relay
+    /// edge.
+    pub fn cut_own_way(&self) -> anyhow::Result<()> {
+        let port = self
+            .relay_edge
+            .as_ref()
+            .context("no relay edge in this world")?
+            .own_port
+            .to_string();
+        let nft = |args: &[&str]| -> anyhow::Result<String> {
+            let mut all = vec!["ip", "netns", "exec", self.ns.as_str(), "nft"];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        nft(&["add", "table", "inet", "skylane_cut"])?;
+        for (chain, hook, dir) in [("in", "input", "sport"), ("out", "output", "dport")] {
+            nft(&[
+                "add",
+                "chain",
+                "inet",
+                "skylane_cut",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; policy accept; }}"),
+            ])?;
+            nft(&[
+                "add",
+                "rule",
+                "inet",
+                "skylane_cut",
+                chain,
+                "udp",
+                dir,
+                &port,
+                "drop",
+            ])?;
+        }
+        Ok(())
     }
 
     /// An HTTPS client for the edge (`https://localhost/…`).
@@ -371,6 +542,9 @@ impl WgWorld {
     /// Every process's log, for a failure message.
     pub fn logs(&self) -> String {
         let mut out = format!("--- edge ---\n{}\n", self.edge.log());
+        if let Some(b) = &self.relay_edge {
+            out.push_str(&format!("--- edge-b ---\n{}\n", b.proc.log()));
+        }
         for p in &self.inside {
             out.push_str(&format!(
                 "--- {} ---\n{}\n",
@@ -390,6 +564,9 @@ impl WgWorld {
 impl Drop for WgWorld {
     fn drop(&mut self) {
         self.edge.kill();
+        if let Some(b) = &mut self.relay_edge {
+            b.proc.kill();
+        }
         for p in &mut self.inside {
             p.kill();
         }

@@ -283,3 +283,86 @@ async fn edge_reaches_the_origin_directly_through_stock_wireguard() -> anyhow::R
     assert!(headers.contains("x-forwarded-for"), "{headers}");
     Ok(())
 }
+
+/// A websocket through a stock WireGuard tunnel keeps echoing when the edge's own way to
+/// the endpoint dies: the tunnel moves to the other edge it lists in `relays`, which sends
+/// its datagrams on from a socket of its own, and `wireguard-go` follows by roaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_tunnel_survives_its_own_way_dying_through_another_edge() -> anyhow::Result<()> {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    if skip() {
+        return Ok(());
+    }
+    let w = WgWorld::start_with_relay()?;
+    let relay = w.relay_edge.as_ref().expect("a relay edge");
+    let path_of = |admin| {
+        let status = skylane_tests::status(admin).unwrap_or_default();
+        status["tunnels"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["connector"] == "connector-wg"))
+            .map(|t| t["wireguard"]["path"].clone())
+            .unwrap_or_default()
+    };
+    let tls = skylane_tests::tls_config(&w.ca_pem, &[b"http/1.1"])?;
+    let tcp = tokio::net::TcpStream::connect(w.https).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", w.https.port()), stream)
+            .await?;
+    assert_eq!(resp.status(), 101);
+    let mut echo = async |i: u32| -> anyhow::Result<Duration> {
+        let started = std::time::Instant::now();
+        let msg = Message::Text(format!("message {i}").into());
+        ws.send(msg.clone()).await?;
+        let back = tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("message {i} not echoed in 15 s\n{}", w.logs()))?;
+        match back {
+            Some(Ok(m)) if m == msg => Ok(started.elapsed()),
+            other => anyhow::bail!("message {i}: {other:?}\n{}", w.logs()),
+        }
+    };
+    for i in 0..50 {
+        echo(i).await?;
+    }
+    assert_eq!(path_of(w.admin), "direct");
+    w.cut_own_way()?;
+    let cut = std::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 50..300 {
+        slowest = slowest.max(echo(i).await?);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "250 echoes across the cut in {:?}; the slowest took {slowest:?}",
+        cut.elapsed()
+    );
+    assert_eq!(path_of(w.admin), "via edge-b", "{}", w.logs());
+    // The endpoint now sees this edge at edge-b's relay socket, not at its own port.
+    let dump = w.wg_show();
+    let own = format!(":{}", relay.own_port);
+    assert!(
+        dump.lines().all(|l| !l.contains(&own)),
+        "the endpoint still sends to the cut port:\n{dump}"
+    );
+    let carried = skylane_tests::status(relay.admin).unwrap_or_default();
+    assert!(
+        carried["wireguard_relay"]["counters"]["carried_out"]
+            .as_u64()
+            .unwrap_or(0)
+            > 100,
+        "{carried:#}"
+    );
+    assert_eq!(carried["wireguard_relay"]["carried_now"], 1, "{carried:#}");
+    // About a second to judge the way dead, then what it swallowed goes again.
+    assert!(slowest < Duration::from_secs(4), "slowest echo {slowest:?}");
+    // New requests go the same way.
+    let resp = w.client()?.get(w.url("/bytes/1000000")).send().await?;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await?.len(), 1_000_000);
+    Ok(())
+}
