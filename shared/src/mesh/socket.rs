@@ -118,6 +118,9 @@ pub struct MeshSocket {
     wireguard_rx: Mutex<Option<mpsc::Receiver<WireguardDatagram>>>,
     endpoint_tx: mpsc::Sender<EndpointDatagram>,
     endpoint_rx: Mutex<Option<mpsc::Receiver<EndpointDatagram>>>,
+    /// Bumped at every route change, so transports that keep state of their own (the
+    /// WireGuard driver) can react as QUIC's nudges do.
+    routes_changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for MeshSocket {
@@ -193,6 +196,7 @@ impl MeshSocket {
             wireguard_rx: Mutex::new(Some(wireguard_rx)),
             endpoint_tx,
             endpoint_rx: Mutex::new(Some(endpoint_rx)),
+            routes_changed: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -249,6 +253,21 @@ impl MeshSocket {
     /// datagram.
     pub fn set_route(&self, destination: ShortId, path: Option<&[ShortId]>) {
         self.core.peers().set_route(destination, path);
+        self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The relays datagrams to `destination` go through now (every node of the path, this
+    /// one first), or `None` when they go direct.
+    pub fn route(&self, destination: &ShortId) -> Option<Vec<ShortId>> {
+        self.core
+            .peers()
+            .route(destination)
+            .map(|r| r.nodes().to_vec())
+    }
+
+    /// A receiver that sees a change whenever any route changes.
+    pub fn route_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.routes_changed.subscribe()
     }
 
     /// Takes the stream of authenticated routing and membership datagrams (once; later

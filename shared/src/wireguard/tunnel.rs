@@ -71,14 +71,72 @@ pub struct Ways {
     names: Vec<(ShortId, String)>,
     choice: Mutex<PathChoice>,
     clock: tokio::time::Instant,
-    /// Data datagrams sent lately, with when: after a switch, those the dead way swallowed
-    /// go again on the new one, so TCP inside does not wait out its backed-off
-    /// retransmission timer. The peer's replay window drops any it did get.
-    recent: Mutex<std::collections::VecDeque<(Duration, Vec<u8>)>>,
 }
 
-/// Data datagrams a tunnel with relays keeps for sending again after a switch.
+/// Data datagrams a tunnel keeps for sending again after its path moved.
 const RECENT_DATAGRAMS: usize = 256;
+/// After a move, datagrams sent at most this long ago go again.
+const RESEND_WINDOW: Duration = Duration::from_secs(3);
+
+/// Data datagrams sent lately, with when, and when the peer last answered: after the path
+/// moved (a relay of the mesh died, or a stock tunnel's way stopped answering), the ones
+/// the dead path swallowed go again on the new one at once, so TCP inside does not wait out
+/// a retransmission timer that backed off during the outage. The peer's replay window drops
+/// any it did get.
+struct Resend {
+    clock: tokio::time::Instant,
+    recent: Mutex<std::collections::VecDeque<(Duration, Vec<u8>)>>,
+    /// When an authenticated datagram last came from the peer.
+    heard: Mutex<Duration>,
+}
+
+impl Resend {
+    fn new() -> Self {
+        Self {
+            clock: tokio::time::Instant::now(),
+            recent: Mutex::new(std::collections::VecDeque::new()),
+            heard: Mutex::new(Duration::ZERO),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    /// Keeps a data datagram that expects an answer.
+    fn keep(&self, datagram: &[u8]) {
+        let now = self.now();
+        let mut recent = lock(&self.recent);
+        // Once full, the oldest buffer is reused: no allocation per datagram.
+        let mut buf = if recent.len() >= RECENT_DATAGRAMS {
+            recent.pop_front().map(|(_, b)| b).unwrap_or_default()
+        } else {
+            Vec::with_capacity(datagram.len())
+        };
+        buf.clear();
+        buf.extend_from_slice(datagram);
+        recent.push_back((now, buf));
+    }
+
+    fn heard(&self) {
+        *lock(&self.heard) = self.now();
+    }
+
+    /// The kept datagrams sent since the peer last answered, or since `at_least` if that
+    /// is earlier; never older than [`RESEND_WINDOW`].
+    fn unanswered(&self, at_least: Option<Duration>) -> Vec<Vec<u8>> {
+        let now = self.now();
+        let heard = *lock(&self.heard);
+        let since = at_least
+            .map_or(heard, |t| t.min(heard))
+            .max(now.saturating_sub(RESEND_WINDOW));
+        lock(&self.recent)
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+}
 
 impl Ways {
     /// Relays from `relays` (member id and name, in the order to try them) through
@@ -97,26 +155,7 @@ impl Ways {
             names: relays,
             choice: Mutex::new(choice),
             clock,
-            recent: Mutex::new(std::collections::VecDeque::new()),
         }))
-    }
-
-    /// Keeps a data datagram that expects an answer, for [`Ways::since`].
-    fn keep(&self, now: Duration, datagram: &[u8]) {
-        let mut recent = lock(&self.recent);
-        if recent.len() >= RECENT_DATAGRAMS {
-            recent.pop_front();
-        }
-        recent.push_back((now, datagram.to_vec()));
-    }
-
-    /// The kept datagrams sent at `since` or later.
-    fn since(&self, since: Duration) -> Vec<Vec<u8>> {
-        lock(&self.recent)
-            .iter()
-            .filter(|(at, _)| *at >= since)
-            .map(|(_, d)| d.clone())
-            .collect()
     }
 
     fn now(&self) -> Duration {
@@ -336,6 +375,9 @@ pub struct WgTunnel {
     over_mesh: bool,
     /// The ways through other edges, for a stock endpoint that lists relays.
     ways: Option<Arc<Ways>>,
+    /// Datagrams to send again when the path moves: for tunnels over the mesh, and
+    /// stock tunnels with more than one way.
+    resend: Option<Resend>,
 }
 
 impl std::fmt::Debug for WgTunnel {
@@ -458,6 +500,11 @@ impl WgTunnel {
             WireTx::Udp(_, ways) => ways.clone(),
             WireTx::Mesh(..) => None,
         };
+        let resend = (over_mesh
+            || ways
+                .as_ref()
+                .is_some_and(|w| lock(&w.choice).has_alternatives()))
+        .then(Resend::new);
         let tunnel = Arc::new(Self {
             local_public: key.public_key(),
             shared: Arc::new(Shared {
@@ -473,6 +520,7 @@ impl WgTunnel {
             clock,
             over_mesh,
             ways,
+            resend,
         });
         let initiate = listen.is_none();
         tokio::spawn(tunnel.clone().run(tx, rx, initiate, stop));
@@ -605,6 +653,11 @@ impl WgTunnel {
         if initiate && matches!(tx, WireTx::Mesh(..)) {
             self.initiate(&tx, &mut outbuf).await;
         }
+        // Over the mesh: route changes, and the route to the member as last seen.
+        let (mut route_changes, mut route) = match &tx {
+            WireTx::Mesh(socket, member) => (Some(socket.route_changes()), socket.route(member)),
+            WireTx::Udp(..) => (None, None),
+        };
         loop {
             // Resolve the endpoint at start, and again while the tunnel is down.
             if let WireRx::Udp(_, resolver, relayed) = &mut rx {
@@ -679,9 +732,44 @@ impl WgTunnel {
                         tracing::debug!(peer = %name, error = %e, "wireguard socket receive error");
                     }
                 },
+                Some(()) = async {
+                    match &mut route_changes {
+                        Some(changes) => changes.changed().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let WireTx::Mesh(socket, member) = &tx {
+                        let now = socket.route(member);
+                        if now != route {
+                            route = now;
+                            self.path_moved(&tx).await;
+                        }
+                    }
+                }
                 _ = self.shared.wake.notified() => {}
                 _ = sleep => {}
             }
+        }
+    }
+
+    /// The mesh moved the route to the member: what the old path may have swallowed since
+    /// the member last answered goes again on the new one, as QUIC connections are nudged.
+    async fn path_moved(&self, tx: &WireTx) {
+        let Some(resend) = &self.resend else {
+            return;
+        };
+        let lost = resend.unanswered(None);
+        tracing::debug!(peer = %self.peer.name, datagrams = lost.len(), "route moved; sending again what may be lost");
+        for datagram in &lost {
+            self.reply(
+                tx,
+                datagram,
+                Source {
+                    addr: None,
+                    via: Via::Direct,
+                },
+            )
+            .await;
         }
     }
 
@@ -708,10 +796,12 @@ impl WgTunnel {
                 metrics::counter!("skylane_wireguard_path_switches_total", "reason" => "no_answer")
                     .increment(1);
                 // What went out on the dead way since it last answered goes again.
-                let lost = ways.since(
-                    ways.now()
-                        .saturating_sub(path::answer_timeout(self.rtt()) + TIMER_TICK * 2),
-                );
+                let lost = self.resend.as_ref().map_or_else(Vec::new, |r| {
+                    r.unanswered(Some(
+                        r.now()
+                            .saturating_sub(path::answer_timeout(self.rtt()) + TIMER_TICK * 2),
+                    ))
+                });
                 for datagram in &lost {
                     self.reply(
                         tx,
@@ -797,6 +887,9 @@ impl WgTunnel {
         // (roaming), and the way it came by answers.
         let cookie = matches!(next, Next::Send(_)) && out.first() == Some(&3);
         if !cookie {
+            if let Some(resend) = &self.resend {
+                resend.heard();
+            }
             if let Some(addr) = from.addr {
                 let moved = lock(&self.shared.endpoint).replace(addr) != Some(addr);
                 if moved {
@@ -889,16 +982,18 @@ impl WgTunnel {
         let to = *lock(&self.shared.endpoint);
         let via = match tx {
             WireTx::Udp(_, Some(ways)) => {
-                let now = ways.now();
                 let mut choice = lock(&ways.choice);
-                if expects_answer && datagram.first() == Some(&DATA) && choice.has_alternatives() {
-                    ways.keep(now, datagram);
-                }
-                choice.sent(now, expects_answer);
+                choice.sent(ways.now(), expects_answer);
                 choice.current()
             }
             _ => Via::Direct,
         };
+        if let Some(resend) = &self.resend
+            && expects_answer
+            && datagram.first() == Some(&DATA)
+        {
+            resend.keep(datagram);
+        }
         self.reply(tx, datagram, Source { addr: to, via }).await;
     }
 
