@@ -804,15 +804,26 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
             }
         }
         first = false;
-        // Resolve the connector's address before every dial: a dial follows a failure,
-        // and a failed tunnel may mean the connector moved.
-        let target = link.member.address.clone().unwrap_or_default();
-        match resolver.resolve(&target).await {
-            Ok(r) => socket.set_peer_addr(&link.member.id, r.addrs[0]),
-            Err(e) => {
-                set_error(&link, e.to_string());
-                tracing::warn!(connector = %name, error = %e, "cannot resolve connector");
-                continue;
+        match &link.member.address {
+            // Resolve the connector's address before every dial: a dial follows a failure,
+            // and a failed tunnel may mean the connector moved.
+            Some(target) => match resolver.resolve(target).await {
+                Ok(r) => socket.set_peer_addr(&link.member.id, r.addrs[0]),
+                Err(e) => {
+                    set_error(&link, e.to_string());
+                    tracing::warn!(connector = %name, error = %e, "cannot resolve connector");
+                    continue;
+                }
+            },
+            // A connector that dials out has no address in the config: the mesh socket
+            // learns it from the connector's own authenticated frames (its probes), which
+            // also open the way back through its firewall or NAT.
+            None => {
+                let learned = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = wait_for_learned(socket, &link.member.id) => a,
+                };
+                tracing::debug!(connector = %name, address = %learned, "dialling a connector at the address it dialled out from");
             }
         }
         let conn = tokio::select! {
@@ -862,6 +873,20 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
         // Reconnect at once the first time; back off if it keeps failing.
         first = true;
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the mesh socket knows where `member` is (it learns the address of a member
+/// with none configured from its authenticated frames).
+async fn wait_for_learned(
+    socket: &MeshSocket,
+    member: &skylane_shared::identity::NodeId,
+) -> std::net::SocketAddr {
+    loop {
+        if let Some(addr) = socket.peer_addr(member) {
+            return addr;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

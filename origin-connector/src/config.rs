@@ -229,6 +229,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file: File = load_toml(path)?;
     let v = Validator::new(path);
     let identity = load_identity(&v, &file.node, &file.mesh, Role::Connector)?;
+    if identity.me.address.is_none() {
+        // It dials out: the edges learn where it is from its own frames, so it must know
+        // where every edge is.
+        if let Some(e) = identity
+            .members
+            .iter()
+            .find(|m| m.role == Role::Edge && m.address.is_none())
+        {
+            return Err(v.invalid(
+                "mesh.members",
+                format!(
+                    "this connector has no `address`, so it dials out to the edges; edge {:?} needs an `address` for it to dial",
+                    e.name
+                ),
+            ));
+        }
+    }
     if file.services.is_empty() {
         return Err(v.invalid(
             "services",

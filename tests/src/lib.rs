@@ -16,6 +16,7 @@ use skylane_shared::identity::NodeKey;
 
 pub mod browser;
 pub mod h2raw;
+pub mod netns;
 pub mod wireguard;
 
 /// Directory holding the built binaries (`target/debug`), building them on first use.

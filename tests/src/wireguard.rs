@@ -10,12 +10,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use skylane_shared::identity::NodeKey;
 
+use crate::netns::{Netns, run};
 use crate::{Proc, TempDir, bin, free_tcp, free_udp, https_client};
 
 /// The gateway's address inside the tunnel (the WireGuard interface in the namespace).
@@ -32,28 +32,11 @@ pub const ORIGIN_PORT: u16 = 8080;
 
 /// Why these tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .ok()
-        .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
-        return Some("not root: network namespaces and TUN devices need it".into());
+    if let Some(why) = crate::netns::unavailable(&["wg", "wireguard-go", "nft"]) {
+        return Some(why);
     }
     if !Path::new("/dev/net/tun").exists() {
         return Some("no /dev/net/tun".into());
-    }
-    for tool in ["ip", "wg", "wireguard-go", "nft"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!(
-                "`{tool}` not installed (scripts/setup-test-deps.sh installs wireguard-go, wireguard-tools and nftables)"
-            ));
-        }
     }
     None
 }
@@ -71,8 +54,8 @@ pub enum Behind {
 pub struct WgWorld {
     /// Keys, configs, certificates and logs.
     pub dir: TempDir,
-    ns: String,
-    veth: String,
+    /// The namespace; removed when the world drops, after its processes are killed.
+    net: Netns,
     wg_if: String,
     /// The endpoint's UDP address, as the edge dials it.
     pub endpoint: SocketAddr,
@@ -106,23 +89,10 @@ pub struct RelayEdge {
 
 impl std::fmt::Debug for WgWorld {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgWorld").field("ns", &self.ns).finish()
+        f.debug_struct("WgWorld")
+            .field("ns", &self.net.name)
+            .finish()
     }
-}
-
-fn run(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn wg_keypair() -> anyhow::Result<(String, String)> {
@@ -160,49 +130,14 @@ impl WgWorld {
     }
 
     fn start_with(behind: Behind, edge_extra: &str, relayed: bool) -> anyhow::Result<Self> {
-        static WORLDS: AtomicU32 = AtomicU32::new(0);
-        let n = WORLDS.fetch_add(1, Ordering::Relaxed);
-        let id = (std::process::id() % 10_000) * 10 + n % 10;
-        let subnet = (std::process::id().wrapping_mul(7) + n) % 250;
-        let ns = format!("skywg{id}");
-        let veth = format!("skwh{id}");
-        let peer_veth = format!("skwn{id}");
+        let net = Netns::new("skywg")?;
         // Unique across namespaces too: wireguard-go's control socket is a file named
         // after the interface (/var/run/wireguard/NAME.sock), shared by every namespace.
-        let wg_if = format!("skwg{id}");
-        let host_ip = format!("10.201.{subnet}.1");
-        let ns_ip = format!("10.201.{subnet}.2");
+        let wg_if = format!("skwg{}", net.id);
+        let ns_ip = net.ns_ip.clone();
         let dir = TempDir::new("wireguard");
         let d = dir.path().to_owned();
-        let _ = run(&["ip", "netns", "del", &ns]);
-        let _ = run(&["ip", "link", "del", &veth]);
-        run(&["ip", "netns", "add", &ns])?;
-        let mut world_ns = NsGuard {
-            ns: ns.clone(),
-            veth: veth.clone(),
-            armed: true,
-        };
-        run(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer_veth,
-        ])?;
-        run(&["ip", "link", "set", &peer_veth, "netns", &ns])?;
-        run(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", &veth])?;
-        run(&["ip", "link", "set", &veth, "up"])?;
-        let in_ns = |args: &[&str]| -> anyhow::Result<String> {
-            let mut all = vec!["ip", "netns", "exec", ns.as_str()];
-            all.extend_from_slice(args);
-            run(&all)
-        };
-        in_ns(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{ns_ip}/24"),
-            "dev",
-            &peer_veth,
-        ])?;
-        in_ns(&["ip", "link", "set", &peer_veth, "up"])?;
-        in_ns(&["ip", "link", "set", "lo", "up"])?;
+        let in_ns = |args: &[&str]| net.exec(args);
 
         // Keys: the gateway's from wg, the edge's derived from its node key.
         let (gw_private, gw_public) = wg_keypair()?;
@@ -237,22 +172,12 @@ impl WgWorld {
 
         let mut inside = Vec::new();
         let ns_bin = |name: &str| -> anyhow::Result<Vec<String>> {
-            Ok(vec![
-                "netns".into(),
-                "exec".into(),
-                ns.clone(),
-                bin(name).to_str().context("path")?.to_owned(),
-            ])
+            Ok(net.command(bin(name).to_str().context("path")?))
         };
         // The endpoint: wireguard-go in the foreground, configured by wg.
-        let wggo_args = [
-            "netns",
-            "exec",
-            ns.as_str(),
-            "wireguard-go",
-            "-f",
-            wg_if.as_str(),
-        ];
+        let mut wggo_args = net.command("wireguard-go");
+        wggo_args.extend(["-f".to_owned(), wg_if.clone()]);
+        let wggo_args: Vec<&str> = wggo_args.iter().map(String::as_str).collect();
         inside.push(Proc::spawn(
             "wireguard-go",
             Path::new("ip"),
@@ -455,12 +380,9 @@ impl WgWorld {
             &["--config", d.join("edge.toml").to_str().context("path")?],
             &d,
         )?;
-        world_ns.armed = false;
         let world = Self {
             ca_pem: d.join("certs/ca.pem"),
             dir,
-            ns,
-            veth,
             wg_if,
             endpoint,
             inside,
@@ -469,6 +391,7 @@ impl WgWorld {
             admin,
             tcp,
             relay_edge,
+            net,
         };
         crate::wait_ready(admin, Duration::from_secs(20)).with_context(|| world.logs())?;
         Ok(world)
@@ -485,9 +408,9 @@ impl WgWorld {
             .own_port
             .to_string();
         let nft = |args: &[&str]| -> anyhow::Result<String> {
-            let mut all = vec!["ip", "netns", "exec", self.ns.as_str(), "nft"];
+            let mut all = vec!["nft"];
             all.extend_from_slice(args);
-            run(&all)
+            self.net.exec(&all)
         };
         nft(&["add", "table", "inet", "skylane_cut"])?;
         for (chain, hook, dir) in [("in", "input", "sport"), ("out", "output", "dport")] {
@@ -526,17 +449,9 @@ impl WgWorld {
 
     /// `wg show IFACE dump` in the namespace: what the stock endpoint sees.
     pub fn wg_show(&self) -> String {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns,
-            "wg",
-            "show",
-            &self.wg_if,
-            "dump",
-        ])
-        .unwrap_or_default()
+        self.net
+            .exec(&["wg", "show", &self.wg_if, "dump"])
+            .unwrap_or_default()
     }
 
     /// Every process's log, for a failure message.
@@ -570,23 +485,6 @@ impl Drop for WgWorld {
         for p in &mut self.inside {
             p.kill();
         }
-        let _ = run(&["ip", "netns", "del", &self.ns]);
-        let _ = run(&["ip", "link", "del", &self.veth]);
-    }
-}
-
-/// Removes the namespace and veth if setup fails half-way.
-struct NsGuard {
-    ns: String,
-    veth: String,
-    armed: bool,
-}
-
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = run(&["ip", "netns", "del", &self.ns]);
-            let _ = run(&["ip", "link", "del", &self.veth]);
-        }
+        // The namespace goes when `net` drops.
     }
 }

@@ -171,6 +171,14 @@ fn bad_configs_exit_64_and_name_the_key() -> anyhow::Result<()> {
             "cache.rules[0].mode",
         ),
         (
+            // A connector that dials out (no address of its own) must know every edge's.
+            "origin-connector",
+            connector
+                .replace("address = \"127.0.0.1:7000\"\n", "")
+                .replace("address = \"127.0.0.1:7003\"\n", ""),
+            "mesh.members",
+        ),
+        (
             "origin-connector",
             format!(
                 "{connector}\n[wireguard]\nlisten = \"0.0.0.0:7100\"\nallowed_sources = [\"10.77.0.2\"]\n"

@@ -194,7 +194,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Raw TCP listeners.
     pub tcp: Vec<TcpForward>,
-    /// The connectors to tunnel to (members with role `connector` and an address).
+    /// The connectors to tunnel to (members with role `connector`; one without an address
+    /// dials out, and is dialled back at the address its frames come from).
     pub connectors: Vec<Member>,
     /// Tunnel timing.
     pub tunnel: Tunnel,
@@ -321,18 +322,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         ));
     }
 
+    // A connector with no `address` dials out: edges learn where it is from its frames.
     for c in &connectors {
-        let Some(addr) = &c.address else {
-            return Err(v.invalid(
-                "mesh.members",
-                format!(
-                    "connector {:?} needs an `address` (host:port) for edges to dial",
-                    c.name
-                ),
-            ));
-        };
-        skylane_shared::resolve::split_host_port(addr)
-            .map_err(|e| v.invalid("mesh.members", format!("connector {:?}: {e}", c.name)))?;
+        if let Some(addr) = &c.address {
+            skylane_shared::resolve::split_host_port(addr)
+                .map_err(|e| v.invalid("mesh.members", format!("connector {:?}: {e}", c.name)))?;
+        }
     }
     let https = match file.https {
         None => None,
