@@ -11,8 +11,12 @@
 //! cache's objects, the flow counts, the "under attack" switches from the mesh, and the
 //! rate limiters of zones whose settings did not change.
 //!
+//! Members may be added, removed or given new addresses: the mesh socket, routing,
+//! membership and the tunnels take the new list (tunnels to a removed connector close after
+//! the drain time).
+//!
 //! A config that fails validation, or that changes what only a restart can change (the
-//! node's identity and members, listener addresses, the admin listener, tunnels, routing,
+//! node's identity, what a member is, listener addresses, the admin listener, tunnels, routing,
 //! `[limits]`, the cache's storage, `[acme]`, `[wireguard]`), is refused as a whole: nothing is applied, the reason
 //! is logged and answered, and the generation in force keeps serving.
 
@@ -118,6 +122,18 @@ impl Live {
         let old = self.current.load_full();
         let next = build(&new, &self.carried, Some(&old), old.number + 1)
             .map_err(|e| format!("{}: {e:#}", self.path.display()))?;
+        if reload::members_differ(&in_force.identity, &new.identity) {
+            let done = self
+                .carried
+                .tunnels
+                .set_members(
+                    new.identity.members.clone(),
+                    &quic_connectors(&new),
+                    new.shutdown_grace,
+                )
+                .map_err(|e| format!("{}: mesh.members: {e}", self.path.display()))?;
+            tracing::info!(added = ?done.added, removed = ?done.removed, "member list reloaded");
+        }
         if new.log.level != in_force.log.level {
             skylane_shared::telemetry::set_log_level(new.log.level.as_deref())?;
         }
@@ -234,6 +250,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         ("the cache's storage", storage(old) == storage(new)),
         ("acme", same(&old.acme, &new.acme)),
         ("wireguard", same_wireguard(old, new)),
+        (
+            "mesh.members (connectors with transport = \"wireguard\")",
+            wireguard_connectors(old) == wireguard_connectors(new),
+        ),
     ];
     let mut changed = reload::restart_only_changes(settings(old), settings(new));
     changed.extend(
@@ -243,6 +263,28 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
             .map(|(name, _)| name),
     );
     changed
+}
+
+/// The connectors tunnelled to with QUIC (a reload may add or remove those).
+fn quic_connectors(c: &Config) -> Vec<skylane_shared::membership::Member> {
+    c.connectors
+        .iter()
+        .filter(|m| m.transport == skylane_shared::membership::Transport::Quic)
+        .cloned()
+        .collect()
+}
+
+/// The names of the connectors tunnelled to with WireGuard over the mesh (their tunnels
+/// start with the node: adding or removing one needs a restart).
+fn wireguard_connectors(c: &Config) -> Vec<String> {
+    let mut names: Vec<String> = c
+        .connectors
+        .iter()
+        .filter(|m| m.transport == skylane_shared::membership::Transport::Wireguard)
+        .map(|m| m.name.clone())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Whether `[wireguard]` is the same, keys included (their `Debug` is masked).
@@ -270,7 +312,11 @@ fn changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let certificates = |c: &Config| c.https.as_ref().map(|h| format!("{:?}", h.certificates));
     let secret = |c: &Config| c.under_attack.secret.as_ref().map(|s| s.0.clone());
     let rules = |c: &Config| c.cache.as_ref().map(|c| format!("{:?}", c.rules));
-    let checks: [(&'static str, bool); 8] = [
+    let checks: [(&'static str, bool); 9] = [
+        (
+            "mesh.members",
+            !reload::members_differ(&old.identity, &new.identity),
+        ),
         ("routes", same(&old.routes, &new.routes)),
         // The files may hold new certificates under the same names: always re-read.
         ("https.certificates (re-read)", certificates(old).is_none()),

@@ -380,7 +380,7 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
-    let endpoint = quic::endpoint(socket.clone(), &identity.key, None)?;
+    let endpoint = quic::endpoint(socket.clone(), &identity.key, false)?;
     let stop_tunnels = CancellationToken::new();
     let control = MeshControl::start(
         socket.clone(),

@@ -110,6 +110,8 @@ pub struct ConnectorLink {
     /// Until when (ms on [`crate::phases::connection::now_ms`]'s clock) the connector said
     /// it is draining: new flows go elsewhere first. Cleared when a new tunnel comes up.
     draining_until_ms: AtomicU64,
+    /// Stops its dial and pool tasks when a reload removes the connector.
+    stop: CancellationToken,
 }
 
 /// How long a connector that refused a flow as draining is passed over.
@@ -273,9 +275,9 @@ impl Direct {
 }
 
 /// A connector a flow may go to, of either transport.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Candidate<'a> {
-    Quic(&'a Arc<ConnectorLink>),
+    Quic(Arc<ConnectorLink>),
     Wg(&'a WgLink),
 }
 
@@ -349,13 +351,25 @@ impl LinkStatus {
 }
 
 /// The tunnels of this edge.
-#[derive(Debug)]
 pub struct TunnelPool {
-    links: Vec<Arc<ConnectorLink>>,
+    /// Connectors over the mesh; a reload may add or remove some.
+    links: arc_swap::ArcSwap<Vec<Arc<ConnectorLink>>>,
     wg: Vec<WgLink>,
     direct: Option<Direct>,
     socket: Arc<MeshSocket>,
     control: Arc<MeshControl>,
+    /// Starts the tasks of a connector a reload adds.
+    dialer: Arc<Dialer>,
+    streams_per_connection: usize,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for TunnelPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelPool")
+            .field("connectors", &self.links.load().len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TunnelPool {
@@ -373,19 +387,7 @@ impl TunnelPool {
         timing: Tunnel,
         stop: CancellationToken,
     ) -> Arc<Self> {
-        let links: Vec<_> = connectors
-            .into_iter()
-            .map(|member| {
-                Arc::new(ConnectorLink {
-                    member,
-                    state: RwLock::new(LinkState::default()),
-                    grow: Notify::new(),
-                    grown: Notify::new(),
-                    per_connection: timing.streams_per_connection,
-                    draining_until_ms: AtomicU64::new(0),
-                })
-            })
-            .collect();
+        let streams_per_connection = timing.streams_per_connection;
         let dialer = Arc::new(Dialer {
             endpoint,
             socket: socket.clone(),
@@ -394,17 +396,90 @@ impl TunnelPool {
             timing,
             resolver: Resolver::from_system(),
         });
-        for link in &links {
-            tokio::spawn(keep_up(link.clone(), dialer.clone(), stop.clone()));
-            tokio::spawn(grow_pool(link.clone(), dialer.clone(), stop.clone()));
-        }
-        Arc::new(Self {
-            links,
+        let pool = Arc::new(Self {
+            links: arc_swap::ArcSwap::from_pointee(Vec::new()),
             wg,
             direct,
             socket,
             control,
-        })
+            dialer,
+            streams_per_connection,
+            stop,
+        });
+        let links: Vec<_> = connectors.into_iter().map(|m| pool.launch(m)).collect();
+        pool.links.store(Arc::new(links));
+        pool
+    }
+
+    /// A link to `member`, with its dial and pool tasks running.
+    fn launch(&self, member: Member) -> Arc<ConnectorLink> {
+        let link = Arc::new(ConnectorLink {
+            member,
+            state: RwLock::new(LinkState::default()),
+            grow: Notify::new(),
+            grown: Notify::new(),
+            per_connection: self.streams_per_connection,
+            draining_until_ms: AtomicU64::new(0),
+            stop: self.stop.child_token(),
+        });
+        tokio::spawn(keep_up(
+            link.clone(),
+            self.dialer.clone(),
+            link.stop.clone(),
+        ));
+        tokio::spawn(grow_pool(
+            link.clone(),
+            self.dialer.clone(),
+            link.stop.clone(),
+        ));
+        link
+    }
+
+    /// Puts a new member list in force (a reload): the mesh takes it (see
+    /// [`MeshControl::set_members`]), tunnels to added connectors start, and those to
+    /// removed ones close, after the flows on them had `grace` to end. A connector still
+    /// in the list keeps its tunnels even if its address changed (the next dial uses it).
+    pub fn set_members(
+        &self,
+        members: skylane_shared::membership::Members,
+        connectors: &[Member],
+        grace: Duration,
+    ) -> Result<skylane_shared::mesh::control::MemberChanges, String> {
+        let changes = self
+            .control
+            .set_members(members)
+            .map_err(|e| e.to_string())?;
+        let old = self.links.load_full();
+        let mut next: Vec<Arc<ConnectorLink>> = Vec::new();
+        for member in connectors {
+            match old.iter().find(|l| l.member.id == member.id) {
+                Some(kept) => next.push(kept.clone()),
+                None => {
+                    tracing::info!(connector = %member.name, "tunnel to a connector the reload added");
+                    next.push(self.launch(member.clone()));
+                }
+            }
+        }
+        for gone in old
+            .iter()
+            .filter(|l| !next.iter().any(|n| n.member.id == l.member.id))
+        {
+            tracing::info!(connector = %gone.member.name, "closing the tunnels to a connector the reload removed");
+            let gone = gone.clone();
+            tokio::spawn(async move {
+                // New flows no longer pick it; the ones on it get the drain time.
+                tokio::time::sleep(grace).await;
+                gone.stop.cancel();
+                if let Ok(s) = gone.state.read() {
+                    for p in &s.conns {
+                        p.conn
+                            .close(0u32.into(), b"connector removed from the mesh");
+                    }
+                }
+            });
+        }
+        self.links.store(Arc::new(next));
+        Ok(changes)
     }
 
     /// Connectors with a live tunnel, in the order new flows try them: not draining
@@ -415,18 +490,19 @@ impl TunnelPool {
     fn live(&self, exclude: &[String]) -> Vec<Candidate<'_>> {
         let preferred = self.control.preferred_destination();
         let now = crate::phases::connection::now_ms();
-        let quic = self
-            .links
+        let links = self.links.load_full();
+        let quic = links
             .iter()
             .filter(|l| !exclude.contains(&l.member.name))
             .filter_map(|l| {
                 let rtt = l.primary()?.rtt();
                 Some((
-                    Candidate::Quic(l),
+                    Candidate::Quic(l.clone()),
                     Some(l.member.id.short()) == preferred,
                     rtt,
                 ))
-            });
+            })
+            .collect::<Vec<_>>();
         let wg = self
             .wg
             .iter()
@@ -439,7 +515,7 @@ impl TunnelPool {
                     rtt,
                 )
             });
-        let mut v: Vec<_> = quic.chain(wg).collect();
+        let mut v: Vec<_> = quic.into_iter().chain(wg).collect();
         v.sort_by_key(|(c, preferred, rtt)| (c.draining_until_ms() > now, !*preferred, *rtt));
         v.into_iter().map(|(c, _, _)| c).collect()
     }
@@ -450,6 +526,7 @@ impl TunnelPool {
     pub async fn route_lost(&self, connector: &str) {
         let quic = self
             .links
+            .load()
             .iter()
             .find(|l| l.member.name == connector)
             .map(|l| l.member.id.short());
@@ -479,7 +556,12 @@ impl TunnelPool {
     /// other connectors first for a while.
     pub fn mark_draining(&self, connector: &str) {
         let until = crate::phases::connection::now_ms() + DRAINING_HOLD_MS;
-        if let Some(l) = self.links.iter().find(|l| l.member.name == connector) {
+        if let Some(l) = self
+            .links
+            .load()
+            .iter()
+            .find(|l| l.member.name == connector)
+        {
             l.draining_until_ms.store(until, Ordering::Relaxed);
         }
         if let Some(l) = self.wg.iter().find(|l| l.name == connector) {
@@ -588,7 +670,11 @@ impl TunnelPool {
 
     /// How many connectors this edge has a tunnel up to.
     pub fn up_count(&self) -> usize {
-        self.links.iter().filter(|l| l.primary().is_some()).count()
+        self.links
+            .load()
+            .iter()
+            .filter(|l| l.primary().is_some())
+            .count()
             + self.wg.iter().filter(|l| l.tunnel.is_up()).count()
             + self
                 .direct
@@ -599,12 +685,13 @@ impl TunnelPool {
     /// How many connectors this edge tunnels to (up or not); services it serves itself
     /// count as one.
     pub fn connector_count(&self) -> usize {
-        self.links.len() + self.wg.len() + usize::from(self.direct.is_some())
+        self.links.load().len() + self.wg.len() + usize::from(self.direct.is_some())
     }
 
     /// Status of every tunnel.
     pub fn status(&self) -> Vec<LinkStatus> {
         self.links
+            .load()
             .iter()
             .map(|l| {
                 let flows = l.flows();

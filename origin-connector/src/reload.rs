@@ -5,10 +5,13 @@
 //!
 //! A service whose settings did not change keeps its pool — pooled origin connections,
 //! health state, flow count. A changed or new one gets a fresh pool and health checks; the
-//! health checks of a removed or replaced pool stop. A config that fails validation, or
-//! that changes what only a restart can change (identity, members, the mesh and admin
-//! listeners, routing, membership, worker threads, the drain time), is refused as a whole,
-//! and the config in force keeps serving.
+//! health checks of a removed or replaced pool stop. Members may be added, removed or given
+//! new addresses: the mesh socket, routing, membership and the tunnel handshakes take the
+//! new list (an edge removed can open no new tunnel; its frames are refused). A config that
+//! fails validation, or that changes what only a restart can change (identity, what a
+//! member is, the mesh and admin listeners, routing, membership, worker threads, the drain
+//! time, and the edges of a connector that takes WireGuard), is refused as a whole, and the
+//! config in force keeps serving.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -38,6 +41,8 @@ pub struct Services {
     /// Parent of every pool's health checks (the connector's shutdown).
     stop: CancellationToken,
     tracker: TaskTracker,
+    /// The mesh's control loop, which takes a new member list.
+    mesh: std::sync::OnceLock<Arc<skylane_shared::mesh::control::MeshControl>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -77,6 +82,7 @@ impl Services {
             resolver,
             stop,
             tracker,
+            mesh: std::sync::OnceLock::new(),
         });
         let pools = configured
             .values()
@@ -84,6 +90,11 @@ impl Services {
             .collect();
         services.current.store(Arc::new(pools));
         services
+    }
+
+    /// Lets reloads put a new member list in force in the mesh.
+    pub fn attach_mesh(&self, control: Arc<skylane_shared::mesh::control::MeshControl>) {
+        let _ = self.mesh.set(control);
     }
 
     /// A pool for `service`, its health checks started.
@@ -133,7 +144,26 @@ impl Services {
         if !reload::same(&in_force.wireguard, &new.wireguard) {
             restart_only.push("wireguard");
         }
+        let takes_wireguard =
+            in_force.identity.me.transport == skylane_shared::membership::Transport::Wireguard;
+        if takes_wireguard && edges(&in_force) != edges(&new) {
+            // One listening tunnel per edge starts with the connector.
+            restart_only.push("mesh.members (edges of a connector with transport = \"wireguard\")");
+        }
         reload::refuse_restart_only(&self.path, &restart_only)?;
+        let members_changed = reload::members_differ(&in_force.identity, &new.identity);
+        if members_changed {
+            let Some(mesh) = self.mesh.get() else {
+                return Err(format!(
+                    "{}: mesh.members: the mesh is not running yet",
+                    self.path.display()
+                ));
+            };
+            let done = mesh
+                .set_members(new.identity.members.clone())
+                .map_err(|e| format!("{}: mesh.members: {e}", self.path.display()))?;
+            tracing::info!(added = ?done.added, removed = ?done.removed, "member list reloaded");
+        }
         if new.log.level != in_force.log.level {
             skylane_shared::telemetry::set_log_level(new.log.level.as_deref())?;
         }
@@ -165,6 +195,9 @@ impl Services {
         if new.log.level != in_force.log.level {
             changed.push("log.level".to_owned());
         }
+        if members_changed {
+            changed.push("mesh.members".to_owned());
+        }
         self.current.store(Arc::new(next));
         *in_force = new;
         let generation = 1 + self
@@ -175,6 +208,19 @@ impl Services {
             changed,
         })
     }
+}
+
+/// The edges' names, sorted.
+fn edges(c: &Config) -> Vec<String> {
+    let mut names: Vec<String> = c
+        .identity
+        .members
+        .iter()
+        .filter(|m| m.role == skylane_shared::membership::Role::Edge)
+        .map(|m| m.name.clone())
+        .collect();
+    names.sort();
+    names
 }
 
 /// The node settings of a connector config.

@@ -118,11 +118,7 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
-    let endpoint = quic::endpoint(
-        socket.clone(),
-        &identity.key,
-        Some(identity.members.clone()),
-    )?;
+    let endpoint = quic::endpoint(socket.clone(), &identity.key, true)?;
     let resolver = Resolver::from_system();
     let tracker = TaskTracker::new();
     let stop_checks = CancellationToken::new();
@@ -144,6 +140,8 @@ pub async fn serve(
         stop_checks.clone(),
         tracker.clone(),
     );
+    // A reload may change the member list: the mesh takes it.
+    services.attach_mesh(control.clone());
     {
         let (services, signal, stop) = (
             services.clone(),

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::identity::{NodeId, NodeKey};
-use crate::membership::Members;
 use crate::mesh::{MeshSocket, frame};
 use crate::trust::{self, TrustError};
 
@@ -122,7 +121,7 @@ pub enum EndpointError {
 pub fn endpoint(
     socket: Arc<MeshSocket>,
     key: &NodeKey,
-    accept_from: Option<Members>,
+    accept_members: bool,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let reset_key = key.derive_secret("skylane quic stateless reset");
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
@@ -138,16 +137,21 @@ pub fn endpoint(
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
             as Box<dyn quinn_proto::ConnectionIdGenerator>
     });
-    let server_config = match accept_from {
-        Some(members) => {
-            let tls = trust::tunnel_server_tls(key, members)?;
+    let server_config = match accept_members {
+        true => {
+            // Whoever the socket's member list names now: a reload may change it.
+            let members = socket.clone();
+            let tls = trust::tunnel_server_tls(
+                key,
+                Arc::new(move |id| members.members().get(id).is_some()),
+            )?;
             let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
                 .map_err(|e| EndpointError::Quic(e.to_string()))?;
             let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
             sc.transport_config(Arc::new(transport_config(true)));
             Some(sc)
         }
-        None => None,
+        false => None,
     };
     quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
@@ -192,7 +196,7 @@ mod tests {
         let server_key = NodeKey::generate().expect("key");
         let client_key = NodeKey::generate().expect("key");
         let stranger_key = NodeKey::generate().expect("key");
-        let members = Members::new(vec![
+        let members = crate::membership::Members::new(vec![
             member(&server_key, "conn", Role::Connector),
             member(&client_key, "edge", Role::Edge),
         ])
@@ -201,8 +205,7 @@ mod tests {
         let server_sock = MeshSocket::bind(local, &server_key, members.clone())
             .await
             .expect("bind");
-        let server =
-            endpoint(server_sock.clone(), &server_key, Some(members.clone())).expect("server");
+        let server = endpoint(server_sock.clone(), &server_key, true).expect("server");
         let server_udp = server_sock.udp_addr().expect("addr");
 
         let client_sock = MeshSocket::bind(local, &client_key, members.clone())
@@ -212,7 +215,7 @@ mod tests {
         // A node learns a member's address only from authenticated frames (SWIM and
         // routing, which this test does not run), so the server is told it.
         server_sock.set_peer_addr(&client_key.id(), client_sock.udp_addr().expect("addr"));
-        let client = endpoint(client_sock, &client_key, None).expect("client");
+        let client = endpoint(client_sock, &client_key, false).expect("client");
 
         let accept = tokio::spawn(async move {
             let conn = server
@@ -251,7 +254,7 @@ mod tests {
             .await
             .expect("bind");
         stranger_sock.set_peer_addr(&server_key.id(), server_udp);
-        let stranger = endpoint(stranger_sock, &stranger_key, None).expect("stranger");
+        let stranger = endpoint(stranger_sock, &stranger_key, false).expect("stranger");
         let attempt = stranger
             .connect_with(
                 client_config(&stranger_key, server_key.id()).expect("cfg"),

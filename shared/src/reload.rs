@@ -34,11 +34,30 @@ pub fn same(a: &impl std::fmt::Debug, b: &impl std::fmt::Debug) -> bool {
     format!("{a:?}") == format!("{b:?}")
 }
 
-/// The member list, in a stable order (it is kept in hash maps).
-fn members(identity: &Identity) -> Vec<String> {
-    let mut m: Vec<String> = identity.members.iter().map(|m| format!("{m:?}")).collect();
-    m.sort();
-    m
+/// Whether the member lists differ at all (they are kept in hash maps, so compared as
+/// sorted text).
+pub fn members_differ(old: &Identity, new: &Identity) -> bool {
+    let text = |i: &Identity| {
+        let mut m: Vec<String> = i.members.iter().map(|m| format!("{m:?}")).collect();
+        m.sort();
+        m
+    };
+    text(old) != text(new)
+}
+
+/// Whether every member in both lists kept its key, role and transport: adding, removing
+/// and re-addressing members is reloaded; changing what a member is needs a restart.
+fn members_kept_what_they_are(old: &Identity, new: &Identity) -> bool {
+    old.members
+        .iter()
+        .all(|o| match new.members.by_name(&o.name) {
+            None => true,
+            Some(n) => n.id == o.id && n.role == o.role && n.transport == o.transport,
+        })
+        && new.members.iter().all(|n| {
+            // A new name for a key already in the list is a rename: restart too.
+            old.members.get(&n.id).is_none_or(|o| o.name == n.name)
+        })
 }
 
 /// The node settings `new` changes, by config key: each needs a restart.
@@ -59,8 +78,8 @@ pub fn restart_only_changes(old: NodeSettings<'_>, new: NodeSettings<'_>) -> Vec
             old.worker_threads == new.worker_threads,
         ),
         (
-            "mesh.members",
-            members(old.identity) == members(new.identity),
+            "mesh.members (a member's key, name, role or transport)",
+            members_kept_what_they_are(old.identity, new.identity),
         ),
         ("admin", admin(&old) == admin(&new)),
         (

@@ -506,6 +506,63 @@ impl Swim {
         self.process(now);
     }
 
+    /// Replaces the configured member list (a reload): added members are announced to at
+    /// once, removed ones are forgotten — declared down here, without telling the others,
+    /// who apply their own config — and reported [`MemberEvent::Down`] if they were up. This
+    /// node must stay a member.
+    pub fn set_members(
+        &mut self,
+        now: Timestamp,
+        members: impl IntoIterator<Item = ShortId>,
+    ) -> Result<(), SwimConfigError> {
+        let members: BTreeSet<ShortId> = members.into_iter().collect();
+        if !members.contains(&self.me) {
+            return Err(SwimConfigError::SelfNotAMember(self.me));
+        }
+        self.outbox.now = now;
+        let removed: Vec<ShortId> = self.members.difference(&members).copied().collect();
+        let added: Vec<ShortId> = members.difference(&self.members).copied().collect();
+        self.members = members;
+        let gone: Vec<foca::Member<MemberId>> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| removed.contains(&m.id().id))
+            .map(|m| foca::Member::new(*m.id(), m.incarnation(), foca::State::Down))
+            .collect();
+        if let Err(err) = self
+            .foca
+            .apply_many(gone.into_iter(), false, &mut self.outbox)
+        {
+            self.internal_error("forget", &err);
+        }
+        for id in &removed {
+            self.peers.remove(id);
+            if self.up.remove(id) {
+                self.events.push_back(MemberEvent::Down(*id));
+            }
+        }
+        for id in &added {
+            self.peers.insert(
+                *id,
+                PeerView {
+                    state: MemberState::Down,
+                    incarnation: 0,
+                    generation: 0,
+                    since: now,
+                },
+            );
+            let dst = MemberId {
+                id: *id,
+                generation: 0,
+            };
+            if let Err(err) = self.foca.announce(dst, &mut self.outbox) {
+                self.internal_error("announce", &err);
+            }
+        }
+        self.process(now);
+        Ok(())
+    }
+
     /// Handles one SWIM datagram from member `from`, already authenticated by the mesh socket.
     ///
     /// An error means the datagram was dropped (and counted); the state machine is unharmed.
@@ -1063,6 +1120,69 @@ mod tests {
 
     fn secs(s: u64) -> Timestamp {
         Timestamp::from_duration(Duration::from_secs(s))
+    }
+
+    /// A reload adds a member everyone then sees alive, and removes one that the node that
+    /// dropped it reports down and stops seeing.
+    #[test]
+    fn members_added_and_removed_by_a_reload() {
+        let mut net = Net::new(4, 31, 5, 30);
+        let three: Vec<ShortId> = net.ids[..3].to_vec();
+        // Nodes 0–2 start without node 3 in their list.
+        for i in 0..3 {
+            if let Some(node) = net.nodes[i].as_mut() {
+                node.set_members(net.now, three.iter().copied())
+                    .expect("still a member");
+            }
+            net.flush(i);
+        }
+        net.run_until(secs(10));
+        for i in 0..3 {
+            let node = net.nodes[i].as_ref().expect("up");
+            assert!(!node.is_alive(&net.ids[3]), "node {i} sees a non-member");
+        }
+        // The reload adds it.
+        let now = net.now;
+        for i in 0..3 {
+            if let Some(node) = net.nodes[i].as_mut() {
+                node.set_members(now, net.ids.iter().copied())
+                    .expect("still a member");
+            }
+            net.flush(i);
+        }
+        let seen = net.run_until_true(secs(20), Net::all_see_all);
+        assert!(seen.is_some(), "the added member is not seen by all");
+        // Node 0 drops node 2: it reports it down at once and never sees it again.
+        let keep: Vec<ShortId> = net
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| *id != net.ids[2])
+            .collect();
+        let now = net.now;
+        if let Some(node) = net.nodes[0].as_mut() {
+            node.set_members(now, keep.iter().copied())
+                .expect("still a member");
+            assert!(
+                node.set_members(now, [net.ids[1]]).is_err(),
+                "a list without the node itself is refused"
+            );
+        }
+        net.flush(0);
+        assert!(
+            net.downs()
+                .iter()
+                .any(|(_, i, id)| *i == 0 && *id == net.ids[2])
+        );
+        net.run_until(secs(40));
+        let node = net.nodes[0].as_ref().expect("up");
+        assert!(!node.is_alive(&net.ids[2]));
+        assert!(
+            node.members()
+                .iter()
+                .all(|m| m.id != net.ids[2].to_string())
+        );
+        assert!(node.is_alive(&net.ids[3]) && node.is_alive(&net.ids[1]));
     }
 
     #[test]

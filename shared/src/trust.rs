@@ -15,7 +15,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 
 use crate::identity::{NodeId, NodeKey, PUBLIC_KEY_LEN};
-use crate::membership::Members;
 
 /// ALPN protocol of Skylane tunnels; a version bump here makes old and new nodes refuse
 /// each other cleanly instead of misparsing frames.
@@ -90,11 +89,20 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
     ))
 }
 
+/// Whether a node is a mesh member now (the list can change with a reload).
+pub type IsMember = Arc<dyn Fn(&NodeId) -> bool + Send + Sync>;
+
 /// Accepts client certificates whose key is a mesh member.
-#[derive(Debug)]
 struct MemberClientVerifier {
-    members: Members,
+    is_member: IsMember,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for MemberClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberClientVerifier")
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientCertVerifier for MemberClientVerifier {
@@ -114,7 +122,7 @@ impl ClientCertVerifier for MemberClientVerifier {
             tracing::warn!("refused a tunnel: certificate is not an Ed25519 node certificate");
             return Err(bad_cert("not an Ed25519 node certificate"));
         };
-        if self.members.get(&id).is_none() {
+        if !(self.is_member)(&id) {
             metrics::counter!("skylane_mesh_auth_refused_total", "reason" => "unknown_node")
                 .increment(1);
             tracing::warn!(node = %id, "refused a tunnel from a node that is not a mesh member");
@@ -197,15 +205,15 @@ impl ServerCertVerifier for PinnedServerVerifier {
     }
 }
 
-/// TLS config for accepting tunnels from members.
+/// TLS config for accepting tunnels from members: `is_member` is asked at each handshake.
 pub fn tunnel_server_tls(
     key: &NodeKey,
-    members: Members,
+    is_member: IsMember,
 ) -> Result<rustls::ServerConfig, TrustError> {
     let provider = provider();
     let (cert, private) = node_certificate(key)?;
     let verifier = Arc::new(MemberClientVerifier {
-        members,
+        is_member,
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

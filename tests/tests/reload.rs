@@ -198,3 +198,126 @@ async fn the_connector_reloads_its_services_and_keeps_the_websocket() -> anyhow:
     assert_eq!(served_by(&r).as_deref(), Some("origin-2"));
     Ok(())
 }
+
+/// The member list in force for `admin`'s node: names, from `/status`.
+fn member_names(admin: std::net::SocketAddr) -> Vec<String> {
+    status(admin)
+        .and_then(|s| {
+            s["mesh"]["members"].as_array().map(|m| {
+                m.iter()
+                    .filter_map(|m| m["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Whether edge `i` answers `/readyz` with a tunnel up.
+fn ready(c: &Cluster, i: usize) -> bool {
+    skylane_tests::http_get_status(c.edges[i].admin, "/readyz") == Some(200)
+}
+
+/// An edge taken out of the mesh by a reload of the others, and put back: the connector
+/// closes its tunnel and refuses it while it is out, takes it back when it is in again,
+/// and a websocket through the other edge keeps echoing throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        edges: 2,
+        ..ClusterOptions::default()
+    })?;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
+        stream,
+    )
+    .await?;
+    echo(&mut ws, "before").await?;
+    assert!(ready(&c, 1));
+    let connector_before = std::fs::read_to_string(&c.connector_config)?;
+    let edge0_before = std::fs::read_to_string(&c.edges[0].config)?;
+    // The member block of edge-1, as both configs have it.
+    let start = connector_before
+        .find("name = \"edge-1\"")
+        .and_then(|at| connector_before[..at].rfind("[[mesh.members]]"))
+        .ok_or_else(|| anyhow::anyhow!("no edge-1 block:\n{connector_before}"))?;
+    // A member block ends at its blank line.
+    let end = connector_before[start..]
+        .find("\n\n")
+        .map_or(connector_before.len(), |e| start + e + 2);
+    let block = connector_before[start..end].to_owned();
+    anyhow::ensure!(edge0_before.contains(&block), "edge-0 lacks {block:?}");
+
+    // Out: both reload without edge-1.
+    std::fs::write(&c.connector_config, connector_before.replace(&block, ""))?;
+    std::fs::write(&c.edges[0].config, edge0_before.replace(&block, ""))?;
+    assert_eq!(
+        admin_post(c.connector_admin, "/reload", "{}")?,
+        200,
+        "{}",
+        c.logs()
+    );
+    assert_eq!(
+        admin_post(c.edges[0].admin, "/reload", "{}")?,
+        200,
+        "{}",
+        c.logs()
+    );
+    assert!(!member_names(c.connector_admin).contains(&"edge-1".to_owned()));
+    let out = Instant::now();
+    while ready(&c, 1) {
+        anyhow::ensure!(
+            out.elapsed() < Duration::from_secs(15),
+            "edge-1 still has a tunnel after leaving the mesh\n{}",
+            c.logs()
+        );
+        echo(&mut ws, "while edge-1 leaves").await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "edge-1 lost its tunnel {:?} after the reload",
+        out.elapsed()
+    );
+    let refused = c.client(1)?.get(c.url(1, "/")).send().await?;
+    assert!(refused.status().is_server_error(), "{}", refused.status());
+    // It stays out: its redials are refused.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !ready(&c, 1),
+        "the connector took edge-1 back while it is not a member"
+    );
+    echo(&mut ws, "while edge-1 is out").await?;
+
+    // In again: both reload with it; its tunnel comes back and it serves.
+    std::fs::write(&c.connector_config, &connector_before)?;
+    std::fs::write(&c.edges[0].config, &edge0_before)?;
+    assert_eq!(admin_post(c.connector_admin, "/reload", "{}")?, 200);
+    assert_eq!(admin_post(c.edges[0].admin, "/reload", "{}")?, 200);
+    let back = Instant::now();
+    while !ready(&c, 1) {
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(30),
+            "edge-1 did not get its tunnel back\n{}",
+            c.logs()
+        );
+        echo(&mut ws, "while edge-1 comes back").await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "edge-1 got its tunnel back {:?} after the reload",
+        back.elapsed()
+    );
+    assert_eq!(c.client(1)?.get(c.url(1, "/")).send().await?.status(), 200);
+    assert!(member_names(c.connector_admin).contains(&"edge-1".to_owned()));
+    echo(&mut ws, "after").await?;
+    // Changing what a member is (its role) still needs a restart.
+    std::fs::write(
+        &c.connector_config,
+        connector_before.replace(
+            &block,
+            &block.replace("role = \"edge\"", "role = \"connector\""),
+        ),
+    )?;
+    assert_eq!(admin_post(c.connector_admin, "/reload", "{}")?, 400);
+    Ok(())
+}

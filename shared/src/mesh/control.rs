@@ -60,7 +60,8 @@ pub struct MeshControl {
     role: Role,
     epoch: Instant,
     socket: Arc<MeshSocket>,
-    members: Members,
+    /// The member list in force; a reload replaces it ([`MeshControl::set_members`]).
+    members: arc_swap::ArcSwap<Members>,
     /// The destination new flows should go to (routing's nearest, with hysteresis), as
     /// the bytes of its short id; 0: none. Read on every new flow, so kept out of the lock.
     preferred: std::sync::atomic::AtomicU64,
@@ -68,6 +69,31 @@ pub struct MeshControl {
     /// flow waiting on a destination that lost its last path can give up at once.
     routed: std::sync::RwLock<std::collections::HashSet<ShortId>>,
     routes_changed: tokio::sync::watch::Sender<u64>,
+    /// Moves when the member list is replaced.
+    members_changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// What a new member list changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MemberChanges {
+    /// Names of the members added.
+    pub added: Vec<String>,
+    /// Names of the members removed.
+    pub removed: Vec<String>,
+}
+
+/// Why a new member list was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SetMembersError {
+    /// This node is not in it (or its key changed).
+    #[error("this node is not in the new member list")]
+    SelfRemoved,
+    /// A member's key gives no link key.
+    #[error(transparent)]
+    Keys(#[from] crate::mesh::auth::AuthError),
+    /// Membership refused the list.
+    #[error("membership: {0}")]
+    Membership(SwimConfigError),
 }
 
 /// Why the control loop could not start.
@@ -159,21 +185,90 @@ impl MeshControl {
             connections: Mutex::new(Vec::new()),
             epoch,
             socket: socket.clone(),
-            members,
+            members: arc_swap::ArcSwap::from_pointee(members),
             preferred: std::sync::atomic::AtomicU64::new(0),
             routed: std::sync::RwLock::new(std::collections::HashSet::new()),
             routes_changed: tokio::sync::watch::Sender::new(0),
+            members_changed: tokio::sync::watch::Sender::new(0),
         });
         control.flush();
         if let Some(rx) = socket.take_control() {
             tokio::spawn(control.clone().run(rx, stop.clone()));
         }
-        tokio::spawn(resolve_members(socket, stop));
+        tokio::spawn(resolve_members(
+            socket,
+            control.members_changed.subscribe(),
+            stop,
+        ));
         Ok(control)
     }
 
     fn now(&self) -> Timestamp {
         Timestamp::from_duration(self.epoch.elapsed())
+    }
+
+    /// Replaces the member list (a reload): the socket refuses removed members' frames
+    /// from the next datagram and accepts added ones'; routing stops probing and routing
+    /// to removed members and starts on added ones; membership announces this node to the
+    /// added ones. Literal addresses of new or moved members apply at once, DNS names on
+    /// the next resolution. This node must stay in the list with the same key.
+    pub fn set_members(&self, members: Members) -> Result<MemberChanges, SetMembersError> {
+        let me = self.socket.local_id();
+        if members.get(&me).is_none() {
+            return Err(SetMembersError::SelfRemoved);
+        }
+        let old = self.members.load_full();
+        self.socket.set_members(members.clone())?;
+        for m in members.iter().filter(|m| m.id != me) {
+            if let Some(addr) = m.address.as_deref().and_then(|a| a.parse().ok()) {
+                self.socket.set_peer_addr(&m.id, addr);
+            }
+        }
+        let now = self.now();
+        let removed: Vec<_> = old
+            .iter()
+            .filter(|m| members.get(&m.id).is_none())
+            .cloned()
+            .collect();
+        let added: Vec<_> = members
+            .iter()
+            .filter(|m| old.get(&m.id).is_none())
+            .cloned()
+            .collect();
+        self.members.store(Arc::new(members.clone()));
+        if let Ok(mut core) = self.core.lock() {
+            for m in &removed {
+                let id = m.id.short();
+                core.router.remove_destination(&id);
+                core.router.remove_peer(&id);
+                self.socket.set_route(id, None);
+                self.set_routed(id, false);
+            }
+            for m in &added {
+                let id = m.id.short();
+                if self.role == m.role {
+                    core.router.add_peer(now, id);
+                } else {
+                    core.router.add_destination(now, id);
+                }
+            }
+            core.swim
+                .set_members(now, members.iter().map(|m| m.id.short()))
+                .map_err(SetMembersError::Membership)?;
+        }
+        for m in &removed {
+            tracing::info!(member = %m.name, "member removed");
+            self.close_connections(m.id.short(), b"removed from the mesh");
+        }
+        for m in &added {
+            tracing::info!(member = %m.name, "member added");
+        }
+        self.members_changed.send_modify(|n| *n = n.wrapping_add(1));
+        self.flush();
+        Ok(MemberChanges {
+            added: added.into_iter().map(|m| m.name).collect(),
+            removed: removed.into_iter().map(|m| m.name).collect(),
+        })
     }
 
     async fn run(
@@ -306,7 +401,8 @@ impl MeshControl {
             MemberEvent::Up(id) => (id, true),
             MemberEvent::Down(id) => (id, false),
         };
-        let Some(member) = self.members.by_short(&id) else {
+        let members = self.members.load();
+        let Some(member) = members.by_short(&id) else {
             return;
         };
         if up {
@@ -327,6 +423,7 @@ impl MeshControl {
     fn peer_ids(&self) -> Vec<ShortId> {
         let me = self.socket.local_id().short();
         self.members
+            .load()
             .iter()
             .map(|m| m.id.short())
             .filter(|id| *id != me)
@@ -437,6 +534,21 @@ impl MeshControl {
         });
     }
 
+    /// Closes the QUIC connections to `peer` (it left the member list): its end learns at
+    /// once, instead of after the idle timeout, since its frames are refused from now on.
+    fn close_connections(&self, peer: ShortId, reason: &[u8]) {
+        let Ok(mut conns) = self.connections.lock() else {
+            return;
+        };
+        conns.retain(|c| {
+            if short_id_of(&c.remote_address()) == Some(peer) {
+                c.close(0u32.into(), reason);
+                return false;
+            }
+            c.close_reason().is_none()
+        });
+    }
+
     /// Records whether `destination` has a route, and signals the change.
     fn set_routed(&self, destination: ShortId, routed: bool) {
         if let Ok(mut set) = self.routed.write() {
@@ -500,6 +612,7 @@ impl MeshControl {
 
     fn name(&self, id: &ShortId) -> String {
         self.members
+            .load()
             .by_short(id)
             .map(|m| m.name.clone())
             .unwrap_or_else(|| id.to_string())
@@ -535,6 +648,7 @@ impl MeshControl {
         let me = self.socket.local_id().short();
         let members = self
             .members
+            .load()
             .iter()
             .map(|m| {
                 let short = m.id.short();
@@ -749,21 +863,23 @@ pub struct RouteStatus {
 }
 
 /// Keeps members' configured DNS names resolved, re-resolving on TTL expiry.
-async fn resolve_members(socket: Arc<MeshSocket>, stop: CancellationToken) {
+async fn resolve_members(
+    socket: Arc<MeshSocket>,
+    mut members_changed: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
     let resolver = Resolver::from_system();
     let me = socket.local_id();
-    let targets: Vec<_> = socket
-        .members()
-        .iter()
-        .filter(|m| m.id != me)
-        .filter_map(|m| Some((m.id, m.name.clone(), m.address.clone()?)))
-        // Literal addresses were set at start and never expire.
-        .filter(|(_, _, address)| address.parse::<std::net::SocketAddr>().is_err())
-        .collect();
-    if targets.is_empty() {
-        return;
-    }
     loop {
+        // Read again each round: a reload may have changed the list.
+        let targets: Vec<_> = socket
+            .members()
+            .iter()
+            .filter(|m| m.id != me)
+            .filter_map(|m| Some((m.id, m.name.clone(), m.address.clone()?)))
+            // Literal addresses are set when the list is applied and never expire.
+            .filter(|(_, _, address)| address.parse::<std::net::SocketAddr>().is_err())
+            .collect();
         let mut next = RESOLVE_EVERY;
         for (id, name, address) in &targets {
             match resolver.resolve(address).await {
@@ -787,6 +903,7 @@ async fn resolve_members(socket: Arc<MeshSocket>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(next.max(Duration::from_secs(1))) => {}
+            _ = members_changed.changed() => {}
         }
     }
 }

@@ -80,7 +80,7 @@ pub async fn mesh(names: &[&str]) -> anyhow::Result<Vec<Node>> {
     let mut nodes = Vec::new();
     for (i, key) in keys.into_iter().enumerate() {
         let socket = MeshSocket::bind("127.0.0.1:0".parse()?, &key, members.clone()).await?;
-        let accept = (role(i) == Role::Connector).then(|| members.clone());
+        let accept = role(i) == Role::Connector;
         let endpoint = quic::endpoint(socket.clone(), &key, accept)?;
         nodes.push(Node {
             key,
