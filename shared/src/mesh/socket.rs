@@ -428,82 +428,69 @@ impl MeshSocket {
         batch.clear();
     }
 
-    /// Queues what the core judged to be for the control loop or the WireGuard driver; a
-    /// full queue drops it, counted.
+    /// Queues what the core judged to be for the control loop, the WireGuard driver or the
+    /// stock-endpoint relay; a full queue drops it, counted.
     fn hand_over(&self, inbound: Inbound<'_>, from: SocketAddr) {
+        let counters = self.counters();
         let dropped = match inbound {
             Inbound::Control {
                 from: member,
                 body_type,
                 body,
-            } => {
-                let datagram = ControlDatagram {
+            } => queue(
+                &self.control_tx,
+                ControlDatagram {
                     from: member,
                     body_type,
                     body: body.to_vec(),
-                };
-                match self.control_tx.try_send(datagram) {
-                    Ok(()) => {
-                        self.counters()
-                            .control_received
-                            .fetch_add(1, Ordering::Relaxed);
-                        None
-                    }
-                    Err(_) => Some(DropReason::ControlQueueFull),
-                }
-            }
+                },
+                &counters.control_received,
+                DropReason::ControlQueueFull,
+            ),
             Inbound::Wireguard {
                 from: member,
                 datagram,
-            } => {
-                let datagram = WireguardDatagram {
+            } => queue(
+                &self.wireguard_tx,
+                WireguardDatagram {
                     from: member,
                     data: datagram.to_vec(),
-                };
-                match self.wireguard_tx.try_send(datagram) {
-                    Ok(()) => {
-                        self.counters()
-                            .wireguard_received
-                            .fetch_add(1, Ordering::Relaxed);
-                        None
-                    }
-                    Err(_) => Some(DropReason::WireguardQueueFull),
-                }
-            }
+                },
+                &counters.wireguard_received,
+                DropReason::WireguardQueueFull,
+            ),
             Inbound::ToEndpoint {
                 from: member,
                 endpoint,
                 datagram,
-            } => self.queue_endpoint(EndpointDatagram::Out {
-                from: member,
-                endpoint,
-                data: datagram.to_vec(),
-            }),
+            } => queue(
+                &self.endpoint_tx,
+                EndpointDatagram::Out {
+                    from: member,
+                    endpoint,
+                    data: datagram.to_vec(),
+                },
+                &counters.wireguard_received,
+                DropReason::WireguardQueueFull,
+            ),
             Inbound::FromEndpoint {
                 via,
                 endpoint,
                 datagram,
-            } => self.queue_endpoint(EndpointDatagram::In {
-                via,
-                endpoint,
-                data: datagram.to_vec(),
-            }),
+            } => queue(
+                &self.endpoint_tx,
+                EndpointDatagram::In {
+                    via,
+                    endpoint,
+                    data: datagram.to_vec(),
+                },
+                &counters.wireguard_received,
+                DropReason::WireguardQueueFull,
+            ),
             _ => None,
         };
         if let Some(reason) = dropped {
             self.core.count_drop(reason, from);
-        }
-    }
-
-    fn queue_endpoint(&self, datagram: EndpointDatagram) -> Option<DropReason> {
-        match self.endpoint_tx.try_send(datagram) {
-            Ok(()) => {
-                self.counters()
-                    .wireguard_received
-                    .fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            Err(_) => Some(DropReason::WireguardQueueFull),
         }
     }
 
@@ -589,6 +576,22 @@ impl MeshSocket {
             }
         }
         packer.finish(meta)
+    }
+}
+
+/// Queues `item` and counts it in `received`, or says why it was dropped (`full`).
+fn queue<T>(
+    tx: &mpsc::Sender<T>,
+    item: T,
+    received: &std::sync::atomic::AtomicU64,
+    full: DropReason,
+) -> Option<DropReason> {
+    match tx.try_send(item) {
+        Ok(()) => {
+            received.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        Err(_) => Some(full),
     }
 }
 
