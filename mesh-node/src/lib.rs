@@ -10,6 +10,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod errors;
+pub mod handover;
 pub mod phases;
 pub mod proxy;
 pub mod redirect;

@@ -24,6 +24,10 @@ struct Cli {
     /// Validate the config (and load its certificates) and exit: 0 when valid, 64 when not.
     #[arg(long)]
     check: bool,
+    /// Take over the sockets of the running process of this node (same config): nothing
+    /// is refused while it drains and exits.
+    #[arg(long)]
+    take_over: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -270,10 +274,35 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         &log,
         config.worker_threads,
         |metrics, shutdown| async move {
-            let socket =
-                skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
-            let listeners = mesh_node::server::Listeners::bind(&config).await?;
-            mesh_node::server::serve(config, path, socket, listeners, metrics, shutdown).await
+            let point =
+                skylane_shared::handover::point_name(&config.identity.me.name, config.listen);
+            let mut successor = match cli.take_over {
+                true => Some(
+                    skylane_shared::handover::take_over(&point)
+                        .map_err(|e| anyhow::anyhow!("--take-over: {e}"))?,
+                ),
+                false => None,
+            };
+            let socket = match successor.as_mut().and_then(|s| s.take("mesh")) {
+                Some(fd) => {
+                    let udp = std::net::UdpSocket::from(fd);
+                    udp.set_nonblocking(true)?;
+                    skylane_shared::mesh::MeshSocket::from_tokio(
+                        tokio::net::UdpSocket::from_std(udp)?,
+                        &config.identity.key,
+                        config.identity.members.clone(),
+                    )?
+                }
+                None => {
+                    skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?
+                }
+            };
+            let listeners =
+                mesh_node::server::Listeners::take_or_bind(&config, successor.as_mut()).await?;
+            mesh_node::server::serve(
+                config, path, socket, listeners, metrics, shutdown, successor,
+            )
+            .await
         },
     )
 }

@@ -53,23 +53,41 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every listener the config names.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let bind = |addr: SocketAddr| async move {
+        Self::take_or_bind(config, None).await
+    }
+
+    /// Takes each listener the config names from a process taken over, when it handed one
+    /// over on that address, and binds the others.
+    pub async fn take_or_bind(
+        config: &Config,
+        mut taken: Option<&mut skylane_shared::handover::Successor>,
+    ) -> std::io::Result<Self> {
+        let mut listen = async |label: String, addr: SocketAddr| {
+            if let Some(fd) = taken.as_mut().and_then(|s| s.take(&label)) {
+                let l = std::net::TcpListener::from(fd);
+                if l.local_addr().ok() == Some(addr) || addr.port() == 0 {
+                    l.set_nonblocking(true)?;
+                    return TcpListener::from_std(l);
+                }
+            }
             TcpListener::bind(addr)
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
         };
         let mut l = Listeners::default();
         if let Some(h) = &config.https {
-            l.https = Some(bind(h.listen).await?);
+            l.https = Some(listen("https".into(), h.listen).await?);
         }
         if let Some(addr) = config.http_redirect {
-            l.http = Some(bind(addr).await?);
+            l.http = Some(listen("http".into(), addr).await?);
         }
         for t in &config.tcp {
-            l.tcp.push((bind(t.listen).await?, t.service.clone()));
+            let label = format!("tcp/{}", t.listen);
+            l.tcp
+                .push((listen(label, t.listen).await?, t.service.clone()));
         }
         if let Some(admin) = &config.admin {
-            l.admin = Some(bind(admin.listen).await?);
+            l.admin = Some(listen("admin".into(), admin.listen).await?);
         }
         Ok(l)
     }
@@ -378,9 +396,22 @@ pub async fn serve(
     listeners: Listeners,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: Shutdown,
+    mut successor: Option<skylane_shared::handover::Successor>,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
-    let endpoint = quic::endpoint(socket.clone(), &identity.key, false)?;
+    // A process that took over another issues connection IDs of the next generation, so
+    // the old one's packets can be told apart and passed back to it.
+    let generation = successor
+        .as_ref()
+        .map_or_else(quic::fresh_generation, |s| s.generation.wrapping_add(1));
+    let endpoint = quic::endpoint(socket.clone(), &identity.key, false, generation)?;
+    if let Some(s) = successor.as_mut()
+        && let Some(pipe) = s.take_pipe()
+    {
+        socket.set_predecessor(pipe, s.generation)?;
+    }
+    let handover_point = skylane_shared::handover::point_name(&identity.me.name, config.listen);
+    let handover_sockets = crate::handover::sockets(&listeners, &socket)?;
     let stop_tunnels = CancellationToken::new();
     let control = MeshControl::start(
         socket.clone(),
@@ -429,6 +460,29 @@ pub async fn serve(
         config.tunnel.clone(),
         stop_tunnels.clone(),
     );
+    // Restart without refusing connections: a successor may take this process's sockets;
+    // a process that took over another says so once a tunnel is up.
+    let hand_over = crate::handover::serve_successors(
+        handover_point,
+        handover_sockets,
+        socket.clone(),
+        endpoint.clone(),
+        generation,
+        shutdown.drain.clone(),
+    );
+    let taking_over = successor.is_some();
+    match successor {
+        Some(s) => {
+            tokio::spawn(crate::handover::announce_ready(
+                s,
+                tunnels.clone(),
+                hand_over,
+            ));
+        }
+        None => {
+            tokio::spawn(hand_over);
+        }
+    }
     let cache = match config.cache.clone() {
         Some(c) => {
             Some(Arc::new(Cache::new(c).map_err(|e| {
@@ -520,6 +574,14 @@ pub async fn serve(
     }
     let tracker = TaskTracker::new();
     let connections = TaskTracker::new();
+    if taking_over {
+        // The old process accepts on the same sockets until this one serves: accept only
+        // once a tunnel is up, so no request meets an edge with nowhere to send it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !live.edge().tunnels.any_up() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let mut https_port = 443;
     if let (Some(listener), Some(_)) = (listeners.https, https_listen) {
         https_port = listener.local_addr()?.port();
@@ -564,8 +626,16 @@ pub async fn serve(
     tracker.close();
     tracker.wait().await;
     connections.close();
+    let drained = async {
+        connections.wait().await;
+        // Upgraded connections (websockets) outlive their HTTP connection; their place
+        // under the connection caps tells when they end too.
+        while admission.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     tokio::select! {
-        _ = connections.wait() => tracing::info!("all connections drained"),
+        _ = drained => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(shutdown_grace) => tracing::warn!("grace period over; closing open connections"),
         _ = shutdown.now.cancelled() => {}
     }

@@ -118,7 +118,12 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
-    let endpoint = quic::endpoint(socket.clone(), &identity.key, true)?;
+    let endpoint = quic::endpoint(
+        socket.clone(),
+        &identity.key,
+        true,
+        quic::fresh_generation(),
+    )?;
     let resolver = Resolver::from_system();
     let tracker = TaskTracker::new();
     let stop_checks = CancellationToken::new();

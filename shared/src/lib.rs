@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod flow;
+pub mod handover;
 pub mod identity;
 pub mod lifecycle;
 pub mod membership;

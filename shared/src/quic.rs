@@ -104,6 +104,49 @@ impl PathStats {
     }
 }
 
+/// Length of every connection ID the mesh's endpoints issue: the generation byte and
+/// quinn's keyed 8-byte ID.
+pub const CID_LEN: usize = 9;
+
+/// Connection IDs that start with a process generation byte, then quinn's keyed ID (which
+/// lets a restarted node recognise its old IDs and answer them with a stateless reset).
+struct GenerationCids {
+    generation: u8,
+    inner: quinn_proto::HashedConnectionIdGenerator,
+}
+
+impl quinn_proto::ConnectionIdGenerator for GenerationCids {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        let inner = self.inner.generate_cid();
+        let mut bytes = [0u8; CID_LEN];
+        bytes[0] = self.generation;
+        bytes[1..].copy_from_slice(&inner[..CID_LEN - 1]);
+        quinn_proto::ConnectionId::new(&bytes)
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if cid.len() != CID_LEN {
+            return Err(quinn_proto::InvalidCid);
+        }
+        self.inner
+            .validate(&quinn_proto::ConnectionId::new(&cid[1..]))
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        self.inner.cid_lifetime()
+    }
+}
+
+/// A generation byte for a process that takes over no other: random, so two runs of a node
+/// are unlikely to share one.
+pub fn fresh_generation() -> u8 {
+    rand::random()
+}
+
 /// Errors creating an endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -118,10 +161,15 @@ pub enum EndpointError {
 /// A QUIC endpoint over `socket`. With `accept_from`, it also accepts tunnels from those
 /// members. The stateless-reset key is derived from the node key, so after a restart this
 /// node tells peers at once that their old connection is gone.
+///
+/// `generation` is the first byte of every connection ID the endpoint issues: a process
+/// that takes over a running one's socket ([`crate::handover`]) uses another, so the
+/// packets of the old process's connections can be told apart and passed back to it.
 pub fn endpoint(
     socket: Arc<MeshSocket>,
     key: &NodeKey,
     accept_members: bool,
+    generation: u8,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let reset_key = key.derive_secret("skylane quic stateless reset");
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_key);
@@ -134,8 +182,10 @@ pub fn endpoint(
         cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7],
     ]);
     endpoint_config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-            as Box<dyn quinn_proto::ConnectionIdGenerator>
+        Box::new(GenerationCids {
+            generation,
+            inner: quinn_proto::HashedConnectionIdGenerator::from_key(cid_key),
+        }) as Box<dyn quinn_proto::ConnectionIdGenerator>
     });
     let server_config = match accept_members {
         true => {
@@ -205,7 +255,7 @@ mod tests {
         let server_sock = MeshSocket::bind(local, &server_key, members.clone())
             .await
             .expect("bind");
-        let server = endpoint(server_sock.clone(), &server_key, true).expect("server");
+        let server = endpoint(server_sock.clone(), &server_key, true, 1).expect("server");
         let server_udp = server_sock.udp_addr().expect("addr");
 
         let client_sock = MeshSocket::bind(local, &client_key, members.clone())
@@ -215,7 +265,7 @@ mod tests {
         // A node learns a member's address only from authenticated frames (SWIM and
         // routing, which this test does not run), so the server is told it.
         server_sock.set_peer_addr(&client_key.id(), client_sock.udp_addr().expect("addr"));
-        let client = endpoint(client_sock, &client_key, false).expect("client");
+        let client = endpoint(client_sock, &client_key, false, 2).expect("client");
 
         let accept = tokio::spawn(async move {
             let conn = server
@@ -254,7 +304,7 @@ mod tests {
             .await
             .expect("bind");
         stranger_sock.set_peer_addr(&server_key.id(), server_udp);
-        let stranger = endpoint(stranger_sock, &stranger_key, false).expect("stranger");
+        let stranger = endpoint(stranger_sock, &stranger_key, false, 3).expect("stranger");
         let attempt = stranger
             .connect_with(
                 client_config(&stranger_key, server_key.id()).expect("cfg"),

@@ -97,7 +97,7 @@ async fn a_stranger_claiming_a_members_id_fails_the_handshake() -> anyhow::Resul
     let sock = MeshSocket::bind("127.0.0.1:0".parse()?, &c.spare_member_key, members).await?;
     sock.set_peer_addr(&connector_id, c.connector_udp);
     skylane_tests::introduce(&sock, &connector_id).await?;
-    let endpoint = quic::endpoint(sock, &stranger, false)?;
+    let endpoint = quic::endpoint(sock, &stranger, false, quic::fresh_generation())?;
     let attempt = endpoint.connect_with(
         quic::client_config(&stranger, connector_id)?,
         virtual_addr(&connector_id),
@@ -161,7 +161,7 @@ async fn garbage_datagrams_and_malformed_headers_are_counted_and_crash_nothing()
     let sock = MeshSocket::bind("127.0.0.1:0".parse()?, &key, members).await?;
     sock.set_peer_addr(&connector_id, c.connector_udp);
     skylane_tests::introduce(&sock, &connector_id).await?;
-    let endpoint = quic::endpoint(sock, &key, false)?;
+    let endpoint = quic::endpoint(sock, &key, false, quic::fresh_generation())?;
     let conn = endpoint
         .connect_with(
             quic::client_config(&key, connector_id)?,

@@ -151,6 +151,11 @@ impl ConnWatch {
         Some((since + ms(timeouts.keepalive_idle), Expiry::Idle))
     }
 
+    /// Whether a request arrived on the connection yet.
+    pub fn has_served(&self) -> bool {
+        self.served.load(Ordering::Relaxed)
+    }
+
     /// Waits until the state changes (a request starts or ends, a head starts).
     pub async fn changed(&self) {
         self.changed.notified().await;
@@ -234,7 +239,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
 /// deadline drops the connection (closing it), counted by reason. `graceful` asks a
 /// connection to close politely (no new requests; HTTP/2 GOAWAY): when it sat idle past
 /// its keep-alive deadline (given `grace` to finish), and when `drain` is cancelled (given
-/// as long as it takes; the caller bounds the drain).
+/// as long as it takes; the caller bounds the drain). A connection that has served no
+/// request yet when the drain starts first gets its request-head time for one to arrive:
+/// one accepted a moment before the drain has its first request on the way, and closing
+/// it unanswered would fail that request.
 pub async fn supervise<F, T>(
     mut conn: Pin<&mut F>,
     watch: &ConnWatch,
@@ -258,6 +266,21 @@ where
             out = conn.as_mut() => return Some(out),
             _ = watch.changed() => continue,
             _ = drain.cancelled() => {
+                if !watch.has_served() {
+                    let first = async {
+                        while !watch.has_served() {
+                            tokio::select! {
+                                _ = watch.changed() => {}
+                                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                            }
+                        }
+                    };
+                    let wait = tokio::time::timeout(timeouts.request_head, first);
+                    tokio::select! {
+                        out = conn.as_mut() => return Some(out),
+                        _ = wait => {}
+                    }
+                }
                 graceful(conn.as_mut());
                 return Some(conn.await);
             }

@@ -13,6 +13,7 @@ pub mod bulletin;
 pub mod control;
 pub mod core;
 pub mod frame;
+pub mod handoff;
 pub mod peers;
 pub mod report;
 pub mod socket;

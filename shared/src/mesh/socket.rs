@@ -121,6 +121,15 @@ pub struct MeshSocket {
     /// Bumped at every route change, so transports that keep state of their own (the
     /// WireGuard driver) can react as QUIC's nudges do.
     routes_changed: tokio::sync::watch::Sender<u64>,
+    /// The process this one took the socket over from, while it drains: its QUIC packets
+    /// go to it through a pipe (see [`super::handoff`]).
+    predecessor: arc_swap::ArcSwapOption<super::handoff::Predecessor>,
+}
+
+impl std::os::fd::AsFd for MeshSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.io.as_fd()
+    }
 }
 
 impl fmt::Debug for MeshSocket {
@@ -197,6 +206,7 @@ impl MeshSocket {
             endpoint_tx,
             endpoint_rx: Mutex::new(Some(endpoint_rx)),
             routes_changed: tokio::sync::watch::Sender::new(0),
+            predecessor: arc_swap::ArcSwapOption::empty(),
         }))
     }
 
@@ -254,6 +264,87 @@ impl MeshSocket {
     pub fn set_route(&self, destination: ShortId, path: Option<&[ShortId]>) {
         self.core.peers().set_route(destination, path);
         self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Passes the QUIC packets of the process this one took the socket over from (their
+    /// connection IDs start with `generation`) to it through `pipe`, and sends what it
+    /// sends down the pipe as this node's, until the pipe closes.
+    pub fn set_predecessor(
+        self: &Arc<Self>,
+        pipe: std::os::unix::net::UnixDatagram,
+        generation: u8,
+    ) -> io::Result<()> {
+        pipe.set_nonblocking(true)?;
+        let pipe = Arc::new(tokio::net::UnixDatagram::from_std(pipe)?);
+        self.predecessor
+            .store(Some(Arc::new(super::handoff::Predecessor {
+                pipe: pipe.clone(),
+                generation,
+                cid_len: crate::quic::CID_LEN,
+            })));
+        let this = self.clone();
+        tokio::spawn(async move { this.carry_predecessor(pipe).await });
+        Ok(())
+    }
+
+    /// Sends what the old process sends down the pipe, until it closes.
+    async fn carry_predecessor(&self, pipe: Arc<tokio::net::UnixDatagram>) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let n = match pipe.recv(&mut buf).await {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            let Some((to, ecn, packet)) = super::handoff::decode(&buf[..n]) else {
+                continue;
+            };
+            let Some(dst) = short_id_of(&to) else {
+                continue;
+            };
+            loop {
+                let sent = SEND_BUF.with(|out| {
+                    let mut out = out.borrow_mut();
+                    out.clear();
+                    let framed = self.core.frame_quic(&dst, packet, packet.len(), &mut out);
+                    let Some(frame) = self.lost_unless_framed(framed, 1)? else {
+                        return Ok(());
+                    };
+                    self.send_segments(frame.to, ecn, &out, frame.frame_len)
+                });
+                match sent {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if self.io.writable().await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.predecessor.store(None);
+        tracing::info!("the process this one took over from is gone");
+    }
+
+    /// Passes a QUIC packet of the old process's to it; lost (as on the wire) if the pipe
+    /// is full, and the old process forgotten if the pipe is gone.
+    fn pass_back(
+        &self,
+        pred: &super::handoff::Predecessor,
+        from: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        packet: &[u8],
+    ) {
+        let result = SEND_BUF.with(|out| {
+            let mut out = out.borrow_mut();
+            super::handoff::encode_header(&mut out, from, ecn);
+            out.extend_from_slice(packet);
+            pred.pipe.try_send(&out)
+        });
+        match result {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.predecessor.store(None),
+        }
     }
 
     /// The relays datagrams to `destination` go through now (every node of the path, this
@@ -534,7 +625,16 @@ impl MeshSocket {
                     .core
                     .classify(now, &bufs[i][datagram.clone()], received.addr);
                 let (packet, src) = match inbound {
-                    Inbound::Quic { packet, from } => (packet, from),
+                    Inbound::Quic { packet, from } => {
+                        let whole = datagram.start + packet.start..datagram.start + packet.end;
+                        if let Some(pred) = self.predecessor.load().as_deref()
+                            && pred.owns(&bufs[i][whole.clone()])
+                        {
+                            self.pass_back(pred, from, received.ecn, &bufs[i][whole]);
+                            continue;
+                        }
+                        (packet, from)
+                    }
                     Inbound::Forward(forward) => {
                         // The ECN mark travels on, so congestion the first hop saw reaches
                         // the receiver.

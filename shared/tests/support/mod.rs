@@ -81,7 +81,7 @@ pub async fn mesh(names: &[&str]) -> anyhow::Result<Vec<Node>> {
     for (i, key) in keys.into_iter().enumerate() {
         let socket = MeshSocket::bind("127.0.0.1:0".parse()?, &key, members.clone()).await?;
         let accept = role(i) == Role::Connector;
-        let endpoint = quic::endpoint(socket.clone(), &key, accept)?;
+        let endpoint = quic::endpoint(socket.clone(), &key, accept, quic::fresh_generation())?;
         nodes.push(Node {
             key,
             socket,
