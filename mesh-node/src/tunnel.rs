@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use skylane_shared::flow::{self, FlowRecv, FlowSend};
 use skylane_shared::identity::NodeKey;
+use skylane_shared::identity::ShortId;
 use skylane_shared::lifecycle::Backoff;
 use skylane_shared::membership::Member;
 use skylane_shared::mesh::control::MeshControl;
@@ -948,6 +949,15 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
                 return;
             }
             r = conn.closed() => r,
+            () = abandoned(&dialer.control, link.member.id.short()) => {
+                tracing::warn!(connector = %name, "no path to the connector is left and another serves; closing its tunnels so their flows end now");
+                if let Ok(s) = link.state.read() {
+                    for p in &s.conns {
+                        p.conn.close(CONNECTOR_LOST, b"connector lost");
+                    }
+                }
+                conn.closed().await
+            }
         };
         metrics::gauge!("skylane_tunnel_up", "connector" => name.clone()).set(0.0);
         metrics::counter!("skylane_tunnel_drops_total", "connector" => name.clone()).increment(1);
@@ -960,6 +970,40 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
         // Reconnect at once the first time; back off if it keeps failing.
         first = true;
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Application close code of tunnels to a connector routing lost.
+const CONNECTOR_LOST: quinn::VarInt = quinn::VarInt::from_u32(2);
+
+/// Resolves when routing, having had a path to connector `id`, has none left while another
+/// connector has one. The connector died or is cut off from this edge; its flows (a
+/// websocket, a TCP connection) cannot move to another connector and would hang until
+/// QUIC's idle timeout, while their users, once disconnected, reconnect through the other
+/// connector at once. With no other connector there is nowhere better, so the tunnel waits
+/// for the path to come back within the idle timeout instead.
+async fn abandoned(control: &MeshControl, id: ShortId) {
+    let mut changes = control.route_changes();
+    let mut had_route = false;
+    loop {
+        let routed = control.has_route(&id);
+        had_route |= routed;
+        if had_route
+            && !routed
+            && control
+                .preferred_destination()
+                .is_some_and(|other| other != id)
+        {
+            return;
+        }
+        // The preferred destination is set before route changes are announced; the timer
+        // only guards against a change that came without one.
+        tokio::select! {
+            r = changes.changed() => if r.is_err() {
+                return std::future::pending().await;
+            },
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

@@ -4,13 +4,13 @@
 //! chosen path against the best over the scenario's nodes) and, per fault, when every
 //! affected edge's route moved to a path that works. Deterministic per seed.
 //!
-//! What it does not model: processes, TLS, HTTP, the SWIM layer, restarts (a killed node
-//! stays down) and per-link loss; such faults are listed in the report's notes. Optionally
+//! What it does not model: processes, TLS, HTTP, the SWIM layer and per-link loss; such
+//! faults are listed in the report's notes. A restart is a fresh router on the old node. Optionally
 //! it adds a synthetic mesh of N nodes (`--synthetic-nodes`) to show failover at scale.
 
 use std::fmt::Write as _;
 
-use skylane_shared::routing::{PeerIndex, RoutingConfig};
+use skylane_shared::routing::RoutingConfig;
 
 use crate::report::model::{FaultTimeline, Report, RouteRow};
 use crate::scenario::{Fault, Plan};
@@ -49,7 +49,7 @@ fn routing_config(plan: &Plan) -> Result<RoutingConfig, VirtualError> {
     }
 }
 
-/// The matrix of the plan's nodes only (connector = the origin's row), node `i` = plan
+/// The matrix of the plan's nodes only (connectors = the origin's row), node `i` = plan
 /// node `i`.
 fn sub_matrix(plan: &Plan) -> Result<RttMatrix, VirtualError> {
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
@@ -63,8 +63,9 @@ fn sub_matrix(plan: &Plan) -> Result<RttMatrix, VirtualError> {
     RttMatrix::parse(&csv).map_err(|e| VirtualError::Matrix(e.to_string()))
 }
 
+/// The route new flows from `edge` take: to the connector its routing prefers.
 fn path_names(plan: &Plan, net: &VirtualNet, edge: usize) -> Option<Vec<String>> {
-    let route = net.router(edge).route(&PeerIndex(0))?;
+    let route = net.router(edge).nearest_destination()?;
     Some(
         route
             .path
@@ -98,8 +99,10 @@ pub fn run(
         loss: 0.0,
         routing: routing.clone(),
     };
-    let mut net = VirtualNet::new(&matrix, 0, config.clone(), plan.scenario.seed)
-        .map_err(|e| VirtualError::Routing(e.to_string()))?;
+    let connectors: Vec<usize> = (0..plan.connectors).collect();
+    let mut net =
+        VirtualNet::with_destinations(&matrix, &connectors, config.clone(), plan.scenario.seed)
+            .map_err(|e| VirtualError::Routing(e.to_string()))?;
     let warmup_us = (plan.scenario.warmup_s * 1e6) as u64;
     net.run_until(warmup_us);
     let mut report = Report {
@@ -107,12 +110,16 @@ pub fn run(
         mode: "virtual".into(),
         matrix: plan.matrix_display(),
         origin: plan.scenario.origin.clone(),
+        connectors: plan.nodes[..plan.connectors]
+            .iter()
+            .map(|n| n.name.clone())
+            .collect(),
         edges: plan.scenario.edges.clone(),
         local_rtt_ms: plan.scenario.local_rtt_ms,
         fault_phase_s: plan.scenario.duration_s,
         ..Report::default()
     };
-    for e in 1..plan.nodes.len() {
+    for e in plan.edges() {
         let path = path_names(plan, &net, e).unwrap_or_default();
         let idx: Vec<usize> = path.iter().filter_map(|n| plan.node_index(n)).collect();
         let (best, best_rtt_ms) = plan.best_path_to_connector(e, &[]);
@@ -122,7 +129,7 @@ pub fn run(
             path,
             return_path: Vec::new(),
             return_path_rtt_ms: f64::NAN,
-            direct_rtt_ms: plan.node_rtt_ms(e, 0),
+            direct_rtt_ms: plan.direct_rtt_to_connector_ms(e),
             best_rtt_ms,
             best_path: best.iter().map(|&b| plan.nodes[b].name.clone()).collect(),
         });
@@ -145,7 +152,8 @@ pub fn run(
             Fault::Kill { .. } => f.nodes.first().copied(),
             _ => None,
         };
-        let affected: Vec<(usize, Vec<String>)> = (1..plan.nodes.len())
+        let affected: Vec<(usize, Vec<String>)> = plan
+            .edges()
             .filter(|&e| !down[e] && Some(e) != killed)
             .filter_map(|e| Some((e, path_names(plan, &net, e)?)))
             .filter(|(_, p)| uses(p, &names, &f.fault))
@@ -155,12 +163,17 @@ pub fn run(
                 net.crash(*n);
                 down[*n] = true;
             }
+            (Fault::Restart { .. }, [n]) => {
+                net.restart(*n)
+                    .map_err(|e| VirtualError::Routing(e.to_string()))?;
+                down[*n] = false;
+            }
             (Fault::Cut { .. }, [a, b]) => net.set_cut(*a, *b, true),
             (Fault::Uncut { .. }, [a, b]) => net.set_cut(*a, *b, false),
             (Fault::Slow { rtt_ms, .. }, [a, b]) => net.set_rtt_ms(*a, *b, *rtt_ms),
             _ => {
                 report.notes.push(format!(
-                    "{} at {} s: not modelled in virtual time (a killed node stays down; loss is global)",
+                    "{} at {} s: not modelled in virtual time (loss is global)",
                     f.fault.describe(),
                     f.fault.at_s()
                 ));
@@ -177,7 +190,7 @@ pub fn run(
                 }
                 let works = net
                     .router(*e)
-                    .route(&PeerIndex(0))
+                    .nearest_destination()
                     .is_some_and(|r| net.path_works(&r.path));
                 if let Some(p) = path_names(plan, &net, *e)
                     && works

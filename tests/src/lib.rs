@@ -591,6 +591,42 @@ pub async fn tls_to_edge(
         .await?)
 }
 
+/// A websocket to the demo origin's echo (`/ws`) through edge `i`, over HTTP/1.1.
+pub async fn open_websocket(
+    cluster: &Cluster,
+    i: usize,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+> {
+    let stream = tls_to_edge(cluster, i, &[b"http/1.1"]).await?;
+    let url = format!("wss://localhost:{}/ws", cluster.edges[i].https.port());
+    let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    Ok(ws)
+}
+
+/// Sends `text` and waits (at most 5 s) for the same text back, skipping pings and pongs.
+pub async fn websocket_echo<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    text: &str,
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    ws.send(Message::Text(text.into())).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await? {
+            Some(Ok(Message::Text(t))) => {
+                anyhow::ensure!(t.as_str() == text, "echo {t:?}, not {text:?}");
+                return Ok(());
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => anyhow::bail!("the websocket did not echo {text:?}: {other:?}"),
+        }
+    }
+}
+
 /// `POST path` with a JSON `body` to an admin listener; the status code.
 pub fn admin_post(admin: SocketAddr, path: &str, body: &str) -> anyhow::Result<u16> {
     use std::io::{Read as _, Write as _};

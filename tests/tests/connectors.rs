@@ -1,11 +1,13 @@
 //! Two connectors beside one origin: an edge keeps serving when one drains or dies. A
 //! draining connector refuses new streams and the edge sends those requests to the other
 //! one at once; a killed connector's requests move once routing sees it gone (well within
-//! a second), and the idempotent requests it lost are sent again.
+//! a second), and the idempotent requests it lost are sent again. Websockets through a
+//! killed connector end as soon as the edge has no path left to it (they cannot move: the
+//! connector held their origin connection), and new ones open through the other.
 
 use std::time::{Duration, Instant};
 
-use skylane_tests::{Cluster, ClusterOptions, metric, status};
+use skylane_tests::{Cluster, ClusterOptions, metric, open_websocket, status, websocket_echo};
 
 /// Waits until edge 0 has a tunnel up to both connectors and routing prefers one.
 fn wait_both_up(c: &Cluster) -> anyhow::Result<()> {
@@ -93,6 +95,95 @@ async fn a_draining_connector_hands_its_requests_to_the_other_without_an_error()
     Ok(())
 }
 
+/// Kills the connector edge 0 prefers; returns its name.
+fn kill_preferred(c: &mut Cluster) -> String {
+    let preferred = preferred(c);
+    if preferred == "connector-b" {
+        if let Some(s) = c.second.as_mut() {
+            s.proc.kill();
+        }
+    } else {
+        c.connector.kill();
+    }
+    preferred
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_connector_s_websockets_end_at_once_and_new_ones_open_through_the_other()
+-> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+    let mut c = Cluster::start(ClusterOptions {
+        second_connector: true,
+        ..ClusterOptions::default()
+    })?;
+    wait_both_up(&c)?;
+    let mut old = open_websocket(&c, 0).await?;
+    websocket_echo(&mut old, "before").await?;
+    let victim = kill_preferred(&mut c);
+    let killed = Instant::now();
+    // New websockets, one after another, each opened and echoed once (or failed) within
+    // 3 s: when each was started, and whether it worked.
+    let opener = async {
+        let mut tries = Vec::new();
+        while killed.elapsed() < Duration::from_secs(3) {
+            let started = Instant::now();
+            let ok = tokio::time::timeout(Duration::from_secs(3), async {
+                let mut ws = open_websocket(&c, 0).await?;
+                websocket_echo(&mut ws, "new").await
+            })
+            .await
+            .is_ok_and(|r| r.is_ok());
+            tries.push((started.duration_since(killed), ok));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tries
+    };
+    // The old websocket: how long until it ends (QUIC's idle timeout would be 10 s).
+    let old_end = async {
+        let ended = tokio::time::timeout(Duration::from_secs(8), async {
+            loop {
+                match old.next().await {
+                    Some(Ok(_)) => continue,
+                    _ => return killed.elapsed(),
+                }
+            }
+        })
+        .await;
+        ended.ok()
+    };
+    let (tries, ended) = tokio::join!(opener, old_end);
+    eprintln!("{victim} killed: the websocket on it ended after {ended:?}; new ones: {tries:?}");
+    let ended = ended.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the websocket through {victim} was still open 8 s after it died\n{}",
+            c.logs()
+        )
+    })?;
+    assert!(
+        ended < Duration::from_secs(3),
+        "the websocket through {victim} ended only after {ended:?}"
+    );
+    let first_ok = tries
+        .iter()
+        .find(|(_, ok)| *ok)
+        .map(|(t, _)| *t)
+        .ok_or_else(|| anyhow::anyhow!("no new websocket worked: {tries:?}\n{}", c.logs()))?;
+    assert!(
+        first_ok <= Duration::from_secs(1),
+        "the first new websocket that worked was started {first_ok:?} after the kill"
+    );
+    let late_failed: Vec<_> = tries
+        .iter()
+        .filter(|(t, ok)| !ok && *t > Duration::from_secs(1))
+        .collect();
+    assert!(
+        late_failed.is_empty(),
+        "websockets started after the first second failed: {late_failed:?}\n{}",
+        c.logs()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_connector_s_requests_move_to_the_other_within_a_second() -> anyhow::Result<()> {
     let mut c = Cluster::start(ClusterOptions {
@@ -116,13 +207,7 @@ async fn a_killed_connector_s_requests_move_to_the_other_within_a_second() -> an
         "the preferred connector did not carry the requests"
     );
     let other_before = streams(other);
-    if preferred == "connector-b" {
-        if let Some(s) = c.second.as_mut() {
-            s.proc.kill();
-        }
-    } else {
-        c.connector.kill();
-    }
+    kill_preferred(&mut c);
     let killed = Instant::now();
     let results = requests_for(&c, Duration::from_secs(4)).await?;
     let late_failures: Vec<_> = results

@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt as _, StreamExt as _};
-use skylane_tests::{Cluster, ClusterOptions, admin_post, bin, status};
-use tokio_tungstenite::tungstenite::Message;
+use skylane_tests::{
+    Cluster, ClusterOptions, admin_post, bin, open_websocket, status, websocket_echo,
+};
 
 /// The edge's config generation, from `/status`.
 fn generation(c: &Cluster) -> Option<u64> {
@@ -29,23 +29,6 @@ fn wait_generation(c: &Cluster, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn echo<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> anyhow::Result<()>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    ws.send(Message::Text(text.into())).await?;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await? {
-            Some(Ok(Message::Text(t))) => {
-                anyhow::ensure!(t.as_str() == text, "echo {t:?}, not {text:?}");
-                return Ok(());
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => anyhow::bail!("the websocket did not echo {text:?}: {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() -> anyhow::Result<()>
 {
@@ -58,13 +41,8 @@ async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() ->
     assert_eq!(generation(&c), Some(0));
 
     // A websocket and a keep-alive client, open before any reload.
-    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("wss://localhost:{}/ws", edge.https.port()),
-        stream,
-    )
-    .await?;
-    echo(&mut ws, "before").await?;
+    let mut ws = open_websocket(&c, 0).await?;
+    websocket_echo(&mut ws, "before").await?;
     let client = c.client(0)?;
     assert_eq!(client.get(c.url(0, "/health")).send().await?.status(), 200);
     assert_eq!(client.get(c.url(0, "/")).send().await?.status(), 200);
@@ -82,7 +60,7 @@ async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() ->
     let chat = client.get(c.url(0, "/")).send().await?;
     assert_eq!(chat.status(), 403, "the challenge is not in force");
     assert!(chat.text().await?.contains("Checking your browser"));
-    echo(&mut ws, "after the first reload").await?;
+    websocket_echo(&mut ws, "after the first reload").await?;
 
     // 2. An invalid config: refused, logged, and the one in force keeps serving.
     std::fs::write(&edge.config, format!("no_such_key = 1\n{reloaded}"))?;
@@ -99,7 +77,7 @@ async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() ->
     );
     assert_eq!(generation(&c), Some(1));
     assert_eq!(client.get(c.url(0, "/")).send().await?.status(), 403);
-    echo(&mut ws, "after a refused reload").await?;
+    websocket_echo(&mut ws, "after a refused reload").await?;
 
     // 3. A change only a restart applies, asked for through the admin API: refused.
     std::fs::write(
@@ -133,7 +111,7 @@ async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() ->
     assert_eq!(new_ca.get(c.url(0, "/health")).send().await?.status(), 200);
     assert_eq!(new_ca.get(c.url(0, "/")).send().await?.status(), 200);
     // The websocket opened under the first certificate and config is still up.
-    echo(&mut ws, "after the certificate reload").await?;
+    websocket_echo(&mut ws, "after the certificate reload").await?;
     Ok(())
 }
 
@@ -141,13 +119,8 @@ async fn reload_applies_routes_policy_and_certificates_and_keeps_websockets() ->
 async fn the_connector_reloads_its_services_and_keeps_the_websocket() -> anyhow::Result<()> {
     let c = Cluster::start(ClusterOptions::default())?;
     let second = skylane_tests::start_origin("127.0.0.1:0", "origin-2", c.dir.path())?;
-    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
-        stream,
-    )
-    .await?;
-    echo(&mut ws, "before").await?;
+    let mut ws = open_websocket(&c, 0).await?;
+    websocket_echo(&mut ws, "before").await?;
     let client = c.client(0)?;
     let served_by = |r: &reqwest::Response| {
         r.headers()
@@ -186,7 +159,7 @@ async fn the_connector_reloads_its_services_and_keeps_the_websocket() -> anyhow:
         Some(1)
     );
     // The websocket opened to the first origin is still up through the connector.
-    echo(&mut ws, "after the connector's reload").await?;
+    websocket_echo(&mut ws, "after the connector's reload").await?;
 
     // A bad config is refused; the second origin keeps serving.
     std::fs::write(
@@ -226,13 +199,8 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
         edges: 2,
         ..ClusterOptions::default()
     })?;
-    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        format!("wss://localhost:{}/ws", c.edges[0].https.port()),
-        stream,
-    )
-    .await?;
-    echo(&mut ws, "before").await?;
+    let mut ws = open_websocket(&c, 0).await?;
+    websocket_echo(&mut ws, "before").await?;
     assert!(ready(&c, 1));
     let connector_before = std::fs::read_to_string(&c.connector_config)?;
     let edge0_before = std::fs::read_to_string(&c.edges[0].config)?;
@@ -271,7 +239,7 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
             "edge-1 still has a tunnel after leaving the mesh\n{}",
             c.logs()
         );
-        echo(&mut ws, "while edge-1 leaves").await?;
+        websocket_echo(&mut ws, "while edge-1 leaves").await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
@@ -286,7 +254,7 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
         !ready(&c, 1),
         "the connector took edge-1 back while it is not a member"
     );
-    echo(&mut ws, "while edge-1 is out").await?;
+    websocket_echo(&mut ws, "while edge-1 is out").await?;
 
     // In again: both reload with it; its tunnel comes back and it serves.
     std::fs::write(&c.connector_config, &connector_before)?;
@@ -300,7 +268,7 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
             "edge-1 did not get its tunnel back\n{}",
             c.logs()
         );
-        echo(&mut ws, "while edge-1 comes back").await?;
+        websocket_echo(&mut ws, "while edge-1 comes back").await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
@@ -309,7 +277,7 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
     );
     assert_eq!(c.client(1)?.get(c.url(1, "/")).send().await?.status(), 200);
     assert!(member_names(c.connector_admin).contains(&"edge-1".to_owned()));
-    echo(&mut ws, "after").await?;
+    websocket_echo(&mut ws, "after").await?;
     // Changing what a member is (its role) still needs a restart.
     std::fs::write(
         &c.connector_config,

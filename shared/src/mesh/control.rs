@@ -107,11 +107,16 @@ pub enum StartError {
     Membership(#[from] SwimConfigError),
 }
 
-fn add_to_router(router: &mut Router<ShortId>, me: Role, role: Role, id: ShortId) {
+fn add_to_router(router: &mut Router<ShortId>, now: Timestamp, me: Role, role: Role, id: ShortId) {
     if role == me {
-        router.add_peer(Timestamp::ZERO, id);
+        router.add_peer(now, id);
     } else {
-        router.add_destination(Timestamp::ZERO, id);
+        router.add_destination(now, id);
+    }
+    // Relays are edges: a path through a connector to another connector (or back to an
+    // edge) shares that connector's fate, and a flow that reaches it may as well stay there.
+    if role == Role::Connector {
+        router.exclude_relay(now, id);
     }
 }
 
@@ -154,7 +159,13 @@ impl MeshControl {
         let mut router = Router::new(me, routing, StdRng::from_os_rng(), Timestamp::ZERO)?;
         let members = socket.members().clone();
         for member in members.iter().filter(|m| m.id.short() != me) {
-            add_to_router(&mut router, role, member.role, member.id.short());
+            add_to_router(
+                &mut router,
+                Timestamp::ZERO,
+                role,
+                member.role,
+                member.id.short(),
+            );
         }
         let mut swim = Swim::new(
             me,
@@ -245,12 +256,7 @@ impl MeshControl {
                 self.set_routed(id, false);
             }
             for m in &added {
-                let id = m.id.short();
-                if self.role == m.role {
-                    core.router.add_peer(now, id);
-                } else {
-                    core.router.add_destination(now, id);
-                }
+                add_to_router(&mut core.router, now, self.role, m.role, m.id.short());
             }
             core.swim
                 .set_members(now, members.iter().map(|m| m.id.short()))
@@ -407,7 +413,7 @@ impl MeshControl {
         };
         if up {
             tracing::info!(member = %member.name, "member up");
-            add_to_router(router, self.role, member.role, id);
+            add_to_router(router, Timestamp::ZERO, self.role, member.role, id);
         } else {
             tracing::warn!(member = %member.name, "member down; routing around it");
             router.remove_peer(&id);

@@ -5,8 +5,9 @@
 //! The router owns no socket and no clock. The caller (the mesh socket in the real node, the
 //! virtual network in the simulator) drives it like `quinn-proto`:
 //!
-//! 1. Create it with [`Router::new`], then tell it about members ([`Router::add_peer`]) and
-//!    connectors ([`Router::add_destination`]).
+//! 1. Create it with [`Router::new`], then tell it about members ([`Router::add_peer`]),
+//!    connectors ([`Router::add_destination`]) and members that never relay
+//!    ([`Router::exclude_relay`]: connectors, with several beside one origin).
 //! 2. Whenever a routing datagram arrives from a peer, call [`Router::handle_datagram`].
 //! 3. At [`Router::poll_timeout`], call [`Router::handle_timeout`].
 //! 4. After any of the calls above, drain [`Router::poll_transmit`] (send each payload to
@@ -26,7 +27,9 @@ use super::config::{ConfigError, RoutingConfig};
 use super::gossip::{GossipMessage, Gossiper};
 use super::linkstate::{LinkMetrics, LinkStateDb};
 use super::probe::{ProbeClass, Prober};
-use super::route::{Candidate, ChosenRoute, CurrentStatus, DestinationRoute, RouteEvent};
+use super::route::{
+    Candidate, ChosenRoute, CurrentStatus, DestinationRoute, RouteEvent, SwitchReason,
+};
 use super::select::{CostGraph, LinkCost, PathCost};
 use super::stats::{LivenessChange, PathStats};
 use super::time::Timestamp;
@@ -110,6 +113,8 @@ pub struct Router<N: NodeKey> {
     /// is down, so its records still travel.
     members: BTreeSet<N>,
     routes: BTreeMap<N, DestinationRoute<N>>,
+    /// Members no route goes through ([`Router::exclude_relay`]).
+    no_relay: BTreeSet<N>,
     prober: Prober<N>,
     db: LinkStateDb<N>,
     gossiper: Gossiper<N>,
@@ -149,6 +154,7 @@ impl<N: NodeKey> Router<N> {
             peers: BTreeSet::new(),
             members: BTreeSet::from([me.clone()]),
             routes: BTreeMap::new(),
+            no_relay: BTreeSet::new(),
             prober: Prober::new(),
             db: LinkStateDb::new(),
             gossiper,
@@ -195,6 +201,7 @@ impl<N: NodeKey> Router<N> {
         self.db.remove_node(peer);
         self.published.remove(peer);
         self.routes.remove(peer);
+        self.no_relay.remove(peer);
         if self.preferred.as_ref() == Some(peer) {
             self.preferred = None;
         }
@@ -212,6 +219,17 @@ impl<N: NodeKey> Router<N> {
             .entry(destination.clone())
             .or_insert_with(|| DestinationRoute::new(destination));
         self.next_eval_at = self.next_eval_at.min(now);
+    }
+
+    /// No route of this node goes through `peer` as a relay from now on. For connectors when
+    /// there are several beside one origin: a path to one connector through another shares
+    /// the other's fate, and a flow that can reach the other should simply go there; without
+    /// this, a route to a connector that was down can come back through the other one, and
+    /// the other's death then costs two failovers instead of one.
+    pub fn exclude_relay(&mut self, now: Timestamp, peer: N) {
+        if self.no_relay.insert(peer) {
+            self.next_eval_at = self.next_eval_at.min(now);
+        }
     }
 
     /// Stops routing to `destination` (it stays a peer).
@@ -588,6 +606,8 @@ impl<N: NodeKey> Router<N> {
         };
         let mut wanted: BTreeMap<Path<N>, ProbeClass> = BTreeMap::new();
         let destinations: Vec<N> = self.routes.keys().cloned().collect();
+        let no_relay = std::mem::take(&mut self.no_relay);
+        let relays_allowed = |relays: &[&N]| !relays.iter().any(|r| no_relay.contains(*r));
         let k = self.config.standby_paths as usize + EXTRA_CANDIDATES;
         for destination in destinations {
             let current_path = self.route(&destination).map(|r| r.path.clone());
@@ -597,7 +617,7 @@ impl<N: NodeKey> Router<N> {
                 self.config.max_relays,
                 k,
                 &self.config,
-                |_| true,
+                relays_allowed,
             );
             if let Some(current) = &current_path {
                 let disjoint = graph.best_paths(
@@ -607,7 +627,8 @@ impl<N: NodeKey> Router<N> {
                     1,
                     &self.config,
                     |relays| {
-                        !relays.iter().any(|r| current.relays().contains(r))
+                        relays_allowed(relays)
+                            && !relays.iter().any(|r| current.relays().contains(r))
                             && (current.is_direct() || relays.first() != Some(&current.first_hop()))
                     },
                 );
@@ -617,6 +638,7 @@ impl<N: NodeKey> Router<N> {
             for (path, probed) in self.prober.iter() {
                 if path.destination() == &destination
                     && (probed.class != ProbeClass::Idle || path.is_direct())
+                    && !path.relays().iter().any(|r| no_relay.contains(r))
                     && let Some(cost) = graph.path_cost(path, &self.config)
                 {
                     paths.push((path.clone(), cost));
@@ -704,9 +726,10 @@ impl<N: NodeKey> Router<N> {
                     .or_insert(ProbeClass::Standby);
             }
         }
+        self.no_relay = no_relay;
         self.graph = Some((generation, graph));
         self.apply_probe_classes(now, wanted);
-        self.update_preferred();
+        self.update_preferred(now);
     }
 
     fn apply_probe_classes(&mut self, now: Timestamp, wanted: BTreeMap<Path<N>, ProbeClass>) {
@@ -735,7 +758,34 @@ impl<N: NodeKey> Router<N> {
             .retain(|path, _| path.is_direct() || relayed_wanted.contains_key(path));
     }
 
-    fn update_preferred(&mut self) {
+    fn update_preferred(&mut self, now: Timestamp) {
+        // A destination whose route just failed over may be dying itself: a connector's
+        // death kills every path to it, each found dead in turn, and following it from one
+        // to the next would hold new flows on it for several failovers. So new flows leave
+        // such a destination for the cheapest one whose route is steady, if there is one,
+        // without waiting to be clearly beaten.
+        let shaken_for = RoutingConfig::ms(self.config.standby_probe_interval_ms * 3);
+        let shaken = |r: &ChosenRoute<N>| {
+            r.reason == SwitchReason::Failover && now.saturating_since(r.since) < shaken_for
+        };
+        let cheapest = |routes: &mut dyn Iterator<Item = &ChosenRoute<N>>| {
+            routes
+                .min_by(|a, b| a.cost.smoothed_ms.total_cmp(&b.cost.smoothed_ms))
+                .map(|r| r.destination.clone())
+        };
+        if let Some(current) = self.preferred.as_ref().and_then(|p| self.route(p))
+            && shaken(current)
+            && let Some(steady) = cheapest(
+                &mut self
+                    .routes
+                    .values()
+                    .filter_map(|r| r.current())
+                    .filter(|r| !shaken(r)),
+            )
+        {
+            self.preferred = Some(steady);
+            return;
+        }
         let best = self
             .routes
             .values()

@@ -97,11 +97,19 @@ impl PathStats {
         let came_up = self.state != PathState::Alive;
         if self.state == PathState::Dead {
             // The path may come back on different routing; old estimates would only
-            // mislead the first comparisons, so start over (loss history is kept).
+            // mislead the first comparisons, so start over.
             self.srtt = None;
             self.recent.clear();
             self.recent_median = None;
             self.samples = 0;
+            // The outage itself (the run of misses that ended in death) says nothing about
+            // the path now: a node that was restarted would otherwise come back with a
+            // quarter of its probes "lost" and be passed over for a while. What was lost
+            // before the outage stays, so a path that loses often still pays for it.
+            while let Some(&(_, true)) = self.outcomes.back() {
+                self.outcomes.pop_back();
+                self.missed_in_window -= 1;
+            }
         }
         match self.srtt {
             None => {
@@ -289,6 +297,28 @@ mod tests {
         assert_eq!(change, Some(LivenessChange::CameUp));
         assert_eq!(stats.srtt(), Some(ms(40)), "estimates restart after death");
         assert_eq!(stats.samples(), 1);
+        assert_eq!(stats.loss(), 0.0, "the outage is not counted as loss");
+    }
+
+    #[test]
+    fn loss_before_an_outage_outlives_it() {
+        let config = RoutingConfig::default();
+        let mut stats = PathStats::new();
+        // Every other probe lost, then an outage, then back.
+        for id in 0..10 {
+            if id % 2 == 0 {
+                stats.on_reply(Timestamp::from_millis(id), id, ms(20), &config);
+            } else {
+                stats.on_missed(id, &config);
+            }
+        }
+        for id in 10..20 {
+            stats.on_missed(id, &config);
+        }
+        assert!(stats.is_dead());
+        stats.on_reply(Timestamp::from_millis(20), 20, ms(20), &config);
+        // The outage ran from probe 9 (indistinguishable from it) to 19: 4 of 10 lost.
+        assert!((stats.loss() - 0.4).abs() < 1e-9, "loss {}", stats.loss());
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub(crate) async fn purge_spread(
     cluster: &Cluster,
     progress: &Progress,
 ) -> (Vec<PurgeSample>, Vec<String>) {
-    let edges: Vec<(usize, SocketAddr)> = (1..cluster.nodes.len())
+    let edges: Vec<(usize, SocketAddr)> = plan
+        .edges()
         .filter(|&i| cluster.nodes[i].proc.is_some())
         .map(|i| (i, cluster.nodes[i].admin))
         .collect();

@@ -2,7 +2,9 @@
 //!
 //! - `demo-origin` with a plain listener (for the connector, beside it: no added latency)
 //!   and a TLS listener (for clients that go straight to the origin).
-//! - `origin-connector` and one `mesh-node` per edge region. Node `i`'s config gives every
+//! - The scenario's `origin-connector`s (beside the origin: no added latency to it, and
+//!   [`CONNECTOR_SITE_RTT_MS`](crate::scenario::CONNECTOR_SITE_RTT_MS) between them) and one
+//!   `mesh-node` per edge region. Node `i`'s config gives every
 //!   other member `j` the address of a UDP link `i→j` that relays to `j`'s real socket
 //!   with the matrix RTT of their regions; the answers come back through the same link.
 //! - Per client region: a TCP link to its edge's HTTPS listener (the local RTT) and one to
@@ -16,7 +18,7 @@ use std::time::Duration;
 use skylane_shared::identity::NodeKey;
 
 use crate::procs::{self, Proc};
-use crate::scenario::{CONNECTOR, Plan};
+use crate::scenario::Plan;
 use crate::wan::{LinkHandle, LinkProfile, TcpOptions, UdpOptions, Wan};
 
 use super::RealnetError;
@@ -63,7 +65,7 @@ pub struct Cluster {
     pub origin: Proc,
     /// Its plain listener, beside the connector (no emulated link): `/counts` is read here.
     pub origin_http: SocketAddr,
-    /// Connector first, then edges, as in [`Plan::nodes`].
+    /// Connectors first, then edges, as in [`Plan::nodes`].
     pub nodes: Vec<Node>,
     /// Per client region, in plan order.
     pub doors: Vec<ClientDoors>,
@@ -73,6 +75,8 @@ pub struct Cluster {
     pub udp: Vec<Vec<Option<LinkHandle>>>,
     wan: Option<Wan>,
     bin_dir: PathBuf,
+    /// How many of `nodes` are connectors (they come first).
+    connectors: usize,
 }
 
 fn member_block(name: &str, role: &str, address: SocketAddr) -> String {
@@ -246,13 +250,19 @@ impl Cluster {
         // Configs and processes.
         let extra = &plan.scenario.node_config;
         let mut nodes = Vec::new();
+        let role = |j: usize| {
+            if plan.is_connector(j) {
+                "connector"
+            } else {
+                "edge"
+            }
+        };
         for (i, node) in plan.nodes.iter().enumerate() {
             let mut members = String::new();
             for (j, other) in plan.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
-                let role = if j == 0 { "connector" } else { "edge" };
-                members.push_str(&member_block(&other.name, role, via[i][j]));
+                members.push_str(&member_block(&other.name, role(j), via[i][j]));
             }
-            let own_role = if i == 0 { "connector" } else { "edge" };
+            let own_role = role(i);
             // A node lists itself too (no address needed, but harmless to give its own).
             members.push_str(&member_block(&node.name, own_role, real_udp[i]));
             let name = &node.name;
@@ -261,7 +271,7 @@ impl Cluster {
                 udp = real_udp[i],
                 admin = admin[i],
             );
-            let body = if i == 0 {
+            let body = if plan.is_connector(i) {
                 format!(
                     "[services.web]\nservers = [\"{origin_http}\"]\nresponse_timeout_ms = 30000\n\n\
                      [services.web.health_check]\npath = \"/health\"\ninterval_ms = 1000\ntimeout_ms = 500\nhealthy_threshold = 1\nunhealthy_threshold = 3\n\n"
@@ -286,7 +296,7 @@ impl Cluster {
                 proc: None,
                 config,
                 admin: admin[i],
-                https: (i > 0).then_some(https[i]),
+                https: (!plan.is_connector(i)).then_some(https[i]),
             });
         }
         let mut cluster = Cluster {
@@ -299,14 +309,22 @@ impl Cluster {
             udp,
             wan: Some(wan),
             bin_dir: bin_dir.to_owned(),
+            connectors: plan.connectors,
         };
-        progress(&format!("starting {CONNECTOR} and {} edges", n - 1));
+        progress(&format!(
+            "starting {} and {} edges",
+            match plan.connectors {
+                1 => "the connector".to_owned(),
+                k => format!("{k} connectors"),
+            },
+            plan.edges().len()
+        ));
         drop(held_tcp);
         drop(held_udp);
         for i in 0..n {
             cluster.start_node(i)?;
         }
-        for i in 1..n {
+        for i in plan.edges() {
             let admin = cluster.nodes[i].admin;
             let ready =
                 tokio::task::spawn_blocking(move || procs::wait_ready(admin, ready_timeout))
@@ -330,7 +348,7 @@ impl Cluster {
 
     /// Starts (or restarts) node `i` with its config.
     pub fn start_node(&mut self, i: usize) -> Result<(), RealnetError> {
-        let program = if i == 0 {
+        let program = if i < self.connectors {
             "origin-connector"
         } else {
             "mesh-node"

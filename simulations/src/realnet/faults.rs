@@ -15,9 +15,10 @@ use crate::report::model::{EchoSample, FaultTimeline, SessionSummary};
 use crate::scenario::{Fault, Plan};
 
 use super::client::Users;
-use super::{Cluster, Progress, RealnetError, RunOptions, StatusSample, sleep_or_cancel};
+use super::{Cluster, Progress, RealnetError, RunOptions, StatusSample, Timeline, sleep_or_cancel};
 
-/// How long after a fault its effects are attributed to it.
+/// How long after a fault its effects are attributed to it (less if the next fault comes
+/// sooner).
 const FAULT_WINDOW_S: f64 = 10.0;
 
 /// What the fault phase recorded.
@@ -243,6 +244,7 @@ pub(crate) fn analyse(
     run: &FaultRun,
 ) -> (Vec<FaultTimeline>, SessionSummary, Vec<String>) {
     let samples = lock(samples);
+    let timeline = Timeline::new(&samples, plan.nodes.len());
     let mut notes = Vec::new();
     let mut timelines = Vec::new();
     // Nodes down at each point, to tell broken sessions from sessions on a dead edge.
@@ -255,7 +257,13 @@ pub(crate) fn analyse(
             ));
             continue;
         };
-        let until = applied + FAULT_WINDOW_S;
+        // Effects belong to this fault until the next one is applied.
+        let until = run
+            .applied_s
+            .get(fi + 1)
+            .map_or(applied + FAULT_WINDOW_S, |&next| {
+                next.min(applied + FAULT_WINDOW_S)
+            });
         let killed: Option<usize> = match f.fault {
             Fault::Kill { .. } => f.nodes.first().copied(),
             _ => None,
@@ -270,21 +278,11 @@ pub(crate) fn analyse(
         let mut after = Vec::new();
         let mut moved: Option<f64> = Some(0.0);
         if f.fault.is_disruptive() {
-            for e in (1..plan.nodes.len()).filter(|&e| !down[e]) {
-                let name = plan.nodes[e].name.as_str();
-                // The edge's route to the connector, and the connector's route back to it:
-                // a flow uses both.
-                let forward = |s: &StatusSample| (s.node == e).then(|| s.path.clone()).flatten();
-                let back = |s: &StatusSample| {
-                    (s.node == 0)
-                        .then(|| {
-                            s.routes
-                                .iter()
-                                .find(|(d, _)| d == name)
-                                .map(|(_, p)| p.clone())
-                        })
-                        .flatten()
-                };
+            for e in plan.edges().filter(|&e| !down[e]) {
+                // The edge's route to the connector it prefers, and that connector's route
+                // back to it: a flow uses both.
+                let forward = |s: &StatusSample| s.path.clone();
+                let back = |s: &StatusSample| timeline.return_path(plan, s);
                 let broken = |p: &Vec<String>| uses(p, plan, &f.nodes, &f.fault);
                 let mut hit = false;
                 let mut shown = None;
@@ -296,11 +294,12 @@ pub(crate) fn analyse(
                 .into_iter()
                 .enumerate()
                 {
-                    let Some(path) = samples
+                    let own = timeline.of(e);
+                    let Some(path) = own
                         .iter()
                         .rev()
                         .filter(|s| s.t_s <= applied)
-                        .find_map(get)
+                        .find_map(|s| get(s))
                     else {
                         continue;
                     };
@@ -308,7 +307,7 @@ pub(crate) fn analyse(
                         continue;
                     }
                     hit = true;
-                    let new = samples
+                    let new = own
                         .iter()
                         .filter(|s| s.t_s > applied && s.t_s <= until)
                         .find_map(|s| get(s).filter(|p| !broken(p)).map(|p| (s.t_s, p)));

@@ -7,8 +7,11 @@
 //! concurrently across regions, one sample at a time within a region, alternating direct
 //! and edge), then the fault phase (`duration_s` long; faults at their `at_s` from its
 //! start) while every region's chat sessions send a message every `chat_interval_ms` and
-//! every node's `/status` is polled every 50 ms. What it does not do: bandwidth or
-//! congestion emulation (see `wan`), more than one connector.
+//! every node's `/status` is polled every 50 ms. With several connectors, an edge's route
+//! is its route to the connector its routing prefers at the time (`/status`'s
+//! `preferred_destination`, where its new flows go), and the return route is that
+//! connector's route back. What it does not do: bandwidth or congestion emulation (see
+//! `wan`).
 
 mod cache;
 pub mod client;
@@ -80,7 +83,9 @@ pub(crate) struct StatusSample {
     pub t_s: f64,
     /// Node index.
     pub node: usize,
-    /// Route to the connector (edges), node names.
+    /// The connector new flows go to (edges): routing's preferred destination.
+    pub preferred: Option<String>,
+    /// Route to that connector (edges), node names.
     pub path: Option<Vec<String>>,
     /// Every route this node holds: (destination, path). The connector's routes are the
     /// return paths to the edges.
@@ -126,10 +131,12 @@ pub(crate) async fn monitor(
                         .collect()
                 })
                 .unwrap_or_default();
-            let path = routes
-                .iter()
-                .find(|(d, _)| d == crate::scenario::CONNECTOR)
-                .map(|(_, p)| p.clone());
+            let preferred = status["mesh"]["preferred_destination"]
+                .as_str()
+                .map(str::to_owned);
+            let path = preferred
+                .as_ref()
+                .and_then(|c| routes.iter().find(|(d, _)| d == c).map(|(_, p)| p.clone()));
             let members = status["mesh"]["members"]
                 .as_array()
                 .map(|ms| {
@@ -146,6 +153,7 @@ pub(crate) async fn monitor(
             out.push(StatusSample {
                 t_s,
                 node,
+                preferred,
                 path,
                 routes,
                 members,
@@ -159,6 +167,59 @@ pub(crate) async fn monitor(
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
             () = stop.cancelled() => {}
         }
+    }
+}
+
+/// The `/status` samples of a run by node, in time order, to look up what a node showed
+/// at a given time.
+pub(crate) struct Timeline<'a> {
+    by_node: Vec<Vec<&'a StatusSample>>,
+}
+
+/// How old another node's sample may be to stand for "now": a poll round stamps every node
+/// with one time, so a sample of the same round is 0 s old; a node that stopped answering
+/// (killed) has none.
+const SAMPLE_FRESH_S: f64 = 0.5;
+
+impl<'a> Timeline<'a> {
+    /// Indexes `samples` (in the order they were polled) of a plan with `nodes` nodes.
+    pub(crate) fn new(samples: &'a [StatusSample], nodes: usize) -> Self {
+        let mut by_node = vec![Vec::new(); nodes];
+        for s in samples {
+            if let Some(v) = by_node.get_mut(s.node) {
+                v.push(s);
+            }
+        }
+        Timeline { by_node }
+    }
+
+    /// Node `node`'s samples in time order.
+    pub(crate) fn of(&self, node: usize) -> &[&'a StatusSample] {
+        self.by_node.get(node).map_or(&[], Vec::as_slice)
+    }
+
+    /// Node `node`'s last sample at or before `t_s`, if it is fresh.
+    fn at(&self, node: usize, t_s: f64) -> Option<&'a StatusSample> {
+        let v = self.of(node);
+        let k = v.partition_point(|s| s.t_s <= t_s);
+        let s = *v.get(k.checked_sub(1)?)?;
+        (t_s - s.t_s <= SAMPLE_FRESH_S).then_some(s)
+    }
+
+    /// The route back to the edge of `edge_sample`, as the connector that edge preferred
+    /// then showed it in the same poll round.
+    pub(crate) fn return_path(
+        &self,
+        plan: &Plan,
+        edge_sample: &StatusSample,
+    ) -> Option<Vec<String>> {
+        let connector = plan.node_index(edge_sample.preferred.as_deref()?)?;
+        let edge = &plan.nodes.get(edge_sample.node)?.name;
+        self.at(connector, edge_sample.t_s)?
+            .routes
+            .iter()
+            .find(|(d, _)| d == edge)
+            .map(|(_, p)| p.clone())
     }
 }
 
@@ -293,6 +354,10 @@ async fn run_on(
         mode: "real".into(),
         matrix: plan.matrix_display(),
         origin: plan.scenario.origin.clone(),
+        connectors: plan.nodes[..plan.connectors]
+            .iter()
+            .map(|n| n.name.clone())
+            .collect(),
         edges: plan.scenario.edges.clone(),
         local_rtt_ms: plan.scenario.local_rtt_ms,
         routes,
@@ -333,28 +398,16 @@ pub(crate) async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> 
 
 fn current_routes(plan: &Plan, samples: &Mutex<Vec<StatusSample>>) -> Vec<RouteRow> {
     let samples = samples.lock().unwrap_or_else(|e| e.into_inner());
-    (1..plan.nodes.len())
+    let timeline = Timeline::new(&samples, plan.nodes.len());
+    plan.edges()
         .map(|i| {
-            let path = samples
-                .iter()
-                .rev()
-                .find(|s| s.node == i && s.path.is_some())
-                .and_then(|s| s.path.clone())
-                .unwrap_or_default();
+            let last = timeline.of(i).iter().rev().find(|s| s.path.is_some());
+            let path = last.and_then(|s| s.path.clone()).unwrap_or_default();
             let idx: Vec<usize> = path.iter().filter_map(|n| plan.node_index(n)).collect();
             let path_rtt_ms = idx.windows(2).map(|w| plan.node_rtt_ms(w[0], w[1])).sum();
             let (best, best_rtt_ms) = plan.best_path_to_connector(i, &[]);
-            let name = &plan.nodes[i].name;
-            let return_path = samples
-                .iter()
-                .rev()
-                .filter(|s| s.node == 0)
-                .find_map(|s| {
-                    s.routes
-                        .iter()
-                        .find(|(d, _)| d == name)
-                        .map(|(_, p)| p.clone())
-                })
+            let return_path = last
+                .and_then(|s| timeline.return_path(plan, s))
                 .unwrap_or_default();
             let ridx: Vec<usize> = return_path
                 .iter()
@@ -366,7 +419,7 @@ fn current_routes(plan: &Plan, samples: &Mutex<Vec<StatusSample>>) -> Vec<RouteR
                 edge: plan.nodes[i].region.clone(),
                 path,
                 path_rtt_ms,
-                direct_rtt_ms: plan.node_rtt_ms(i, 0),
+                direct_rtt_ms: plan.direct_rtt_to_connector_ms(i),
                 best_rtt_ms,
                 best_path: best.iter().map(|&b| plan.nodes[b].name.clone()).collect(),
             }

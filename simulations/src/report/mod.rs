@@ -216,9 +216,13 @@ fn markdown(r: &Report, charts: &[String]) -> String {
     let _ = writeln!(s, "- machine: {}", r.machine);
     let _ = writeln!(s, "- started: {}", r.started_utc);
     let _ = writeln!(s, "- matrix: `{}`", r.matrix);
+    let beside = match r.connectors.as_slice() {
+        [] | [_] => "connector beside it".to_owned(),
+        many => format!("connectors {} beside it", many.join(", ")),
+    };
     let _ = writeln!(
         s,
-        "- origin {} (connector beside it), edges: {}; users ↔ their own region's edge: {} ms RTT\n",
+        "- origin {} ({beside}), edges: {}; users ↔ their own region's edge: {} ms RTT\n",
         r.origin,
         r.edges.join(", "),
         r.local_rtt_ms
@@ -230,8 +234,9 @@ fn markdown(r: &Report, charts: &[String]) -> String {
         if virtual_time {
             "Each edge's router's chosen path after the warm-up (virtual time); RTTs from the matrix."
         } else {
-            "Paths as each node's `/status` reported them; RTTs from the matrix. The return path is \
-             the connector's own route back to the edge: replies take it."
+            "Paths as each node's `/status` reported them; RTTs from the matrix. The path is the \
+             edge's route to the connector it sends new flows to; the return path is that \
+             connector's own route back to the edge: replies take it."
         }
     );
     let _ = writeln!(
@@ -315,7 +320,10 @@ fn markdown(r: &Report, charts: &[String]) -> String {
              SWIM view marks a killed node not alive. *Flowing again*: the chat echo that ended the \
              longest stall of an affected session; *stall*: that longest gap between echoes \
              (messages every {} ms). *Broken*: sessions of live edges that failed within 10 s \
-             of the fault; sessions on a killed edge cannot survive it and are counted apart.\n",
+             of the fault (or before the next one); sessions on a killed edge cannot survive it \
+             and are counted apart. A session through a killed connector cannot survive either: \
+             its edge closes it once no path to that connector is left and another connector \
+             serves, and the user reconnects through that one.\n",
             r.chat_interval_ms
         );
         let _ = writeln!(

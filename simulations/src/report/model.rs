@@ -20,11 +20,13 @@ pub struct Report {
     pub matrix: String,
     /// Origin region.
     pub origin: String,
+    /// The connectors beside the origin, by mesh name.
+    pub connectors: Vec<String>,
     /// Edge regions.
     pub edges: Vec<String>,
     /// RTT between clients and the edge of their own region, ms.
     pub local_rtt_ms: f64,
-    /// Each edge's route to the connector when measurements started.
+    /// Each edge's route to the connector it preferred when measurements started.
     pub routes: Vec<RouteRow>,
     /// Direct vs edge vs bounds, per client region.
     pub comparison: Vec<RegionComparison>,

@@ -1,5 +1,5 @@
-//! Scenario files for `simulate run`: the topology (origin region, edge regions, the
-//! connector beside the origin), the RTT matrix, the emulated clients and their workload,
+//! Scenario files for `simulate run`: the topology (origin region, edge regions, one or
+//! more connectors beside the origin), the RTT matrix, the emulated clients and their workload,
 //! a schedule of faults, and a duration.
 //!
 //! Parsing is two steps, as everywhere in the workspace: TOML into serde structs with
@@ -14,8 +14,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::vnet::{MatrixError, RttMatrix};
 
-/// Name of the connector node in faults and reports.
+/// Name of the connector node in faults and reports when there is one; with several
+/// they are `connector-1`, `connector-2`, ….
 pub const CONNECTOR: &str = "connector";
+
+/// The most connectors a scenario may run.
+pub const MAX_CONNECTORS: usize = 4;
+
+/// RTT between two connectors, ms: they sit beside the origin, in one site.
+pub const CONNECTOR_SITE_RTT_MS: f64 = 0.5;
 
 /// Why a scenario is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +75,13 @@ pub struct Scenario {
     /// binary (`simulations/data/rtt_matrix.csv`).
     #[serde(default)]
     pub matrix: Option<PathBuf>,
-    /// Region of the origin; the connector runs beside it (no added latency).
+    /// Region of the origin; the connectors run beside it (no added latency).
     pub origin: String,
+    /// How many connectors run beside the origin, 1..=4. Default 1 (named `connector`);
+    /// with more they are `connector-1`, `connector-2`, …, each edge sends new flows to
+    /// the one its routing prefers, and a killed one's edges move to another.
+    #[serde(default = "default_connectors")]
+    pub connectors: usize,
     /// One edge per region listed.
     pub edges: Vec<String>,
     /// Regions with emulated clients; default: every edge region. A region without an
@@ -137,25 +149,25 @@ impl Default for Workload {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 pub enum Fault {
-    /// Kill a node (SIGKILL): an edge by region, or `connector`.
+    /// Kill a node (SIGKILL): an edge by region, or a connector by name.
     Kill {
         /// When, s after the run starts.
         at_s: f64,
-        /// Edge region or `connector`.
+        /// Edge region or connector name (`connector`, or `connector-N` with several).
         node: String,
     },
     /// Start a killed node again with the same config.
     Restart {
         /// When.
         at_s: f64,
-        /// Edge region or `connector`.
+        /// Edge region or connector name.
         node: String,
     },
     /// Cut the mesh link between two nodes, both directions.
     Cut {
         /// When.
         at_s: f64,
-        /// The two ends (edge regions or `connector`).
+        /// The two ends (edge regions or connector names).
         link: [String; 2],
     },
     /// Restore a cut link.
@@ -223,6 +235,9 @@ impl Fault {
 fn default_name() -> String {
     "scenario".into()
 }
+fn default_connectors() -> usize {
+    1
+}
 fn default_local_rtt() -> f64 {
     5.0
 }
@@ -245,11 +260,13 @@ fn default_chat_interval() -> u64 {
     100
 }
 
-/// A node of the plan: index 0 is the connector, then the edges in file order.
+/// A node of the plan: the connectors first, then the edges in file order.
 #[derive(Clone, Debug, Serialize)]
 pub struct PlanNode {
-    /// Mesh name (`connector`, or the region in lower case).
+    /// Mesh name (`connector` or `connector-N`, or the edge's region in lower case).
     pub name: String,
+    /// A connector (beside the origin), not an edge.
+    pub connector: bool,
     /// Its region (matrix row).
     pub region: String,
     /// Matrix index.
@@ -291,8 +308,10 @@ pub struct Plan {
     pub matrix: RttMatrix,
     /// The origin region's matrix index.
     pub origin_index: usize,
-    /// Connector first, then edges.
+    /// Connectors first (`0..connectors`), then edges.
     pub nodes: Vec<PlanNode>,
+    /// How many of [`Plan::nodes`] are connectors.
+    pub connectors: usize,
     /// Client regions.
     pub clients: Vec<ClientRegion>,
     /// Faults sorted by time.
@@ -309,10 +328,32 @@ impl Plan {
         }
     }
 
-    /// RTT between two plan nodes, ms (connector at the origin's region).
+    /// RTT between two plan nodes, ms (connectors at the origin's region, and
+    /// [`CONNECTOR_SITE_RTT_MS`] from each other).
     pub fn node_rtt_ms(&self, a: usize, b: usize) -> f64 {
+        if a != b && self.is_connector(a) && self.is_connector(b) {
+            return CONNECTOR_SITE_RTT_MS;
+        }
         self.matrix
             .rtt_ms(self.nodes[a].matrix_index, self.nodes[b].matrix_index)
+    }
+
+    /// Whether plan node `i` is a connector.
+    pub fn is_connector(&self, i: usize) -> bool {
+        i < self.connectors
+    }
+
+    /// The edges' indices into [`Plan::nodes`].
+    pub fn edges(&self) -> std::ops::Range<usize> {
+        self.connectors..self.nodes.len()
+    }
+
+    /// The RTT from node `i` straight to the nearest connector, ms.
+    pub fn direct_rtt_to_connector_ms(&self, i: usize) -> f64 {
+        (0..self.connectors)
+            .filter(|&c| c != i)
+            .map(|c| self.node_rtt_ms(i, c))
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// Shortest RTT from `a` to `b` over chains of any plan nodes, ms: what a message
@@ -338,24 +379,32 @@ impl Plan {
         best[b]
     }
 
-    /// Best path RTT from node `from` to the connector over the plan's nodes with at most
-    /// two relays (what routing should find), and that path as node indices.
+    /// Best path RTT from node `from` to any connector not `excluded` over the plan's
+    /// edges with at most two relays (what routing should find), and that path as node
+    /// indices; no path and an infinite RTT if every connector is excluded.
     pub fn best_path_to_connector(&self, from: usize, excluded: &[usize]) -> (Vec<usize>, f64) {
-        let ok = |i: usize| i != from && i != 0 && !excluded.contains(&i);
-        let mut best = (vec![from, 0], self.node_rtt_ms(from, 0));
+        let mut best = (Vec::new(), f64::INFINITY);
         if excluded.contains(&from) {
-            return (Vec::new(), f64::INFINITY);
+            return best;
         }
-        for r1 in (0..self.nodes.len()).filter(|&i| ok(i)) {
-            let one = self.node_rtt_ms(from, r1) + self.node_rtt_ms(r1, 0);
-            if one < best.1 {
-                best = (vec![from, r1, 0], one);
+        let ok = |i: usize| i != from && !self.is_connector(i) && !excluded.contains(&i);
+        for c in (0..self.connectors).filter(|c| *c != from && !excluded.contains(c)) {
+            let direct = self.node_rtt_ms(from, c);
+            if direct < best.1 {
+                best = (vec![from, c], direct);
             }
-            for r2 in (0..self.nodes.len()).filter(|&i| ok(i) && i != r1) {
-                let two =
-                    self.node_rtt_ms(from, r1) + self.node_rtt_ms(r1, r2) + self.node_rtt_ms(r2, 0);
-                if two < best.1 {
-                    best = (vec![from, r1, r2, 0], two);
+            for r1 in (0..self.nodes.len()).filter(|&i| ok(i)) {
+                let one = self.node_rtt_ms(from, r1) + self.node_rtt_ms(r1, c);
+                if one < best.1 {
+                    best = (vec![from, r1, c], one);
+                }
+                for r2 in (0..self.nodes.len()).filter(|&i| ok(i) && i != r1) {
+                    let two = self.node_rtt_ms(from, r1)
+                        + self.node_rtt_ms(r1, r2)
+                        + self.node_rtt_ms(r2, c);
+                    if two < best.1 {
+                        best = (vec![from, r1, r2, c], two);
+                    }
                 }
             }
         }
@@ -369,9 +418,9 @@ impl Plan {
 }
 
 fn find_node(nodes: &[PlanNode], name: &str) -> Option<usize> {
-    nodes.iter().position(|n| {
-        n.name.eq_ignore_ascii_case(name) || (n.name != CONNECTOR && n.region == name)
-    })
+    nodes
+        .iter()
+        .position(|n| n.name.eq_ignore_ascii_case(name) || (!n.connector && n.region == name))
 }
 
 impl Scenario {
@@ -432,11 +481,24 @@ impl Scenario {
                 "at least one edge region is needed".into(),
             ));
         }
-        let mut nodes = vec![PlanNode {
-            name: CONNECTOR.into(),
-            region: self.origin.clone(),
-            matrix_index: origin_index,
-        }];
+        if !(1..=MAX_CONNECTORS).contains(&self.connectors) {
+            return Err(invalid(
+                "connectors",
+                format!("{} is outside 1..={MAX_CONNECTORS}", self.connectors),
+            ));
+        }
+        let mut nodes: Vec<PlanNode> = (1..=self.connectors)
+            .map(|k| PlanNode {
+                name: if self.connectors == 1 {
+                    CONNECTOR.into()
+                } else {
+                    format!("{CONNECTOR}-{k}")
+                },
+                connector: true,
+                region: self.origin.clone(),
+                matrix_index: origin_index,
+            })
+            .collect();
         let mut seen = BTreeSet::new();
         for (i, e) in self.edges.iter().enumerate() {
             let key = format!("edges[{i}]");
@@ -444,7 +506,7 @@ impl Scenario {
             if idx == origin_index {
                 return Err(invalid(
                     &key,
-                    format!("`{e}` is the origin region; the connector already sits there"),
+                    format!("`{e}` is the origin region; the connectors already sit there"),
                 ));
             }
             if !seen.insert(idx) {
@@ -452,6 +514,7 @@ impl Scenario {
             }
             nodes.push(PlanNode {
                 name: e.to_ascii_lowercase(),
+                connector: false,
                 region: e.clone(),
                 matrix_index: idx,
             });
@@ -490,7 +553,7 @@ impl Scenario {
         for (i, c) in client_names.iter().enumerate() {
             let key = format!("client_regions[{i}]");
             let idx = region(&key, c)?;
-            let (edge, edge_rtt_ms) = (1..nodes.len())
+            let (edge, edge_rtt_ms) = (self.connectors..nodes.len())
                 .map(|n| {
                     let rtt = if nodes[n].matrix_index == idx {
                         self.local_rtt_ms
@@ -499,10 +562,9 @@ impl Scenario {
                     };
                     (n, rtt)
                 })
-                .fold(
-                    (1, f64::INFINITY),
-                    |best, x| if x.1 < best.1 { x } else { best },
-                );
+                .fold((self.connectors, f64::INFINITY), |best, x| {
+                    if x.1 < best.1 { x } else { best }
+                });
             clients.push(ClientRegion {
                 region: c.clone(),
                 matrix_index: idx,
@@ -526,9 +588,17 @@ impl Scenario {
             }
             let node = |key: &str, name: &str| {
                 find_node(&nodes, name).ok_or_else(|| {
+                    let connectors: Vec<String> = nodes
+                        .iter()
+                        .filter(|n| n.connector)
+                        .map(|n| format!("`{}`", n.name))
+                        .collect();
                     invalid(
                         &format!("faults[{i}].{key}"),
-                        format!("`{name}` is neither an edge region nor `{CONNECTOR}`"),
+                        format!(
+                            "`{name}` is neither an edge region nor a connector ({})",
+                            connectors.join(", ")
+                        ),
                     )
                 })
             };
@@ -566,6 +636,7 @@ impl Scenario {
         }
         faults.sort_by(|a, b| a.fault.at_s().total_cmp(&b.fault.at_s()));
         Ok(Plan {
+            connectors: self.connectors,
             scenario: self,
             matrix_path,
             matrix,
@@ -613,6 +684,32 @@ link = ["Sydney", "connector"]
     }
 
     #[test]
+    fn two_connectors_come_first_and_each_edge_s_best_path_ends_at_either() -> anyhow::Result<()> {
+        let text = "origin = \"Frankfurt\"\nedges = [\"Sydney\", \"Singapore\"]\nconnectors = 2\n\
+                    [[faults]]\nkind = \"kill\"\nat_s = 3\nnode = \"connector-2\"\n";
+        let plan = Scenario::parse(text, "two.toml")?.validate("two.toml")?;
+        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["connector-1", "connector-2", "sydney", "singapore"]);
+        assert_eq!(plan.edges(), 2..4);
+        assert_eq!(plan.faults[0].nodes, vec![1]);
+        assert_eq!(plan.node_rtt_ms(0, 1), CONNECTOR_SITE_RTT_MS);
+        assert_eq!(plan.clients[0].edge, 2);
+        // Sydney still relays through Singapore, to whichever connector; with the first
+        // excluded, to the second, at the same cost; with both, nowhere.
+        let (path, rtt) = plan.best_path_to_connector(2, &[]);
+        assert_eq!(path[..2], [2, 3]);
+        let (other, rtt2) = plan.best_path_to_connector(2, &[path[2]]);
+        assert_eq!((other[..2].to_vec(), rtt2), (vec![2, 3], rtt));
+        assert_ne!(other[2], path[2]);
+        assert!(plan.best_path_to_connector(2, &[0, 1]).0.is_empty());
+        // "connector" alone names nothing when there are two.
+        let bad = text.replace("connector-2", "connector");
+        let err = Scenario::parse(&bad, "two.toml").and_then(|s| s.validate("two.toml"));
+        assert!(err.is_err_and(|e| e.to_string().contains("`connector-1`, `connector-2`")));
+        Ok(())
+    }
+
+    #[test]
     fn invalid_scenarios_name_the_key() {
         let cases = [
             (
@@ -628,6 +725,10 @@ link = ["Sydney", "connector"]
             (
                 "origin = \"Frankfurt\"\nedges = [\"Sydney\"]\n[[faults]]\nkind = \"kill\"\nat_s = 1\nnode = \"Tokyo\"\n",
                 "faults[0].node",
+            ),
+            (
+                "origin = \"Frankfurt\"\nedges = [\"Sydney\"]\nconnectors = 0\n",
+                "connectors",
             ),
             (
                 "origin = \"Frankfurt\"\nedges = [\"Sydney\"]\n[workload]\nsamples = 0\n",

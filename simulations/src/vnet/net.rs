@@ -129,6 +129,24 @@ pub struct VirtualNet {
     deliveries: Vec<Delivery>,
     /// Relayed frames each node forwarded (wired networks only).
     forwarded: Vec<u64>,
+    /// The nodes every other node keeps a route to (connectors).
+    destinations: Vec<usize>,
+}
+
+/// Node `i`'s routes to the destinations (none if it is one), which never relay (as the
+/// real node's connectors do not: [`Router::exclude_relay`]).
+fn add_destinations(
+    router: &mut Router<PeerIndex>,
+    now: Timestamp,
+    i: usize,
+    destinations: &[usize],
+) {
+    for &d in destinations {
+        if !destinations.contains(&i) {
+            router.add_destination(now, PeerIndex(d as u16));
+        }
+        router.exclude_relay(now, PeerIndex(d as u16));
+    }
 }
 
 fn ts(us: u64) -> Timestamp {
@@ -141,6 +159,18 @@ impl VirtualNet {
     pub fn new(
         matrix: &RttMatrix,
         origin: usize,
+        config: NetConfig,
+        seed: u64,
+    ) -> Result<Self, ConfigError> {
+        Self::with_destinations(matrix, &[origin], config, seed)
+    }
+
+    /// Like [`VirtualNet::new`] with several destinations (connectors): every other node
+    /// keeps a route to each, and sends new flows to the one its routing prefers
+    /// ([`Router::nearest_destination`]).
+    pub fn with_destinations(
+        matrix: &RttMatrix,
+        destinations: &[usize],
         config: NetConfig,
         seed: u64,
     ) -> Result<Self, ConfigError> {
@@ -158,9 +188,7 @@ impl VirtualNet {
                 for j in 0..n {
                     router.add_peer(Timestamp::ZERO, PeerIndex(j as u16));
                 }
-                if i != origin {
-                    router.add_destination(Timestamp::ZERO, PeerIndex(origin as u16));
-                }
+                add_destinations(&mut router, Timestamp::ZERO, i, destinations);
                 Ok(SimNode {
                     router,
                     up: true,
@@ -187,6 +215,7 @@ impl VirtualNet {
             wire: None,
             deliveries: Vec::new(),
             forwarded: vec![0; n],
+            destinations: destinations.to_vec(),
         };
         for i in 0..n {
             net.reschedule(i);
@@ -315,6 +344,28 @@ impl VirtualNet {
     /// Crashes node `i`: it stops sending, receiving and running timers.
     pub fn crash(&mut self, i: usize) {
         self.nodes[i].up = false;
+    }
+
+    /// Starts node `i` again as a new process would: a fresh router (no measurements, no
+    /// routes, a new gossip version), the same members and destinations. A wired node keeps
+    /// its mesh core (only routing runs in virtual time; the core's state is not what a
+    /// restart tests here).
+    pub fn restart(&mut self, i: usize) -> Result<(), ConfigError> {
+        let now = ts(self.now_us);
+        let n = self.nodes.len();
+        let rng = StdRng::seed_from_u64(self.rng.random());
+        let mut router = Router::new(PeerIndex(i as u16), self.config.routing.clone(), rng, now)?;
+        for j in 0..n {
+            router.add_peer(now, PeerIndex(j as u16));
+        }
+        add_destinations(&mut router, now, i, &self.destinations);
+        let node = &mut self.nodes[i];
+        node.router = router;
+        node.up = true;
+        node.timer_at_us = None;
+        node.timer_generation += 1;
+        self.reschedule(i);
+        Ok(())
     }
 
     /// Cuts (or restores) the link between `a` and `b`, both directions.
@@ -599,6 +650,43 @@ mod tests {
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1).0, run(2).0);
+    }
+
+    #[test]
+    fn a_restarted_destination_is_routed_to_again() {
+        let matrix = RttMatrix::synthesize(6, 4);
+        let mut net = VirtualNet::with_destinations(&matrix, &[0, 1], NetConfig::default(), 5)
+            .expect("valid config");
+        net.run_for_ms(20_000);
+        let before = net.router(3).nearest_destination().map(|r| r.destination);
+        let Some(first) = before else {
+            panic!("node 3 has no destination after 20 s");
+        };
+        let other = if first == PeerIndex(0) {
+            PeerIndex(1)
+        } else {
+            PeerIndex(0)
+        };
+        net.crash(usize::from(first.0));
+        net.run_for_ms(5_000);
+        let moved = net.router(3).nearest_destination().map(|r| r.destination);
+        assert_eq!(moved, Some(other));
+        // Back for 15 s, then the other dies: new flows move back within a second, as from
+        // a destination that never died (its route must not lean on the other, nor carry
+        // the outage as loss).
+        net.restart(usize::from(first.0)).expect("valid config");
+        net.run_for_ms(15_000);
+        net.crash(usize::from(other.0));
+        let crashed = net.now_us();
+        while net.router(3).nearest_destination().map(|r| r.destination) != Some(first) {
+            assert!(
+                net.now_us() - crashed < 1_000_000,
+                "still no move 1 s after the crash"
+            );
+            net.run_for_ms(10);
+        }
+        let back = net.router(3).nearest_destination().expect("a route");
+        assert!(net.path_works(&back.path));
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct DemoArgs {
     /// Edge regions instead of the demo's six (comma-separated matrix names).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     edges: Option<Vec<String>>,
+    /// Connectors beside the origin instead of the demo's two (1..=4); each edge sends new
+    /// flows to the one its routing prefers.
+    #[arg(long, value_name = "N")]
+    connectors: Option<usize>,
     /// Samples per measurement and way.
     #[arg(long, default_value_t = 3)]
     samples: u32,
@@ -233,6 +237,9 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     if let Some(edges) = &args.edges {
         scenario.edges = edges.clone();
         scenario.client_regions = None;
+    }
+    if let Some(k) = args.connectors {
+        scenario.connectors = k;
     }
     scenario.workload.samples = args.samples;
     scenario.warmup_s = args.warmup;
