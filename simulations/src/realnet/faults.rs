@@ -44,6 +44,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An error's message without the documentation link some carry (rustls appends one to an
+/// unexpected EOF), which would fill the report's table.
+fn brief(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    match text.find(": https://") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
 /// One chat session: a message every `interval`, echoes timed; on a break it records the
 /// reason and reconnects (after 300 ms) until `stop`.
 async fn chat_session(
@@ -72,9 +82,11 @@ async fn chat_session(
             Ok((ws, _)) => ws,
             Err(e) => {
                 if !failing {
-                    lock(&sink)
-                        .breaks
-                        .push((label.clone(), t(), format!("reconnect failed: {e}")));
+                    lock(&sink).breaks.push((
+                        label.clone(),
+                        t(),
+                        format!("reconnect failed: {}", brief(&e)),
+                    ));
                     failing = true;
                 }
                 if sleep_or_cancel(Duration::from_millis(300), &stop).await {
@@ -93,7 +105,7 @@ async fn chat_session(
                     seq += 1;
                     lock(&sent).insert(seq, t());
                     if let Err(e) = tx.send(Message::Text(seq.to_string().into())).await {
-                        break Some(format!("send: {e}"));
+                        break Some(format!("send: {}", brief(&e)));
                     }
                 }
                 msg = rx.next() => match msg {
@@ -105,7 +117,7 @@ async fn chat_session(
                     }
                     Some(Ok(Message::Close(_))) | None => break Some("closed by the server".into()),
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => break Some(format!("receive: {e}")),
+                    Some(Err(e)) => break Some(format!("receive: {}", brief(&e))),
                 },
                 () = stop.cancelled() => break None,
             }
