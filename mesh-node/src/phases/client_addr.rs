@@ -74,15 +74,19 @@ impl ClientAddress {
     ) {
         let tcp = canonical(peer.tcp.ip());
         let from_trusted = self.is_trusted(tcp);
-        let (xff, forwarded) = if from_trusted && peer.proxied.is_none() {
-            // Keep the proxy's chain, and add the proxy itself, as every proxy does.
-            let chain = joined(headers, &X_FORWARDED_FOR);
-            let fwd = joined(headers, &http::header::FORWARDED);
-            (
-                append(chain, &tcp.to_string()),
-                append(fwd, &forwarded_element(tcp, scheme, authority)),
-            )
-        } else if let Some(proxied) = peer.proxied {
+        if !from_trusted && peer.proxied.is_none() {
+            headers.remove(http::header::FORWARDED);
+            // A direct client, as almost every request comes: one rendering of its address
+            // serves both headers that carry it alone (`insert` drops the client's own).
+            let ip = ip_value(client);
+            headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+            headers.insert(X_REAL_IP.clone(), ip);
+            if let Ok(v) = HeaderValue::from_str(&forwarded_element(client, scheme, authority)) {
+                headers.insert(http::header::FORWARDED, v);
+            }
+            return;
+        }
+        let (xff, forwarded) = if let Some(proxied) = peer.proxied {
             let client = canonical(proxied.ip());
             (
                 format!("{client}, {tcp}"),
@@ -93,24 +97,35 @@ impl ClientAddress {
                 ),
             )
         } else {
+            // Keep the proxy's chain, and add the proxy itself, as every proxy does.
+            let chain = joined(headers, &X_FORWARDED_FOR);
+            let fwd = joined(headers, &http::header::FORWARDED);
             (
-                client.to_string(),
-                forwarded_element(client, scheme, authority),
+                append(chain, &tcp.to_string()),
+                append(fwd, &forwarded_element(tcp, scheme, authority)),
             )
         };
         headers.remove(&X_FORWARDED_FOR);
-        headers.remove(&X_REAL_IP);
         headers.remove(http::header::FORWARDED);
         if let Ok(v) = HeaderValue::from_str(&xff) {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
-        if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-            headers.insert(X_REAL_IP.clone(), v);
-        }
+        headers.insert(X_REAL_IP.clone(), ip_value(client));
         if let Ok(v) = HeaderValue::from_str(&forwarded) {
             headers.insert(http::header::FORWARDED, v);
         }
     }
+}
+
+/// An address as a header value, rendered on the stack (an address is at most 45 bytes).
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write as _;
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // Neither can fail: the buffer holds the longest address, and its text is ASCII.
+    let _ = write!(cursor, "{ip}");
+    let len = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
@@ -131,15 +146,23 @@ fn append(chain: Option<String>, value: &str) -> String {
 
 /// One `Forwarded` element (RFC 7239): IPv6 addresses are quoted and bracketed.
 fn forwarded_element(ip: IpAddr, scheme: &str, authority: &str) -> String {
-    let node = match ip {
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        IpAddr::V4(v4) => v4.to_string(),
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(32 + scheme.len() + authority.len());
+    // Writing to a String cannot fail.
+    let _ = match ip {
+        IpAddr::V6(v6) => write!(out, "for=\"[{v6}]\""),
+        IpAddr::V4(v4) => write!(out, "for={v4}"),
     };
-    let host: String = authority
-        .chars()
-        .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
-        .collect();
-    format!("for={node};proto={scheme};host=\"{host}\"")
+    out.push_str(";proto=");
+    out.push_str(scheme);
+    out.push_str(";host=\"");
+    out.extend(
+        authority
+            .chars()
+            .filter(|c| !matches!(c, '"' | '\\') && !c.is_control()),
+    );
+    out.push('"');
+    out
 }
 
 /// The addresses in `X-Forwarded-For`, left to right; entries that are not addresses
@@ -305,15 +328,41 @@ mod tests {
     fn a_trusted_proxys_chain_is_kept_and_extended() {
         let p = policy(&["10.0.0.0/8"]);
         let peer = Peer::direct("10.1.1.1:5000".parse().expect("addr"));
-        let mut h = headers(&[("x-forwarded-for", "198.51.100.7, 10.2.2.2")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "198.51.100.7, 10.2.2.2"),
+            ("forwarded", "for=198.51.100.7"),
+        ]);
         let client = p.client(&peer, &h);
         assert_eq!(client.to_string(), "198.51.100.7");
         p.set_forwarding_headers(&mut h, &peer, client, "https", "a.example");
         assert_eq!(h["x-forwarded-for"], "198.51.100.7, 10.2.2.2, 10.1.1.1");
         assert_eq!(h["x-real-ip"], "198.51.100.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=198.51.100.7, for=10.1.1.1;proto=https;host=\"a.example\""
+        );
         // A forged left-most entry is not believed over the proxy's own addition.
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.7")]);
         assert_eq!(p.client(&peer, &h).to_string(), "198.51.100.7");
+    }
+
+    #[test]
+    fn the_longest_address_and_a_hostile_host_are_written_whole_and_quoted() {
+        let p = policy(&[]);
+        let peer = Peer::direct(
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:5000"
+                .parse()
+                .expect("addr"),
+        );
+        let mut h = HeaderMap::new();
+        let client = p.client(&peer, &h);
+        p.set_forwarding_headers(&mut h, &peer, client, "https", "a\"b\\c.example");
+        assert_eq!(h["x-real-ip"], "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe");
+        assert_eq!(h["x-forwarded-for"], h["x-real-ip"]);
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]\";proto=https;host=\"abc.example\""
+        );
     }
 
     #[test]
