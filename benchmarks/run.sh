@@ -23,7 +23,7 @@
 # BENCH_H2_CONNECTIONS [16] and BENCH_H2_STREAMS [10] for the HTTP/2 run (h2load -c -m),
 # BENCH_HALF_CONNECTIONS [2 x BENCH_CONNECTIONS] for the fixed-rate run, BENCH_KEEP_LOGS [0]
 # (1 keeps h2load's per-request logs, several MB each), BENCH_SKYLANE_WORKER_THREADS [unset:
-# the nodes' default, 1] sets node.worker_threads of the edge and the connector,
+# the nodes' default, a worker per CPU] sets node.worker_threads of the edge and the connector,
 # BENCH_OUT [benchmarks/results/<UTC timestamp>].
 #
 # Everything listens on 127.0.0.1 only and sends traffic to loopback only. Every load step
