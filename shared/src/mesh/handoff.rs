@@ -12,7 +12,6 @@
 //! bytes of IPv6 and 2 of port), the ECN mark (one byte), then the packet.
 
 use std::fmt;
-use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -21,6 +20,8 @@ use std::task::{Context, Poll, ready};
 
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
+
+use super::poller::Writable;
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 
@@ -123,9 +124,9 @@ thread_local! {
 
 impl AsyncUdpSocket for PipeSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(PipePoller {
-            socket: self,
-            pending: None,
+        Writable::boxed(move || {
+            let socket = self.clone();
+            Box::pin(async move { socket.io.writable().await })
         })
     }
 
@@ -195,33 +196,6 @@ impl AsyncUdpSocket for PipeSocket {
 
     fn max_receive_segments(&self) -> usize {
         1
-    }
-}
-
-/// Waits for the pipe to take another datagram.
-struct PipePoller {
-    socket: Arc<PipeSocket>,
-    pending: Option<Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>>,
-}
-
-impl fmt::Debug for PipePoller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PipePoller").finish_non_exhaustive()
-    }
-}
-
-impl UdpPoller for PipePoller {
-    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let fut = this.pending.get_or_insert_with(|| {
-            let socket = this.socket.clone();
-            Box::pin(async move { socket.io.writable().await })
-        });
-        let result = fut.as_mut().poll(cx);
-        if result.is_ready() {
-            this.pending = None;
-        }
-        result
     }
 }
 

@@ -15,6 +15,7 @@ pub mod core;
 pub mod frame;
 pub mod handoff;
 pub mod peers;
+mod poller;
 pub mod report;
 pub mod socket;
 pub mod status_table;

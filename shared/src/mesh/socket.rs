@@ -21,7 +21,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -41,6 +40,7 @@ use super::batch::{ForwardBatch, Packer, PendingPacket, copy_between, deliver_pe
 use super::core::{DropReason, FrameSendError, Inbound, MeshCore, Outbound, SocketCounters};
 use super::frame::BodyType;
 use super::peers::PeerView;
+use super::poller::Writable;
 use crate::identity::{NodeId, NodeKey, ShortId};
 use crate::membership::Members;
 use crate::routing::Timestamp;
@@ -713,9 +713,9 @@ thread_local! {
 
 impl AsyncUdpSocket for MeshSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(WritablePoller {
-            socket: self,
-            pending: None,
+        Writable::boxed(move || {
+            let socket = self.clone();
+            Box::pin(async move { socket.io.writable().await })
         })
     }
 
@@ -820,33 +820,6 @@ impl AsyncUdpSocket for MeshSocket {
 
     fn max_receive_segments(&self) -> usize {
         self.state.gro_segments()
-    }
-}
-
-/// Waits for the UDP socket to become writable; one per quinn task that sends.
-struct WritablePoller {
-    socket: Arc<MeshSocket>,
-    pending: Option<Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>>,
-}
-
-impl fmt::Debug for WritablePoller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WritablePoller").finish_non_exhaustive()
-    }
-}
-
-impl UdpPoller for WritablePoller {
-    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let fut = this.pending.get_or_insert_with(|| {
-            let socket = this.socket.clone();
-            Box::pin(async move { socket.io.writable().await })
-        });
-        let result = fut.as_mut().poll(cx);
-        if result.is_ready() {
-            this.pending = None;
-        }
-        result
     }
 }
 
