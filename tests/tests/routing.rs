@@ -24,17 +24,44 @@ async fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_direct_path_moves_to_a_relay_and_a_websocket_survives_the_relays_death()
 -> anyhow::Result<()> {
-    relay_failover("quic").await
+    relay_failover("quic", Kill::TheRelay).await
+}
+
+/// Every relay dies at once: the route falls back to the 200 ms direct path, 100 times the
+/// relayed path's RTT, and the websocket carries on over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_survives_every_relay_dying_onto_the_slow_direct_path() -> anyhow::Result<()> {
+    relay_failover("quic", Kill::EveryRelay).await
+}
+
+/// The same over WireGuard. Known to fail (2026-12-07): the websocket gets no echo for over
+/// 10 s although both ends' routes moved to the direct path within 0.6 s. Edge-0's status
+/// then counted no WireGuard datagram received on the direct path, and its userspace TCP
+/// retransmitting at backed-off intervals (5 datagrams sent in 10 s). Not yet understood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known WireGuard stall when the route falls back to a much slower path; see the doc comment"]
+async fn a_websocket_over_wireguard_survives_every_relay_dying_onto_the_slow_direct_path()
+-> anyhow::Result<()> {
+    relay_failover("wireguard", Kill::EveryRelay).await
 }
 
 /// The same over WireGuard: the edge's tunnel to the connector is WireGuard over the mesh
 /// socket, its datagrams relayed unopened, the websocket a TCP flow inside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_over_relayed_wireguard_survives_the_relays_death() -> anyhow::Result<()> {
-    relay_failover("wireguard").await
+    relay_failover("wireguard", Kill::TheRelay).await
 }
 
-async fn relay_failover(transport: &'static str) -> anyhow::Result<()> {
+/// What dies under the websocket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// The relay edge-0's route goes through: it moves to the other relay.
+    TheRelay,
+    /// Both other edges: it falls back to the slow direct path.
+    EveryRelay,
+}
+
+async fn relay_failover(transport: &'static str, kill: Kill) -> anyhow::Result<()> {
     // edge-0 → connector crosses a 200 ms link; every other pair is plain loopback.
     let connector_udp = free_udp();
     let slow = UdpLink::start(
@@ -147,6 +174,11 @@ async fn relay_failover(transport: &'static str) -> anyhow::Result<()> {
     // Kill the relay; the websocket keeps echoing, every message in order.
     let mut c = c;
     c.edges[relay].proc.kill();
+    if kill == Kill::EveryRelay {
+        for e in 1..c.edges.len() {
+            c.edges[e].proc.kill();
+        }
+    }
     let killed = Instant::now();
     println!("killed {relay_name} at {:?}", std::time::SystemTime::now());
     let route_log = |log: String| {
@@ -192,8 +224,11 @@ async fn relay_failover(transport: &'static str) -> anyhow::Result<()> {
     // RFC 6298); the tunnel sends again what went unanswered as soon as the route moves, so
     // the stall is the route's failover, as over QUIC, with a little more room for the
     // TCP stack's own pace.
-    let stall_limit = match transport {
-        "wireguard" => Duration::from_millis(1500),
+    // Both relays dying at once can cost two failovers in a row (to the other relay,
+    // found dead in turn, then to the direct path).
+    let stall_limit = match (transport, kill) {
+        (_, Kill::EveryRelay) => Duration::from_millis(2500),
+        ("wireguard", _) => Duration::from_millis(1500),
         _ => Duration::from_secs(1),
     };
     assert!(
@@ -219,7 +254,8 @@ async fn relay_failover(transport: &'static str) -> anyhow::Result<()> {
     .await
     .ok_or_else(|| anyhow::anyhow!("the connector never saw {relay_name} down\n{}", c.logs()))?;
     println!("membership: {relay_name} down at the connector {down_after:?} after the kill");
-    for (i, e) in c.edges.iter().enumerate().filter(|(i, _)| *i != relay) {
+    let survivors = |i: usize| i == 0 || (kill == Kill::TheRelay && i != relay);
+    for (i, e) in c.edges.iter().enumerate().filter(|(i, _)| survivors(*i)) {
         assert_eq!(
             state(c.connector_admin, &e.proc.name).as_deref(),
             Some("alive"),
