@@ -372,10 +372,11 @@ impl MeshCore {
                 if trust.members.by_short(&src).is_none() {
                     return Inbound::Drop(DropReason::NonMember);
                 }
-                // The sender's id travels in clear: only the member's own address may use
-                // it, so a stranger cannot load that member's WireGuard session (its
-                // handshake rate limit, its queue) with replayed or forged datagrams.
-                if self.peers.addr(&src) != Some(from) {
+                // The sender's id travels in clear: only an address the member sends from
+                // (its own, or where its authenticated frames come from) may use it, so a
+                // stranger cannot load that member's WireGuard session (its handshake rate
+                // limit, its queue) with replayed or forged datagrams.
+                if !self.peers.sends_from(&src, from) {
                     return Inbound::Drop(DropReason::Misrouted);
                 }
                 Inbound::Wireguard {

@@ -31,6 +31,10 @@ struct PeerPath {
     /// When an authenticated frame last came from the member, µs since the table's
     /// epoch plus one (0: never).
     heard_us: AtomicU64,
+    /// Where its last authenticated frame came from, when that is not `addr`: a member
+    /// whose datagrams reach this node from another address than the one this node sends
+    /// to (NAT, a multi-homed host, a port-mapping hop) still proves it sends from there.
+    source: Option<SocketAddr>,
 }
 
 /// A relayed route: every node from this one to the destination.
@@ -93,15 +97,28 @@ impl PeerTable {
             let heard = paths
                 .get(&peer)
                 .map_or(0, |p| p.heard_us.load(Ordering::Relaxed));
+            let source = paths.get(&peer).and_then(|p| p.source);
             paths.insert(
                 peer,
                 PeerPath {
                     addr,
                     configured: true,
                     heard_us: AtomicU64::new(heard),
+                    source: source.filter(|s| *s != addr),
                 },
             );
         }
+    }
+
+    /// Whether datagrams that name `peer` as their sender but carry no authentication of
+    /// their own (WireGuard frames: the tunnel authenticates what is inside) are taken
+    /// from `from`: the member's address, or where its last authenticated frame came from.
+    pub fn sends_from(&self, peer: &ShortId, from: SocketAddr) -> bool {
+        self.paths.read().is_ok_and(|paths| {
+            paths
+                .get(peer)
+                .is_some_and(|p| p.addr == from || p.source == Some(from))
+        })
     }
 
     /// Where a member's datagrams go on the direct path, if anywhere.
@@ -130,29 +147,43 @@ impl PeerTable {
     /// pin a member's address or turn this node's answers towards anyone.
     pub fn heard_from(&self, peer: ShortId, from: SocketAddr, now: Timestamp) {
         let stamp = micros(now);
-        let learn = match self.paths.read() {
+        // (learn the address, note another source)
+        let (learn, note) = match self.paths.read() {
             Ok(paths) => match paths.get(&peer) {
                 Some(p) => {
                     p.heard_us.store(stamp, Ordering::Relaxed);
-                    !p.configured && p.addr != from
+                    let elsewhere = p.addr != from;
+                    (
+                        !p.configured && elsewhere,
+                        p.configured && elsewhere && p.source != Some(from),
+                    )
                 }
-                None => true,
+                None => (true, false),
             },
-            Err(_) => false,
+            Err(_) => (false, false),
         };
-        if learn && let Ok(mut paths) = self.paths.write() {
+        if !(learn || note) {
+            return;
+        }
+        let Ok(mut paths) = self.paths.write() else {
+            return;
+        };
+        match paths.get_mut(&peer) {
             // Checked again under the write lock: a configured address may have arrived.
-            if paths.get(&peer).is_some_and(|p| p.configured) {
-                return;
+            Some(p) if p.configured => {
+                p.source = (p.addr != from).then_some(from);
             }
-            paths.insert(
-                peer,
-                PeerPath {
-                    addr: from,
-                    configured: false,
-                    heard_us: AtomicU64::new(stamp),
-                },
-            );
+            _ => {
+                paths.insert(
+                    peer,
+                    PeerPath {
+                        addr: from,
+                        configured: false,
+                        heard_us: AtomicU64::new(stamp),
+                        source: None,
+                    },
+                );
+            }
         }
     }
 
@@ -200,6 +231,28 @@ mod tests {
         assert_eq!(view.addr, addr("192.0.2.1:7000"));
         assert!(view.configured);
         assert_eq!(view.heard, Some(Timestamp::from_millis(5)));
+    }
+
+    #[test]
+    fn a_member_sends_from_its_address_or_where_it_proved_itself() {
+        let table = PeerTable::default();
+        let peer = ShortId([3; 8]);
+        let (own, nat, stranger) = (
+            addr("192.0.2.1:7000"),
+            addr("198.51.100.9:4000"),
+            addr("203.0.113.5:5000"),
+        );
+        table.set_addr(peer, own);
+        assert!(table.sends_from(&peer, own));
+        assert!(!table.sends_from(&peer, nat));
+        // Its authenticated frames come from behind a NAT: that address may send too, and
+        // the one this node sends to stays.
+        table.heard_from(peer, nat, Timestamp::from_millis(1));
+        assert!(table.sends_from(&peer, nat));
+        assert!(table.sends_from(&peer, own));
+        assert!(!table.sends_from(&peer, stranger));
+        assert_eq!(table.addr(&peer), Some(own));
+        assert!(!table.sends_from(&ShortId([4; 8]), own), "not a member");
     }
 
     #[test]
