@@ -539,18 +539,10 @@ impl TunnelPool {
         let Some(id) = quic.or(wg) else {
             return std::future::pending().await;
         };
-        let mut changes = self.control.route_changes();
         if !self.control.has_route(&id) {
             return std::future::pending().await;
         }
-        loop {
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            if !self.control.has_route(&id) {
-                return;
-            }
-        }
+        until_routes(&self.control, |c| !c.has_route(&id)).await
     }
 
     /// Notes that `connector` refused a flow because it is draining: new flows go to the
@@ -983,26 +975,24 @@ const CONNECTOR_LOST: quinn::VarInt = quinn::VarInt::from_u32(2);
 /// connector at once. With no other connector there is nowhere better, so the tunnel waits
 /// for the path to come back within the idle timeout instead.
 async fn abandoned(control: &MeshControl, id: ShortId) {
-    let mut changes = control.route_changes();
     let mut had_route = false;
-    loop {
-        let routed = control.has_route(&id);
+    until_routes(control, |c| {
+        let routed = c.has_route(&id);
         had_route |= routed;
-        if had_route
-            && !routed
-            && control
-                .preferred_destination()
-                .is_some_and(|other| other != id)
-        {
-            return;
-        }
-        // The preferred destination is set before route changes are announced; the timer
-        // only guards against a change that came without one.
-        tokio::select! {
-            r = changes.changed() => if r.is_err() {
-                return std::future::pending().await;
-            },
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        // The preferred destination is set before the route changes that move it are
+        // announced, and another connector gaining a route is such a change.
+        had_route && !routed && c.preferred_destination().is_some_and(|other| other != id)
+    })
+    .await
+}
+
+/// Resolves once `done` holds, checked now and at every route change; never if the mesh
+/// stops announcing them.
+async fn until_routes(control: &MeshControl, mut done: impl FnMut(&MeshControl) -> bool) {
+    let mut changes = control.route_changes();
+    while !done(control) {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

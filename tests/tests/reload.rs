@@ -190,6 +190,32 @@ fn ready(c: &Cluster, i: usize) -> bool {
     skylane_tests::http_get_status(c.edges[i].admin, "/readyz") == Some(200)
 }
 
+/// Waits until edge `i`'s readiness is `want`, at most `limit`, while the websocket keeps
+/// echoing `text`; how long it took.
+async fn echo_until_ready_is<S>(
+    c: &Cluster,
+    i: usize,
+    want: bool,
+    limit: Duration,
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    text: &str,
+) -> anyhow::Result<Duration>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    while ready(c, i) != want {
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "edge-{i} ready is not {want} after {limit:?}\n{}",
+            c.logs()
+        );
+        websocket_echo(ws, text).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(start.elapsed())
+}
+
 /// An edge taken out of the mesh by a reload of the others, and put back: the connector
 /// closes its tunnel and refuses it while it is out, takes it back when it is in again,
 /// and a websocket through the other edge keeps echoing throughout.
@@ -232,20 +258,16 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
         c.logs()
     );
     assert!(!member_names(c.connector_admin).contains(&"edge-1".to_owned()));
-    let out = Instant::now();
-    while ready(&c, 1) {
-        anyhow::ensure!(
-            out.elapsed() < Duration::from_secs(15),
-            "edge-1 still has a tunnel after leaving the mesh\n{}",
-            c.logs()
-        );
-        websocket_echo(&mut ws, "while edge-1 leaves").await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "edge-1 lost its tunnel {:?} after the reload",
-        out.elapsed()
-    );
+    let out = echo_until_ready_is(
+        &c,
+        1,
+        false,
+        Duration::from_secs(15),
+        &mut ws,
+        "while edge-1 leaves",
+    )
+    .await?;
+    println!("edge-1 lost its tunnel {out:?} after the reload");
     let refused = c.client(1)?.get(c.url(1, "/")).send().await?;
     assert!(refused.status().is_server_error(), "{}", refused.status());
     // It stays out: its redials are refused.
@@ -261,20 +283,16 @@ async fn members_leave_and_join_by_reload_and_the_websocket_stays() -> anyhow::R
     std::fs::write(&c.edges[0].config, &edge0_before)?;
     assert_eq!(admin_post(c.connector_admin, "/reload", "{}")?, 200);
     assert_eq!(admin_post(c.edges[0].admin, "/reload", "{}")?, 200);
-    let back = Instant::now();
-    while !ready(&c, 1) {
-        anyhow::ensure!(
-            back.elapsed() < Duration::from_secs(30),
-            "edge-1 did not get its tunnel back\n{}",
-            c.logs()
-        );
-        websocket_echo(&mut ws, "while edge-1 comes back").await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "edge-1 got its tunnel back {:?} after the reload",
-        back.elapsed()
-    );
+    let back = echo_until_ready_is(
+        &c,
+        1,
+        true,
+        Duration::from_secs(30),
+        &mut ws,
+        "while edge-1 comes back",
+    )
+    .await?;
+    println!("edge-1 got its tunnel back {back:?} after the reload");
     assert_eq!(c.client(1)?.get(c.url(1, "/")).send().await?.status(), 200);
     assert!(member_names(c.connector_admin).contains(&"edge-1".to_owned()));
     websocket_echo(&mut ws, "after").await?;

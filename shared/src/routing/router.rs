@@ -768,29 +768,21 @@ impl<N: NodeKey> Router<N> {
         let shaken = |r: &ChosenRoute<N>| {
             r.reason == SwitchReason::Failover && now.saturating_since(r.since) < shaken_for
         };
-        let cheapest = |routes: &mut dyn Iterator<Item = &ChosenRoute<N>>| {
-            routes
+        let cheapest = |steady_only: bool| {
+            self.routes
+                .values()
+                .filter_map(|r| r.current())
+                .filter(|r| !(steady_only && shaken(r)))
                 .min_by(|a, b| a.cost.smoothed_ms.total_cmp(&b.cost.smoothed_ms))
-                .map(|r| r.destination.clone())
         };
         if let Some(current) = self.preferred.as_ref().and_then(|p| self.route(p))
             && shaken(current)
-            && let Some(steady) = cheapest(
-                &mut self
-                    .routes
-                    .values()
-                    .filter_map(|r| r.current())
-                    .filter(|r| !shaken(r)),
-            )
+            && let Some(steady) = cheapest(true)
         {
-            self.preferred = Some(steady);
+            self.preferred = Some(steady.destination.clone());
             return;
         }
-        let best = self
-            .routes
-            .values()
-            .filter_map(|r| r.current())
-            .min_by(|a, b| a.cost.smoothed_ms.total_cmp(&b.cost.smoothed_ms));
+        let best = cheapest(false);
         let Some(best) = best else {
             self.preferred = None;
             return;
