@@ -94,8 +94,10 @@ pub async fn serve_successors(
         tracing::info!("a successor took the sockets; this process's connections go on through it");
         let me = virtual_addr(&socket.local_id());
         let rebound = PipeSocket::new(pipe, me).and_then(|p| endpoint.rebind_abstract(Arc::new(p)));
-        if let Err(e) = rebound {
-            tracing::warn!(error = %e, "could not move the tunnels onto the pipe");
+        match rebound {
+            // From here the successor reads every datagram.
+            Ok(()) => socket.set_handed_over(true),
+            Err(e) => tracing::warn!(error = %e, "could not move the tunnels onto the pipe"),
         }
         let ready = handover::await_ready(stream).await;
         if ready {
@@ -104,6 +106,7 @@ pub async fn serve_successors(
             return;
         }
         tracing::warn!("the successor went away before it served; taking the tunnels back");
+        socket.set_handed_over(false);
         if let Err(e) = endpoint.rebind_abstract(socket.clone()) {
             tracing::error!(error = %e, "could not take the tunnels back");
             return;

@@ -404,12 +404,15 @@ pub async fn serve(
     let generation = successor
         .as_ref()
         .map_or_else(quic::fresh_generation, |s| s.generation.wrapping_add(1));
-    let endpoint = quic::endpoint(socket.clone(), &identity.key, false, generation)?;
+    // Before the endpoint reads the socket: a packet of the old process's reaching this
+    // endpoint would meet an unknown connection ID, and the stateless reset it would send
+    // is one the peer accepts (the reset key is the node's).
     if let Some(s) = successor.as_mut()
         && let Some(pipe) = s.take_pipe()
     {
         socket.set_predecessor(pipe, s.generation)?;
     }
+    let endpoint = quic::endpoint(socket.clone(), &identity.key, false, generation)?;
     let handover_point = skylane_shared::handover::point_name(&identity.me.name, config.listen);
     let handover_sockets = crate::handover::sockets(&listeners, &socket)?;
     let stop_tunnels = CancellationToken::new();

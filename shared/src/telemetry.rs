@@ -16,9 +16,10 @@ use crate::config::LogFormat;
 pub fn init_tracing(format: LogFormat, level: Option<&str>) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(directives(level)))
-        .unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    let filter = rust_log()
+        .and_then(|v| EnvFilter::try_new(directives(Some(&v))).ok())
+        .or_else(|| EnvFilter::try_new(directives(level)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info,rustls=error"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry().with(filter);
@@ -31,6 +32,13 @@ pub fn init_tracing(format: LogFormat, level: Option<&str>) {
     }
 }
 
+/// `RUST_LOG`, unless unset or empty.
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 /// The filter of the installed subscriber, for [`set_log_level`].
 static LOG_FILTER: std::sync::OnceLock<
     tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
@@ -41,7 +49,8 @@ fn directives(level: Option<&str>) -> String {
     let configured = level.unwrap_or("info");
     // rustls warns about every client that bends the handshake (curl, wrk and h2load send
     // an IP address as SNI): that is the client's business, not the node's health, and it
-    // would let anyone fill the log. A configured `rustls=…` directive still wins.
+    // would let anyone fill the log. A configured (or `RUST_LOG`) `rustls=…` directive
+    // still wins.
     if configured.contains("rustls") {
         configured.to_owned()
     } else {
@@ -59,7 +68,7 @@ pub fn check_log_level(level: &str) -> Result<(), String> {
 /// Switches the running node's log filter to `level` (a config reload). `RUST_LOG`, when
 /// set, keeps winning, as it did at start. `Ok(false)`: nothing to change.
 pub fn set_log_level(level: Option<&str>) -> Result<bool, String> {
-    if std::env::var_os("RUST_LOG").is_some() {
+    if rust_log().is_some() {
         return Ok(false);
     }
     let filter = EnvFilter::try_new(directives(level)).map_err(|e| e.to_string())?;

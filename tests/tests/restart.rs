@@ -136,7 +136,8 @@ async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
             && counts.write == 0
             && counts.timeout == 0
             && counts.non_2xx == 0,
-        "a connection was refused or failed across the restart:\n{text}\n--- successor ---\n{}",
+        "{}\n--- successor ---\n{}\na connection was refused or failed across the restart:\n{text}",
+        c.logs(),
         successor.log()
     );
     // It kept echoing through the hand-over and the drain (the old process exits when the
@@ -158,6 +159,18 @@ async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
         "{}",
         successor.log()
     );
+    // Neither process lost its tunnel: both read the one mesh socket during the hand-over,
+    // and a packet read by the process it is not for would be answered with a stateless
+    // reset (one reset key per node) that ends the other's connection.
+    for (name, log) in [
+        ("old", c.edges[0].proc.log()),
+        ("successor", successor.log()),
+    ] {
+        assert!(
+            !log.contains("tunnel down"),
+            "the {name} process lost a tunnel during the hand-over:\n{log}"
+        );
+    }
     successor.kill();
     Ok(())
 }

@@ -124,6 +124,9 @@ pub struct MeshSocket {
     /// The process this one took the socket over from, while it drains: its QUIC packets
     /// go to it through a pipe (see [`super::handoff`]).
     predecessor: arc_swap::ArcSwapOption<super::handoff::Predecessor>,
+    /// Set once a successor owns the socket ([`MeshSocket::set_handed_over`]): this
+    /// process no longer reads it.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl std::os::fd::AsFd for MeshSocket {
@@ -207,6 +210,7 @@ impl MeshSocket {
             endpoint_rx: Mutex::new(Some(endpoint_rx)),
             routes_changed: tokio::sync::watch::Sender::new(0),
             predecessor: arc_swap::ArcSwapOption::empty(),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -285,6 +289,25 @@ impl MeshSocket {
         let this = self.clone();
         tokio::spawn(async move { this.carry_predecessor(pipe).await });
         Ok(())
+    }
+
+    /// Stops (`true`) or resumes (`false`) reading the socket in this process, for the old
+    /// process of a hand-over.
+    ///
+    /// Both processes hold the same UDP socket, and the kernel gives each datagram to
+    /// whichever reads first. Once the successor reads it, every datagram must be its:
+    /// it passes the old process's QUIC packets back through the pipe. A packet of the
+    /// successor's read here would meet a quinn endpoint that does not know its connection
+    /// ID, and that endpoint would answer with a stateless reset the peer accepts (both
+    /// processes derive reset tokens from the node's key), killing the successor's tunnel.
+    ///
+    /// Receiving fails while handed over, so quinn drops the socket it polls beside the
+    /// pipe after [`quinn::Endpoint::rebind_abstract`]; sending goes on (the successor
+    /// sends the old process's packets anyway, but control datagrams still leave from here).
+    /// Set it only after rebinding the endpoint away from this socket, and clear it before
+    /// rebinding back: an endpoint whose own socket fails to receive stops.
+    pub fn set_handed_over(&self, handed_over: bool) {
+        self.handed_over.store(handed_over, Ordering::Release);
     }
 
     /// Sends what the old process sends down the pipe, until it closes.
@@ -757,6 +780,11 @@ impl AsyncUdpSocket for MeshSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        if self.handed_over.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::other(
+                "the mesh socket was handed to a successor",
+            )));
+        }
         let slots = bufs.len().min(meta.len());
         if slots == 0 {
             return Poll::Ready(Ok(0));
