@@ -2,7 +2,6 @@
 //! WireGuard tunnel (an edge serving an origin that sits behind a WireGuard endpoint, with
 //! no connector beside it, runs this crate's forwarding in-process with that dialer).
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -10,8 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use skylane_shared::wireguard::{WgStream, WgTunnel};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -111,88 +108,5 @@ impl AsyncWrite for OriginStream {
             Self::Tcp(s) => s.is_write_vectored(),
             Self::Wireguard(s) => s.is_write_vectored(),
         }
-    }
-}
-
-/// The pooled HTTP client's connector: opens [`OriginStream`]s with a [`Dial`].
-#[derive(Clone, Debug)]
-pub struct OriginConnector {
-    /// Where connections are opened.
-    pub dial: Dial,
-    /// Connect timeout.
-    pub timeout: Duration,
-}
-
-/// An origin connection as hyper's client uses it.
-#[derive(Debug)]
-pub struct OriginIo(TokioIo<OriginStream>);
-
-impl Connection for OriginIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for OriginIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for OriginIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-}
-
-impl tower_service::Service<http::Uri> for OriginConnector {
-    type Response = OriginIo;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<OriginIo>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// The URI's authority is the server's resolved address (the forwarder builds it so).
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let dial = self.dial.clone();
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("not an address: {uri}"),
-                    )
-                })?;
-            Ok(OriginIo(TokioIo::new(dial.tcp(addr, timeout).await?)))
-        })
     }
 }

@@ -14,6 +14,7 @@ use tracing::Instrument as _;
 
 use crate::config::ServiceKind;
 use crate::origin::{OriginServer, ServicePool, empty_body};
+use crate::pool::{OriginConn, SendError};
 use crate::stream_metrics::{self, StreamMetrics};
 
 /// What a stream handler needs.
@@ -192,15 +193,18 @@ async fn refuse(send: &mut FlowSend, kind: RefusalKind, message: String) {
     let _ = send.finish().await;
 }
 
-/// Headers the connector sets itself on the origin request.
+/// The origin request for `head`: its method, its path as the URI (origin-form), its
+/// headers, and a `Host` naming the server when the edge sent none.
 fn origin_request(
     head: &RequestHead,
     addr: std::net::SocketAddr,
     body: crate::origin::OriginBody,
 ) -> Result<http::Request<crate::origin::OriginBody>, String> {
-    let uri: http::Uri = format!("http://{addr}{}", head.path)
-        .parse()
+    let uri = http::Uri::try_from(head.path.as_str())
         .map_err(|e| format!("bad path {:?}: {e}", head.path))?;
+    if uri.scheme().is_some() || uri.path_and_query().is_none() {
+        return Err(format!("bad path {:?}: not origin-form", head.path));
+    }
     let method =
         http::Method::from_bytes(head.method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
     let mut req = http::Request::new(body);
@@ -209,6 +213,11 @@ fn origin_request(
     // A clone, because a bodiless request may be retried on the next server; cloning a
     // map of shared header values is cheap next to the request itself.
     *req.headers_mut() = head.headers.0.clone();
+    if !req.headers().contains_key(http::header::HOST)
+        && let Ok(host) = http::HeaderValue::from_str(&addr.to_string())
+    {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
     Ok(req)
 }
 
@@ -254,8 +263,9 @@ async fn forward_http(
                 return false;
             }
         };
-        let sent = tokio::time::timeout(pool.service.response_timeout, pool.client.request(req));
-        let response = match sent.await {
+        let sent =
+            tokio::time::timeout(pool.service.response_timeout, pool.send(&server, addr, req));
+        let (response, conn) = match sent.await {
             Err(_) => {
                 tracing::warn!(server = %server.spec, "origin did not answer in time");
                 refuse(
@@ -269,21 +279,27 @@ async fn forward_http(
                 .await;
                 return false;
             }
-            Ok(Err(e)) => {
-                // hyper-util's message is only "client error (Connect)": the cause (refused,
-                // out of ports, out of descriptors…) is in the sources.
+            Ok(Err(SendError::Connect(e))) => {
                 last_error = error_chain(&e);
-                if e.is_connect() {
-                    pool.record_failure(&server);
-                    tracing::warn!(server = %server.spec, error = %last_error, "could not connect to origin");
-                    continue;
-                }
+                pool.record_failure(&server);
+                tracing::warn!(server = %server.spec, error = %last_error, "could not connect to origin");
+                continue;
+            }
+            Ok(Err(SendError::Request(e))) => {
+                // hyper's message may be short ("connection error"): the cause is in the
+                // sources.
+                last_error = error_chain(&e);
                 tracing::warn!(server = %server.spec, error = %last_error, "origin request failed");
                 break;
             }
             Ok(Ok(r)) => r,
         };
-        return relay_response(&server, &head, response, send, recv, home).await;
+        let origin = Origin {
+            pool,
+            server: &server,
+            conn,
+        };
+        return relay_response(origin, &head, response, send, recv, home).await;
     }
     refuse(
         &mut send,
@@ -306,6 +322,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The server that answered, and the connection it answered on (kept for the next request
+/// once the response is read to the end).
+struct Origin<'a> {
+    pool: &'a ServicePool,
+    server: &'a OriginServer,
+    conn: OriginConn,
+}
+
 /// Where an upgraded pipe runs, and what it records when it ends.
 struct PipeHome<'a> {
     pipes: &'a tokio_util::task::TaskTracker,
@@ -316,7 +340,7 @@ struct PipeHome<'a> {
 }
 
 async fn relay_response(
-    server: &OriginServer,
+    origin: Origin<'_>,
     head: &RequestHead,
     mut response: http::Response<hyper::body::Incoming>,
     mut send: FlowSend,
@@ -329,6 +353,7 @@ async fn relay_response(
         started,
         room,
     } = home;
+    let server = origin.server;
     let status = response.status();
     let reply = Reply::Response(ResponseHead {
         status: status.as_u16(),
@@ -349,7 +374,10 @@ async fn relay_response(
         let Some(recv) = recv else {
             return false;
         };
-        return match hyper::upgrade::on(&mut response).await {
+        let upgraded = hyper::upgrade::on(&mut response).await;
+        // The connection is the pipe's now, never the pool's.
+        drop(origin.conn);
+        return match upgraded {
             Ok(upgraded) => {
                 drop(response);
                 pipes.spawn(async move {
@@ -381,7 +409,10 @@ async fn relay_response(
         recv.end_if_there();
     }
     match sent {
-        Ok(n) => stream_metrics::bytes().from_origin.increment(n),
+        Ok(n) => {
+            stream_metrics::bytes().from_origin.increment(n);
+            origin.pool.release(server, origin.conn);
+        }
         Err(e) => {
             tracing::debug!(error = %e, "response body ended early");
             send.reset();

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dial;
 pub mod forward;
 pub mod origin;
+pub mod pool;
 pub mod reload;
 pub mod server;
 pub mod stream_metrics;

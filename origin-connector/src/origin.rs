@@ -13,19 +13,16 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use skylane_shared::resolve::{ResolveError, Resolver};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HealthCheck, Service, ServiceKind};
-use crate::dial::{Dial, OriginConnector};
+use crate::dial::Dial;
+use crate::pool::IdleConns;
 use crate::stream_metrics::StreamMetrics;
 
 /// The body type sent to origins.
 pub type OriginBody = UnsyncBoxBody<Bytes, std::io::Error>;
-/// A pooled HTTP/1.1 client to origin servers.
-pub type OriginClient = Client<OriginConnector, OriginBody>;
 
 /// One origin server of a service.
 #[derive(Debug)]
@@ -36,6 +33,8 @@ pub struct OriginServer {
     successes: AtomicU32,
     failures: AtomicU32,
     resolved: Mutex<Option<(SocketAddr, Option<Instant>)>>,
+    /// Keep-alive connections waiting for a request.
+    pub(crate) idle: IdleConns,
 }
 
 impl OriginServer {
@@ -46,6 +45,7 @@ impl OriginServer {
             successes: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             resolved: Mutex::new(None),
+            idle: IdleConns::default(),
         }
     }
 
@@ -100,15 +100,14 @@ impl OriginServer {
     }
 }
 
-/// A service with its servers and its connection pool.
+/// A service with its servers, their keep-alive connections ([`crate::pool`]) and their
+/// health.
 #[derive(Debug)]
 pub struct ServicePool {
     /// The validated config.
     pub service: Service,
     /// Its servers.
     pub servers: Vec<Arc<OriginServer>>,
-    /// Pooled keep-alive connections (HTTP services).
-    pub client: OriginClient,
     /// How connections to the servers are opened.
     pub dial: Dial,
     next: AtomicUsize,
@@ -127,14 +126,6 @@ impl ServicePool {
 
     /// Builds the pool for one service whose servers are reached with `dial`.
     pub fn with_dial(service: Service, dial: Dial) -> Self {
-        let connector = OriginConnector {
-            dial: dial.clone(),
-            timeout: service.connect_timeout,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(service.max_idle_per_server)
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector);
         let servers = service
             .servers
             .iter()
@@ -144,7 +135,6 @@ impl ServicePool {
             room: Arc::new(tokio::sync::Semaphore::new(service.max_concurrent_streams)),
             service,
             servers,
-            client,
             dial,
             next: AtomicUsize::new(0),
             metrics: std::sync::OnceLock::new(),
@@ -224,15 +214,20 @@ impl ServicePool {
             match self.service.kind {
                 ServiceKind::Tcp => self.dial.tcp(addr, check.timeout).await.ok().map(|_| true),
                 ServiceKind::Http => {
-                    let uri: http::Uri = format!("http://{addr}{}", check.path).parse().ok()?;
-                    let req = http::Request::get(uri)
+                    let req = http::Request::get(check.path.as_str())
+                        .header(http::header::HOST, addr.to_string())
                         .header(http::header::USER_AGENT, "skylane-health-check")
                         .body(empty_body())
                         .ok()?;
-                    let resp = self.client.request(req).await.ok()?;
+                    let (resp, conn) = self.send(server, addr, req).await.ok()?;
                     let status = resp.status();
-                    // Read the body so the connection goes back to the pool.
-                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                    // Read to the end, the connection serves the next request.
+                    if http_body_util::BodyExt::collect(resp.into_body())
+                        .await
+                        .is_ok()
+                    {
+                        self.release(server, conn);
+                    }
                     Some(status.is_success() || status.is_redirection())
                 }
             }

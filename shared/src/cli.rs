@@ -30,12 +30,7 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
 /// Sets up logging, the runtime, the metrics recorder and signal handling, then runs
 /// `serve` to completion. An error is logged, printed, and becomes exit code 1.
 ///
-/// The runtime: by default (and with `worker_threads = 0`) a multi-threaded one with a
-/// worker per CPU; `n > 1` workers when given. `worker_threads = 1` runs tokio's
-/// single-threaded runtime: no work-stealing queues and no wake-ups handed between
-/// threads, which cost the multi-threaded runtime 30–40 % more CPU per proxied request on
-/// the 2-core benchmark machine (see `docs/benchmarks.md`). It is not the default yet: with
-/// it, a WireGuard flow over a relay that dies stalled for over 10 s on a loaded machine.
+/// The runtime is chosen by [`Runtime::for_config`] from `node.worker_threads`.
 pub fn run<F, Fut>(log: &LogSection, worker_threads: Option<usize>, serve: F) -> Result<(), i32>
 where
     F: FnOnce(Option<PrometheusHandle>, Shutdown) -> Fut,
@@ -43,14 +38,18 @@ where
 {
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
     raise_open_file_limit();
-    let mut builder = match worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        None | Some(_) => tokio::runtime::Builder::new_multi_thread(),
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = Runtime::for_config(worker_threads, cpus);
+    tracing::info!(cpus, %runtime, "runtime");
+    let mut builder = match runtime {
+        Runtime::SingleThread => tokio::runtime::Builder::new_current_thread(),
+        Runtime::Workers(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
     };
     builder.enable_all();
-    if let Some(n) = worker_threads.filter(|&n| n > 1) {
-        builder.worker_threads(n);
-    }
     let rt = builder.build().map_err(|e| {
         eprintln!("error: cannot start the runtime: {e}");
         1
@@ -66,6 +65,44 @@ where
         eprintln!("error: {e:#}");
         1
     })
+}
+
+/// The tokio runtime a node runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// tokio's single-threaded runtime.
+    SingleThread,
+    /// The multi-threaded runtime with this many workers.
+    Workers(usize),
+}
+
+impl Runtime {
+    /// The runtime for `node.worker_threads` on a machine with `cpus` CPUs (what the
+    /// process may use: cgroup quotas count).
+    ///
+    /// - `1`: single-threaded. No work-stealing queues and no wake-ups handed between
+    ///   threads, which cost the multi-threaded runtime about 30 % more CPU per proxied
+    ///   request on the 2-core benchmark machine (`docs/benchmarks.md`); the edge's TLS
+    ///   handshakes keep threads of their own either way.
+    /// - `0` or unset: a worker per CPU, so one node can use every core of its machine,
+    ///   as an edge whose traffic (or an attack) fills more than one core needs.
+    /// - `n > 1`: `n` workers.
+    pub fn for_config(worker_threads: Option<usize>, cpus: usize) -> Self {
+        match worker_threads {
+            Some(1) => Self::SingleThread,
+            None | Some(0) => Self::Workers(cpus.max(1)),
+            Some(n) => Self::Workers(n),
+        }
+    }
+}
+
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SingleThread => f.write_str("single-threaded"),
+            Self::Workers(n) => write!(f, "{n} workers"),
+        }
+    }
 }
 
 /// Raises the soft open-file limit to the hard one (every client connection, websocket
@@ -286,4 +323,24 @@ pub fn admin_call(
         anyhow::bail!("HTTP status {code}: {}", body.trim());
     }
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Runtime;
+
+    #[test]
+    fn the_default_runtime_is_a_worker_per_cpu() {
+        assert_eq!(Runtime::for_config(None, 2), Runtime::Workers(2));
+        assert_eq!(Runtime::for_config(None, 16), Runtime::Workers(16));
+        assert_eq!(Runtime::for_config(None, 0), Runtime::Workers(1));
+    }
+
+    #[test]
+    fn a_configured_thread_count_wins() {
+        assert_eq!(Runtime::for_config(Some(1), 16), Runtime::SingleThread);
+        assert_eq!(Runtime::for_config(Some(0), 2), Runtime::Workers(2));
+        assert_eq!(Runtime::for_config(Some(0), 0), Runtime::Workers(1));
+        assert_eq!(Runtime::for_config(Some(4), 2), Runtime::Workers(4));
+    }
 }
