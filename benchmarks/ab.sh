@@ -5,7 +5,7 @@
 #   HTTPS request rate over HTTP/1.1 (wrk) and HTTP/2 (h2load), with server CPU per request
 #   (edge + connector + origin, from /proc),
 #   websocket echo round trips (sequential, one connection),
-#   a bulk download (1 GiB by default) and its CPU per MB.
+#   a bulk download (1 GiB by default, one per round) and its CPU per MB.
 # For "before and after" of a change (two builds), a setting (worker threads) or a transport.
 #
 #   AB_A="name=before bin=/tmp/old" AB_B="name=after" benchmarks/ab.sh
@@ -146,13 +146,13 @@ for r in $(seq 1 "$ROUNDS"); do
       timeout 120 python3 "$here/ws_rtt.py" "wss://127.0.0.1:$P_EDGE/ws" --count "$WS_COUNT" \
         --insecure --max-seconds 90 >"$out/raw/ws-$v.json" || log "${NAME[$v]}: websocket echo failed"
     fi
-    if [[ $r == 1 && $BULK_BYTES != 0 ]]; then
+    if [[ $BULK_BYTES != 0 ]]; then
       log "${NAME[$v]}: bulk download of $BULK_BYTES bytes"
       before=$(cpu_now)
       curl -ksS --http1.1 --max-time 300 -o /dev/null \
         -w '{"bytes": %{size_download}, "seconds": %{time_total}, "bytes_per_s": %{speed_download}, "status": %{http_code}}\n' \
-        "$url/bytes/$BULK_BYTES" >"$out/raw/bulk-$v.json" || echo '{"error": "curl failed"}' >"$out/raw/bulk-$v.json"
-      echo "$before $(cpu_now)" >"$out/raw/bulk-$v.cpu"
+        "$url/bytes/$BULK_BYTES" >"$out/raw/bulk-$v-$r.json" || echo '{"error": "curl failed"}' >"$out/raw/bulk-$v-$r.json"
+      echo "$before $(cpu_now)" >"$out/raw/bulk-$v-$r.cpu"
     fi
     stop_pair
   done

@@ -4,7 +4,7 @@
   ab_report.py OUT --rounds 3 --title T --name-a A --name-b B [--conns 32 --h2 "16 x 10" ...]
 
 Reads h1-V-R.txt (wrk with wrk_json.lua), h2-V-R.txt (h2load), *.cpu ("edge connector
-origin" CPU seconds before, then after), ws-V.json, bulk-V.json, machine.json, after.json.
+origin" CPU seconds before, then after), ws-V.json, bulk-V-R.json, machine.json, after.json.
 """
 
 import argparse
@@ -82,12 +82,19 @@ def main():
         ws = load(f"{out}/raw/ws-{v}.json")
         if ws:
             row["websocket echo p50 / p99"] = f"{ws['p50_us']:.0f} / {ws['p99_us']:.0f} µs"
-        bulk = load(f"{out}/raw/bulk-{v}.json")
-        if bulk and "bytes" in bulk:
-            e, c, _ = cpu(f"{out}/raw/bulk-{v}.cpu")
-            mb = bulk["bytes"] / 1e6
-            row["bulk MB/s"] = f"{bulk.get('bytes_per_s', 0) / 1e6:,.0f}"
-            row["bulk CPU per MB, edge + connector"] = f"{(e + c) / max(mb, 1e-9) * 1000:.2f} ms"
+        # One download per round (results before 2026-12-07: one per variant, bulk-V.json).
+        runs = [f"bulk-{v}-{r}" for r in range(1, a.rounds + 1)] + [f"bulk-{v}"]
+        speeds, per_mb = [], []
+        for name in runs:
+            bulk = load(f"{out}/raw/{name}.json")
+            if not bulk or "bytes" not in bulk or bulk.get("status") != 200:
+                continue
+            e, c, _ = cpu(f"{out}/raw/{name}.cpu")
+            speeds.append(bulk.get("bytes_per_s", 0) / 1e6)
+            per_mb.append((e + c) / max(bulk["bytes"] / 1e6, 1e-9) * 1000)
+        if speeds:
+            row["bulk MB/s"] = f"{statistics.median(speeds):,.0f} ({', '.join(f'{x:,.0f}' for x in speeds)})"
+            row["bulk CPU per MB, edge + connector"] = f"{statistics.median(per_mb):.2f} ms"
         rows[v] = row
     m = load(f"{out}/raw/machine.json", {})
     after = load(f"{out}/raw/after.json", {})
