@@ -4,7 +4,7 @@
   ab_report.py OUT --rounds 3 --title T --name-a A --name-b B [--conns 32 --h2 "16 x 10" ...]
 
 Reads h1-V-R.txt (wrk with wrk_json.lua), h2-V-R.txt (h2load), *.cpu ("edge connector
-origin" CPU seconds before, then after), ws-V.json, bulk-V-R.json, machine.json, after.json.
+origin" CPU seconds before, then after), *.frames.json (the edge's QUIC datagrams), ws-V.json, bulk-V-R.json, machine.json, after.json.
 """
 
 import argparse
@@ -19,6 +19,14 @@ def cpu(path):
     """CPU seconds (edge, connector, origin) used between the two snapshots."""
     v = [float(x) for x in open(path).read().split()]
     return v[3] - v[0], v[4] - v[1], v[5] - v[2]
+
+
+def datagrams(out, step, v, r, requests):
+    """QUIC datagrams through the edge's mesh socket per request (sent + received)."""
+    f = load(f"{out}/raw/{step}-{v}-{r}.frames.json")
+    if not f or not requests:
+        return None
+    return (f.get("sent", 0) + f.get("received", 0)) / requests
 
 
 def h1(out, v, r):
@@ -53,9 +61,12 @@ def main():
     rows = {}
     for v in "AB":
         row = {}
-        rps, p99, per_req, per_req_nodes = [], [], [], []
+        rps, p99, per_req, per_req_nodes, dgrams = [], [], [], [], []
         for r in range(1, a.rounds + 1):
             x, n, p = h1(out, v, r)
+            d = datagrams(out, "h1", v, r, n)
+            if d is not None:
+                dgrams.append(d)
             e, c, o = cpu(f"{out}/raw/h1-{v}-{r}.cpu")
             rps.append(x)
             p99.append(p)
@@ -65,7 +76,9 @@ def main():
         row["HTTP/1.1 p99"] = f"{statistics.median(p99) / 1000:.2f} ms"
         row["HTTP/1.1 server CPU per request (edge + connector + origin)"] = f"{statistics.median(per_req):.0f} µs"
         row["HTTP/1.1 CPU per request, edge + connector only"] = f"{statistics.median(per_req_nodes):.0f} µs"
-        rps2, per_req2, per_req2_nodes = [], [], []
+        if dgrams:
+            row["HTTP/1.1 datagrams per request through the edge's mesh socket"] = f"{statistics.median(dgrams):.2f}"
+        rps2, per_req2, per_req2_nodes, dgrams2 = [], [], [], []
         for r in range(1, a.rounds + 1):
             got = h2(out, v, r)
             if not got or got[1] == 0:
@@ -75,10 +88,15 @@ def main():
             rps2.append(x)
             per_req2.append((e + c + o) / n * 1e6)
             per_req2_nodes.append((e + c) / n * 1e6)
+            d = datagrams(out, "h2", v, r, n)
+            if d is not None:
+                dgrams2.append(d)
         if rps2:
             row["HTTP/2 req/s"] = f"{statistics.median(rps2):,.0f} ({', '.join(f'{x:,.0f}' for x in rps2)})"
             row["HTTP/2 server CPU per request (edge + connector + origin)"] = f"{statistics.median(per_req2):.0f} µs"
             row["HTTP/2 CPU per request, edge + connector only"] = f"{statistics.median(per_req2_nodes):.0f} µs"
+        if dgrams2:
+            row["HTTP/2 datagrams per request through the edge's mesh socket"] = f"{statistics.median(dgrams2):.2f}"
         ws = load(f"{out}/raw/ws-{v}.json")
         if ws:
             row["websocket echo p50 / p99"] = f"{ws['p50_us']:.0f} / {ws['p99_us']:.0f} µs"

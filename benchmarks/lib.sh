@@ -97,6 +97,17 @@ cpu_of() {
   awk -v hz="$(getconf CLK_TCK)" '{t += $14 + $15} END {printf "%.3f", t / hz}' "${files[@]}" 2>/dev/null || echo 0
 }
 
+# edge_frames ADMIN_PORT: QUIC datagrams the edge's mesh socket sent and received so far,
+# "sent received" (0 0 when its /status does not answer).
+edge_frames() {
+  curl -fsS --max-time 2 "http://127.0.0.1:$1/status" 2>/dev/null |
+    python3 -c 'import json,sys; f=json.load(sys.stdin)["frames"]; print(f["quic_sent"], f["quic_received"])' 2>/dev/null ||
+    echo "0 0"
+}
+frames_json() { # before after -> {"sent": n, "received": n}
+  python3 -c 'import json,sys; b=sys.argv[1].split(); a=sys.argv[2].split(); print(json.dumps({"sent": int(a[0])-int(b[0]), "received": int(a[1])-int(b[1])}))' "$1" "$2"
+}
+
 # machine_json KEY=VALUE...: the machine and the commit as JSON, plus the pairs given
 # (tool versions, knobs).
 machine_json() {

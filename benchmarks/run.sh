@@ -178,16 +178,6 @@ print(json.dumps({n: round(y - x, 3) for n, x, y in zip(names, b, a)}))
 PY
 }
 
-# QUIC datagrams the edge's mesh socket sent and received so far: "sent received".
-edge_frames() {
-  curl -fsS --max-time 2 "http://127.0.0.1:$P_EDGE_ADMIN/status" 2>/dev/null |
-    python3 -c 'import json,sys; f=json.load(sys.stdin)["frames"]; print(f["quic_sent"], f["quic_received"])' 2>/dev/null ||
-    echo "0 0"
-}
-frames_json() { # before after -> {"sent": n, "received": n}
-  python3 -c 'import json,sys; b=sys.argv[1].split(); a=sys.argv[2].split(); print(json.dumps({"sent": int(a[0])-int(b[0]), "received": int(a[1])-int(b[1])}))' "$1" "$2"
-}
-
 declare -A URL=(
   [a]="http://127.0.0.1:$P_ORIGIN"
   [b]="https://127.0.0.1:$P_NGINX"
@@ -211,10 +201,10 @@ done
 for r in $(seq 1 "$ROUNDS"); do
   for t in a b c d; do
     log "wrk round $r target $t: -t1 -c$CONNS -d${DURATION}s ${URL[$t]}$REQ_PATH"
-    before=$(cpu_snapshot); fb=$(edge_frames)
+    before=$(cpu_snapshot); fb=$(edge_frames "$P_EDGE_ADMIN")
     timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
       -s "$here/wrk_json.lua" "${URL[$t]}$REQ_PATH" >"$out/raw/wrk-$t-$r.txt"
-    after=$(cpu_snapshot); fa=$(edge_frames)
+    after=$(cpu_snapshot); fa=$(edge_frames "$P_EDGE_ADMIN")
     json=$(grep '^JSON ' "$out/raw/wrk-$t-$r.txt" | sed 's/^JSON //')
     python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["cpu_s"]=json.loads(sys.argv[2]); d["edge_datagrams"]=json.loads(sys.argv[3]); print(json.dumps(d))' \
       "$json" "$(cpu_json "$before" "$after")" "$(frames_json "$fb" "$fa")" >"$out/raw/wrk-$t-$r.json"
@@ -283,11 +273,11 @@ done
 # ---------------------------------------------------------------- 4. bulk download
 for t in a b c d; do
   log "bulk download $BULK_BYTES bytes via $t"
-  before=$(cpu_snapshot); fb=$(edge_frames)
+  before=$(cpu_snapshot); fb=$(edge_frames "$P_EDGE_ADMIN")
   curl -ksS --http1.1 --max-time 300 -o /dev/null \
     -w '{"bytes": %{size_download}, "seconds": %{time_total}, "bytes_per_s": %{speed_download}, "status": %{http_code}}\n' \
     "${URL[$t]}/bytes/$BULK_BYTES" >"$out/raw/bulk-$t.json" || echo '{"error": "curl failed"}' >"$out/raw/bulk-$t.json"
-  after=$(cpu_snapshot); fa=$(edge_frames)
+  after=$(cpu_snapshot); fa=$(edge_frames "$P_EDGE_ADMIN")
   cpu_json "$before" "$after" >"$out/raw/bulk-$t.cpu.json"
   frames_json "$fb" "$fa" >"$out/raw/bulk-$t.frames.json"
 done

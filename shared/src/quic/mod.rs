@@ -1,5 +1,9 @@
 //! QUIC endpoints over the mesh socket, with the transport settings tunnels need.
 
+mod batching;
+
+use batching::BatchingRuntime;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,7 +211,7 @@ pub fn endpoint(
         endpoint_config,
         server_config,
         socket,
-        Arc::new(quinn::TokioRuntime),
+        Arc::new(BatchingRuntime),
     )
     .map_err(|e| EndpointError::Quic(e.to_string()))
 }
