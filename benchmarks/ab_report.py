@@ -4,7 +4,8 @@
   ab_report.py OUT --rounds 3 --title T --name-a A --name-b B [--conns 32 --h2 "16 x 10" ...]
 
 Reads h1-V-R.txt (wrk with wrk_json.lua), h2-V-R.txt (h2load), *.cpu ("edge connector
-origin" CPU seconds before, then after), *.frames.json (the edge's QUIC datagrams), ws-V.json, bulk-V-R.json, machine.json, after.json.
+origin" CPU seconds before, then after), *.frames.json (the edge's QUIC datagrams),
+ws-V.json, bulk-V-R.json, machine.json, after.json.
 """
 
 import argparse

@@ -17,7 +17,7 @@
 //! as it is (`docs/benchmarks.md`, 2026-12-07, evening): the datagrams per HTTP/1.1 request
 //! through the edge's mesh socket went from 1.88 to 0.87 (HTTP/2: 1.47 to 0.60), and the
 //! edge's and connector's CPU per HTTP/1.1 request from 166 to 125 µs. A yield after every
-//! wake-up saved as much under load but added about 90 µs to the websocket echo's median;
+//! wake-up saved as much under load but added 77–92 µs to the websocket echo's median;
 //! this moved it by −55 to +32 µs in four runs, within the noise.
 
 use std::future::Future;
@@ -43,7 +43,7 @@ impl Runtime for BatchingRuntime {
         TokioRuntime.new_timer(i)
     }
 
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+    fn spawn(&self, future: BoxFuture) {
         tokio::spawn(Deferred::new(future, BUSY));
     }
 
@@ -52,20 +52,21 @@ impl Runtime for BatchingRuntime {
     }
 }
 
-type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A quinn driver, or the yield before it runs.
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A driver that yields once when it is woken within `busy` of its last run.
 struct Deferred {
-    driver: Driver,
+    driver: BoxFuture,
     busy: Duration,
     /// When the driver last returned `Pending`; taken by the next poll.
     slept_at: Option<Instant>,
     /// The yield in progress.
-    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    yielding: Option<BoxFuture>,
 }
 
 impl Deferred {
-    fn new(driver: Driver, busy: Duration) -> Self {
+    fn new(driver: BoxFuture, busy: Duration) -> Self {
         Deferred {
             driver,
             busy,
