@@ -3,8 +3,9 @@
 # tunnel over the mesh socket -> origin-connector -> demo-origin, each round starting a fresh
 # connector and edge of variant A, then of B, and measuring
 #   HTTPS request rate over HTTP/1.1 (wrk) and HTTP/2 (h2load), with server CPU per request
-#   (edge + connector + origin, from /proc) and the QUIC datagrams per request through the
-#   edge's mesh socket (from its /status),
+#   (edge + connector + origin, from /proc), the QUIC datagrams per request through the
+#   edge's mesh socket (from its /status) and the context switches per request of the edge
+#   and the connector (from /proc),
 #   websocket echo round trips (sequential, one connection),
 #   a bulk download (1 GiB by default, one per round) and its CPU per MB.
 # For "before and after" of a change (two builds), a setting (worker threads) or a transport.
@@ -124,6 +125,8 @@ stop_pair() {
 }
 # CPU seconds so far: "edge connector origin".
 cpu_now() { echo "$(cpu_of "$PID_EDGE") $(cpu_of "$PID_CONN") $(cpu_of "$PID_ORIGIN")"; }
+# Context switches so far: "edge connector".
+ctxsw_now() { echo "$(ctxsw_of "$PID_EDGE") $(ctxsw_of "$PID_CONN")"; }
 
 url="https://127.0.0.1:$P_EDGE"
 for r in $(seq 1 "$ROUNDS"); do
@@ -131,18 +134,20 @@ for r in $(seq 1 "$ROUNDS"); do
     start "$v"
     timeout 30 wrk -t1 -c"$CONNS" -d2s "$url$REQ_PATH" >/dev/null
     log "round $r ${NAME[$v]}: wrk -t1 -c$CONNS -d${DURATION}s"
-    before=$(cpu_now); fb=$(edge_frames "$P_EDGE_ADMIN")
+    before=$(cpu_now); fb=$(edge_frames "$P_EDGE_ADMIN"); sb=$(ctxsw_now)
     timeout $((DURATION + 30)) wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
       -s "$here/wrk_json.lua" "$url$REQ_PATH" >"$out/raw/h1-$v-$r.txt"
     echo "$before $(cpu_now)" >"$out/raw/h1-$v-$r.cpu"
+    echo "$sb $(ctxsw_now)" >"$out/raw/h1-$v-$r.ctxsw"
     frames_json "$fb" "$(edge_frames "$P_EDGE_ADMIN")" >"$out/raw/h1-$v-$r.frames.json"
     log "round $r ${NAME[$v]}: h2load -c$H2_CONNS -m$H2_STREAMS -D $DURATION"
     # Warm-up in a run of its own, so the CPU counted below is only the measured requests'.
     timeout 30 h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D 1 "$url$REQ_PATH" >/dev/null 2>&1 || true
-    before=$(cpu_now); fb=$(edge_frames "$P_EDGE_ADMIN")
+    before=$(cpu_now); fb=$(edge_frames "$P_EDGE_ADMIN"); sb=$(ctxsw_now)
     timeout $((DURATION + 40)) h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$DURATION" \
       "$url$REQ_PATH" >"$out/raw/h2-$v-$r.txt" 2>&1 || true
     echo "$before $(cpu_now)" >"$out/raw/h2-$v-$r.cpu"
+    echo "$sb $(ctxsw_now)" >"$out/raw/h2-$v-$r.ctxsw"
     frames_json "$fb" "$(edge_frames "$P_EDGE_ADMIN")" >"$out/raw/h2-$v-$r.frames.json"
     if [[ $r == 1 && $WS_COUNT != 0 ]]; then
       log "${NAME[$v]}: websocket echo, $WS_COUNT messages"

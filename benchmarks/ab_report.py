@@ -5,6 +5,7 @@
 
 Reads h1-V-R.txt (wrk with wrk_json.lua), h2-V-R.txt (h2load), *.cpu ("edge connector
 origin" CPU seconds before, then after), *.frames.json (the edge's QUIC datagrams),
+*.ctxsw ("edge connector" context switches before, then after; runs since 2026-12-07 17:20),
 ws-V.json, bulk-V-R.json, machine.json, after.json.
 """
 
@@ -28,6 +29,23 @@ def datagrams(out, step, v, r, requests):
     if not f or not requests:
         return None
     return (f.get("sent", 0) + f.get("received", 0)) / requests
+
+
+def switches(out, step, v, r, requests):
+    """Context switches of the edge and the connector per request, or None (older runs)."""
+    try:
+        x = [int(n) for n in open(f"{out}/raw/{step}-{v}-{r}.ctxsw").read().split()]
+    except (OSError, ValueError):
+        return None
+    if len(x) != 4 or not requests:
+        return None
+    return (x[2] - x[0]) / requests, (x[3] - x[1]) / requests
+
+
+def switches_row(values):
+    """ "edge / connector" medians of (edge, connector) pairs."""
+    return (f"{statistics.median(e for e, _ in values):.2f} / "
+            f"{statistics.median(c for _, c in values):.2f}")
 
 
 def h1(out, v, r):
@@ -62,12 +80,15 @@ def main():
     rows = {}
     for v in "AB":
         row = {}
-        rps, p99, per_req, per_req_nodes, dgrams = [], [], [], [], []
+        rps, p99, per_req, per_req_nodes, dgrams, ctx = [], [], [], [], [], []
         for r in range(1, a.rounds + 1):
             x, n, p = h1(out, v, r)
             d = datagrams(out, "h1", v, r, n)
             if d is not None:
                 dgrams.append(d)
+            s = switches(out, "h1", v, r, n)
+            if s is not None:
+                ctx.append(s)
             e, c, o = cpu(f"{out}/raw/h1-{v}-{r}.cpu")
             rps.append(x)
             p99.append(p)
@@ -79,7 +100,9 @@ def main():
         row["HTTP/1.1 CPU per request, edge + connector only"] = f"{statistics.median(per_req_nodes):.0f} µs"
         if dgrams:
             row["HTTP/1.1 datagrams per request through the edge's mesh socket"] = f"{statistics.median(dgrams):.2f}"
-        rps2, per_req2, per_req2_nodes, dgrams2 = [], [], [], []
+        if ctx:
+            row["HTTP/1.1 context switches per request, edge / connector"] = switches_row(ctx)
+        rps2, per_req2, per_req2_nodes, dgrams2, ctx2 = [], [], [], [], []
         for r in range(1, a.rounds + 1):
             got = h2(out, v, r)
             if not got or got[1] == 0:
@@ -92,12 +115,17 @@ def main():
             d = datagrams(out, "h2", v, r, n)
             if d is not None:
                 dgrams2.append(d)
+            s = switches(out, "h2", v, r, n)
+            if s is not None:
+                ctx2.append(s)
         if rps2:
             row["HTTP/2 req/s"] = f"{statistics.median(rps2):,.0f} ({', '.join(f'{x:,.0f}' for x in rps2)})"
             row["HTTP/2 server CPU per request (edge + connector + origin)"] = f"{statistics.median(per_req2):.0f} µs"
             row["HTTP/2 CPU per request, edge + connector only"] = f"{statistics.median(per_req2_nodes):.0f} µs"
         if dgrams2:
             row["HTTP/2 datagrams per request through the edge's mesh socket"] = f"{statistics.median(dgrams2):.2f}"
+        if ctx2:
+            row["HTTP/2 context switches per request, edge / connector"] = switches_row(ctx2)
         ws = load(f"{out}/raw/ws-{v}.json")
         if ws:
             row["websocket echo p50 / p99"] = f"{ws['p50_us']:.0f} / {ws['p99_us']:.0f} µs"

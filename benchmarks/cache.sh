@@ -12,7 +12,7 @@
 # Each server's origin request count is read back from demo-origin's /counts, so a "hit"
 # that went to the origin shows.
 #
-#   benchmarks/cache.sh                                   build release binaries, then measure
+#   benchmarks/cache.sh                                   build the binaries (production profile), then measure
 #   SKYLANE_BIN_DIR=/path/to/release benchmarks/cache.sh  use prebuilt binaries
 #
 # Knobs (defaults in brackets): BENCH_DURATION [10] seconds per wrk run, BENCH_THREADS [2]

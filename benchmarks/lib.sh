@@ -48,17 +48,18 @@ apt_install() {
   return 0
 }
 
-# skylane_bins: sets `bin` to a directory holding release mesh-node, origin-connector and
-# demo-origin ($SKYLANE_BIN_DIR, else built here).
+# skylane_bins: sets `bin` to a directory holding mesh-node, origin-connector and
+# demo-origin ($SKYLANE_BIN_DIR, else built here with the production profile, the build
+# operators deploy: see Cargo.toml).
 skylane_bins() {
   if [[ -n "${SKYLANE_BIN_DIR:-}" ]]; then
     # Absolute, because the servers are started from the run directory.
     bin="$(cd "$SKYLANE_BIN_DIR" && pwd)" || die "SKYLANE_BIN_DIR=$SKYLANE_BIN_DIR is not a directory"
     log "using prebuilt binaries in $bin"
   else
-    log "building release binaries"
-    (cd "$root" && cargo build --release --bin mesh-node --bin origin-connector --bin demo-origin)
-    bin="${CARGO_TARGET_DIR:-$root/target}/release"
+    log "building binaries (cargo build --profile production)"
+    (cd "$root" && cargo build --profile production --bin mesh-node --bin origin-connector --bin demo-origin)
+    bin="${CARGO_TARGET_DIR:-$root/target}/production"
   fi
   local b
   for b in mesh-node origin-connector demo-origin; do
@@ -95,6 +96,14 @@ cpu_of() {
   ((${#files[@]})) || { echo 0; return; }
   # Fields 14 and 15 are utime and stime; the command name (field 2) has no spaces here.
   awk -v hz="$(getconf CLK_TCK)" '{t += $14 + $15} END {printf "%.3f", t / hz}' "${files[@]}" 2>/dev/null || echo 0
+}
+
+# Context switches so far of a process, all its threads together (voluntary: the thread
+# slept, waiting for work; involuntary: it was preempted). A steadier measure of wake-ups
+# per request than CPU time on a shared machine.
+ctxsw_of() {
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk '/^(non)?voluntary_ctxt_switches/ {n += $2} END {print n + 0}'
 }
 
 # edge_frames ADMIN_PORT: QUIC datagrams the edge's mesh socket sent and received so far,

@@ -10,7 +10,7 @@
 # all measured in the same run on this machine, plus the "half load" comparison: every target
 # at a fixed request rate equal to half of (b)'s measured maximum.
 #
-#   benchmarks/run.sh                          build release binaries, then measure
+#   benchmarks/run.sh                          build the binaries (production profile), then measure
 #   SKYLANE_BIN_DIR=/path/to/release benchmarks/run.sh   use prebuilt binaries
 #   PROFILE=1 benchmarks/run.sh                also perf-record edge + connector under load
 #   PROFILE=only benchmarks/run.sh             only the profile (no measurements, no report);

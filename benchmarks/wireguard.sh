@@ -5,7 +5,7 @@
 # benchmarks/ab.sh with those two variants: request rates over HTTP/1.1 and HTTP/2 with server
 # CPU per request, websocket echo round trips, and a bulk download with its CPU per MB.
 #
-#   benchmarks/wireguard.sh                          build release binaries, then measure
+#   benchmarks/wireguard.sh                          build the binaries (production profile), then measure
 #   SKYLANE_BIN_DIR=/path/to/release benchmarks/wireguard.sh
 #
 # ab.sh's knobs apply (BENCH_DURATION, BENCH_ROUNDS, WS_COUNT, BULK_BYTES, ...); results go to

@@ -193,13 +193,13 @@ async fn refuse(send: &mut FlowSend, kind: RefusalKind, message: String) {
     let _ = send.finish().await;
 }
 
-/// The origin request for `head`: its method, its path as the URI (origin-form), its
-/// headers, and a `Host` naming the server when the edge sent none.
+/// The origin request for `head`: its method, its path as the URI (origin-form) and its
+/// headers, taken out of `head`. The flag says whether the edge sent a `Host`; when it did
+/// not, each server is named by its own address ([`name_host`]).
 fn origin_request(
-    head: &RequestHead,
-    addr: std::net::SocketAddr,
+    head: &mut RequestHead,
     body: crate::origin::OriginBody,
-) -> Result<http::Request<crate::origin::OriginBody>, String> {
+) -> Result<(http::Request<crate::origin::OriginBody>, bool), String> {
     let uri = http::Uri::try_from(head.path.as_str())
         .map_err(|e| format!("bad path {:?}: {e}", head.path))?;
     if uri.scheme().is_some() || uri.path_and_query().is_none() {
@@ -210,22 +210,23 @@ fn origin_request(
     let mut req = http::Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    // A clone, because a bodiless request may be retried on the next server; cloning a
-    // map of shared header values is cheap next to the request itself.
-    *req.headers_mut() = head.headers.0.clone();
-    if !req.headers().contains_key(http::header::HOST)
-        && let Ok(host) = http::HeaderValue::from_str(&addr.to_string())
-    {
+    *req.headers_mut() = std::mem::take(&mut head.headers.0);
+    let has_host = req.headers().contains_key(http::header::HOST);
+    Ok((req, has_host))
+}
+
+/// Names `addr` in `req`'s `Host`, for a request whose edge sent none.
+fn name_host(req: &mut http::Request<crate::origin::OriginBody>, addr: std::net::SocketAddr) {
+    if let Ok(host) = http::HeaderValue::from_str(&addr.to_string()) {
         req.headers_mut().insert(http::header::HOST, host);
     }
-    Ok(req)
 }
 
 /// Forwards one HTTP request; true when it became an upgraded pipe (running on its own).
 async fn forward_http(
     ctx: &Context,
     pool: &ServicePool,
-    head: RequestHead,
+    mut head: RequestHead,
     mut send: FlowSend,
     recv: FlowRecv,
     home: PipeHome<'_>,
@@ -233,9 +234,21 @@ async fn forward_http(
     let Some(candidates) = healthy_candidates(pool, &mut send).await else {
         return false;
     };
-    // A request whose body has started streaming can't be replayed on another server; one
-    // without a body can, when the first server refuses the connection.
-    let mut recv = Some(recv);
+    // One request, built once: when a server can't be connected to, the request comes back
+    // with its body unread (`SendError::Connect`) and goes to the next server. Once it is
+    // on a connection it is not tried again, as its body may have started streaming.
+    let (body, recv) = if head.has_body {
+        (TunnelBody::new(recv, None).boxed_unsync(), None)
+    } else {
+        (empty_body(), Some(recv))
+    };
+    let (mut req, edge_named_host) = match origin_request(&mut head, body) {
+        Ok(r) => r,
+        Err(message) => {
+            refuse(&mut send, RefusalKind::BadHeader, message).await;
+            return false;
+        }
+    };
     let mut last_error = String::new();
     for server in candidates {
         // Boxed: the resolver's future is large, and an unboxed one would make every
@@ -248,21 +261,9 @@ async fn forward_http(
                 continue;
             }
         };
-        let body = if head.has_body {
-            match recv.take() {
-                Some(r) => TunnelBody::new(r, None).boxed_unsync(),
-                None => break,
-            }
-        } else {
-            empty_body()
-        };
-        let req = match origin_request(&head, addr, body) {
-            Ok(r) => r,
-            Err(message) => {
-                refuse(&mut send, RefusalKind::BadHeader, message).await;
-                return false;
-            }
-        };
+        if !edge_named_host {
+            name_host(&mut req, addr);
+        }
         let sent =
             tokio::time::timeout(pool.service.response_timeout, pool.send(&server, addr, req));
         let (response, conn) = match sent.await {
@@ -279,7 +280,8 @@ async fn forward_http(
                 .await;
                 return false;
             }
-            Ok(Err(SendError::Connect(e))) => {
+            Ok(Err(SendError::Connect(e, back))) => {
+                req = *back;
                 last_error = error_chain(&e);
                 pool.record_failure(&server);
                 tracing::warn!(server = %server.spec, error = %last_error, "could not connect to origin");
@@ -452,4 +454,161 @@ async fn forward_tcp(ctx: &Context, pool: &ServicePool, mut send: FlowSend, recv
         "no origin server accepted the connection".into(),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! A stream from an "edge" (an in-process pipe) through `handle_stream` to origin
+    //! servers on loopback.
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use skylane_shared::flow::from_pipe;
+    use skylane_shared::wire::{StreamHeader, WIRE_VERSION, WireHeaders};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::config::Service;
+
+    /// An origin that answers every request with its body, then closes the connection.
+    async fn echo_origin() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let body_at = loop {
+                        let Ok(n) = tcp.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&seen[..body_at]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while seen.len() < body_at + len {
+                        let Ok(n) = tcp.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = tcp.write_all(reply.as_bytes()).await;
+                    let _ = tcp.write_all(&seen[body_at..body_at + len]).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// An address nothing listens on: connecting to it is refused.
+    fn refusing_addr() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address")
+    }
+
+    fn context(servers: Vec<String>) -> Context {
+        let pool = ServicePool::new(Service {
+            name: "web".into(),
+            kind: ServiceKind::Http,
+            servers,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            max_idle_per_server: 4,
+            max_concurrent_streams: 16,
+            queue_timeout: Duration::from_secs(1),
+            health: None,
+        });
+        let services: BTreeMap<String, Arc<ServicePool>> =
+            [("web".to_string(), Arc::new(pool))].into();
+        Context {
+            services: Arc::new(services),
+            resolver: Resolver::from_system(),
+            draining: tokio_util::sync::CancellationToken::new(),
+            pipes: tokio_util::task::TaskTracker::new(),
+        }
+    }
+
+    /// Sends a POST of `body` to the `web` service through `ctx`; returns the reply and
+    /// the bytes that followed it.
+    async fn post(ctx: Context, body: &[u8]) -> (Reply, Vec<u8>) {
+        let (edge, connector) = tokio::io::duplex(64 * 1024);
+        let (send, recv) = from_pipe(connector);
+        tokio::spawn(handle_stream(ctx, "edge".into(), send, recv));
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, "example.com".parse().expect("value"));
+        headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+        let header = StreamHeader {
+            version: WIRE_VERSION,
+            service: "web".into(),
+            client_addr: None,
+            request_id: "test".into(),
+            kind: StreamKind::Http(RequestHead {
+                method: "POST".into(),
+                path: "/echo".into(),
+                headers: WireHeaders(headers),
+                upgrade: false,
+                has_body: true,
+            }),
+        };
+        let (mut from_connector, mut to_connector) = tokio::io::split(edge);
+        wire::write_frame(&mut to_connector, &header)
+            .await
+            .expect("header");
+        to_connector.write_all(body).await.expect("body");
+        to_connector.shutdown().await.expect("end of the request");
+        let reply: Reply = wire::read_frame(&mut from_connector).await.expect("reply");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            from_connector.read_to_end(&mut rest),
+        )
+        .await;
+        (reply, rest)
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_body_moves_on_when_a_server_refuses_the_connection() {
+        let live = echo_origin().await;
+        // Round-robin starts at the first server: the refusing one is tried first.
+        let ctx = context(vec![refusing_addr().to_string(), live.to_string()]);
+        let (reply, body) = post(ctx, b"hello, origin").await;
+        match reply {
+            Reply::Response(head) => assert_eq!(head.status, 200),
+            other => panic!("expected a response, got {other:?}"),
+        }
+        assert_eq!(body, b"hello, origin");
+    }
+
+    #[tokio::test]
+    async fn when_no_server_takes_the_connection_the_edge_hears_why() {
+        let ctx = context(vec![
+            refusing_addr().to_string(),
+            refusing_addr().to_string(),
+        ]);
+        let (reply, _) = post(ctx, b"hello").await;
+        match reply {
+            Reply::Refused(r) => assert_eq!(r.kind, RefusalKind::OriginUnreachable),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 }

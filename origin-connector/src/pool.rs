@@ -39,9 +39,10 @@ pub struct OriginConn {
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// No connection could be opened: the next server may take the request.
+    /// No connection could be opened. The request comes back untouched, its body unread,
+    /// so the next server may take it.
     #[error("connect: {0}")]
-    Connect(std::io::Error),
+    Connect(std::io::Error, Box<http::Request<OriginBody>>),
     /// The request failed on an open connection.
     #[error(transparent)]
     Request(hyper::Error),
@@ -147,11 +148,10 @@ impl ServicePool {
                 },
             }
         }
-        let stream = self
-            .dial
-            .tcp(addr, self.service.connect_timeout)
-            .await
-            .map_err(SendError::Connect)?;
+        let stream = match self.dial.tcp(addr, self.service.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
         let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -184,9 +184,20 @@ mod tests {
     use crate::config::{Service, ServiceKind};
     use crate::origin::empty_body;
 
-    /// Answers every request with `200 ok`; with `close`, closes each connection after its
-    /// first response. Returns its address and its count of accepted connections.
-    async fn origin(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// How the test origin ends a connection.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Closes {
+        /// Never: keep-alive.
+        Never,
+        /// After the first response, which says `connection: close`.
+        Saying,
+        /// After the first response, without a word (as when a keep-alive timeout fires).
+        Silently,
+    }
+
+    /// Answers every request with `200 ok`, closing connections as `closes` says. Returns
+    /// its address and its count of accepted connections.
+    async fn origin(closes: Closes) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -209,12 +220,12 @@ mod tests {
                         seen.extend_from_slice(&buf[..n]);
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
-                            let reply: &[u8] = if close {
+                            let reply: &[u8] = if closes == Closes::Saying {
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
                             } else {
                                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                             };
-                            if tcp.write_all(reply).await.is_err() || close {
+                            if tcp.write_all(reply).await.is_err() || closes != Closes::Never {
                                 return;
                             }
                         }
@@ -266,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_connection_carries_the_next_request() {
-        let (addr, accepted) = origin(false).await;
+        let (addr, accepted) = origin(Closes::Never).await;
         let (pool, server) = pool(addr, 4);
         for _ in 0..5 {
             request(&pool, &server, addr, true).await;
@@ -281,19 +292,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_origin_closed_is_not_reused_and_costs_no_request() {
-        let (addr, accepted) = origin(true).await;
-        let (pool, server) = pool(addr, 4);
-        for _ in 0..4 {
-            request(&pool, &server, addr, true).await;
-            // Let the connection's task see the close.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for closes in [Closes::Saying, Closes::Silently] {
+            let (addr, accepted) = origin(closes).await;
+            let (pool, server) = pool(addr, 4);
+            for _ in 0..4 {
+                request(&pool, &server, addr, true).await;
+                // Let the connection's task see the close.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 4);
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]
     async fn at_most_max_idle_connections_wait_per_server() {
-        let (addr, accepted) = origin(false).await;
+        let (addr, accepted) = origin(Closes::Never).await;
         let (pool, server) = pool(addr, 2);
         // Five at once: five connections; two stay.
         let mut held = Vec::new();
@@ -320,7 +333,7 @@ mod tests {
         drop(listener);
         let (pool, server) = pool(addr, 2);
         match pool.send(&server, addr, get(addr)).await {
-            Err(SendError::Connect(_)) => {}
+            Err(SendError::Connect(_, back)) => assert_eq!(back.uri(), "/"),
             other => panic!("expected a connect error, got {other:?}"),
         }
     }
