@@ -36,9 +36,24 @@ struct Ca {
     api_ca: PathBuf,
 }
 
-/// Starts Pebble on `listen`, validating HTTP-01 on `http_port` and TLS-ALPN-01 on
-/// `tls_port` of 127.0.0.1.
-fn start_ca(dir: &Path, listen: SocketAddr, http_port: u16, tls_port: u16) -> anyhow::Result<Ca> {
+/// A port for Pebble, held bound until Pebble starts. The cluster starts between the
+/// choice and Pebble's start, and a port merely chosen free could be handed to one of its
+/// processes meanwhile: the ACME client then spoke TLS to a plain-HTTP listener ("received
+/// corrupt message of type InvalidContentType"), a failure seen once in CI.
+fn reserve_port() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port for pebble")
+}
+
+/// Starts Pebble on `listen` (released here, just before), validating HTTP-01 on
+/// `http_port` and TLS-ALPN-01 on `tls_port` of 127.0.0.1.
+fn start_ca(
+    dir: &Path,
+    listen: std::net::TcpListener,
+    http_port: u16,
+    tls_port: u16,
+) -> anyhow::Result<Ca> {
+    let held = listen;
+    let listen = held.local_addr()?;
     let certs = dir.join("pebble-certs");
     let made = Command::new(bin("mesh-node"))
         .args(["dev-cert", "--out-dir"])
@@ -86,7 +101,8 @@ fn start_ca(dir: &Path, listen: SocketAddr, http_port: u16, tls_port: u16) -> an
     )?;
     // No sleeps in validation, no refused nonces, and a fresh authorization every order, so
     // a renewal is validated again.
-    let pebble = Proc::spawn_with_env(
+    drop(held);
+    let mut pebble = Proc::spawn_with_env(
         "pebble",
         Path::new("pebble"),
         &[
@@ -107,6 +123,13 @@ fn start_ca(dir: &Path, listen: SocketAddr, http_port: u16, tls_port: u16) -> an
         anyhow::ensure!(Instant::now() < deadline, "pebble did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Whoever answers must be Pebble: one that lost its port to another process exits.
+    std::thread::sleep(Duration::from_millis(200));
+    anyhow::ensure!(
+        pebble.is_running(),
+        "pebble exited at start:\n{}",
+        pebble.log()
+    );
     Ok(Ca {
         _dns: dns_proc,
         _pebble: pebble,
@@ -193,10 +216,10 @@ async fn http01_certificates_proven_through_another_edge_renewed_and_kept() -> a
         return Ok(());
     }
     let dir = TempDir::new("pebble");
-    let listen = free_tcp();
+    let listen = reserve_port();
     let http: Vec<SocketAddr> = (0..2).map(|_| free_tcp()).collect();
     let api_ca = dir.path().join("pebble-certs/ca.pem");
-    let directory = format!("https://{listen}/dir");
+    let directory = format!("https://{}/dir", listen.local_addr()?);
     let mut c = cluster(
         (0..2)
             .map(|i| {
@@ -243,9 +266,9 @@ async fn tls_alpn01_certificates_proven_through_another_edge() -> anyhow::Result
         return Ok(());
     }
     let dir = TempDir::new("pebble-alpn");
-    let listen = free_tcp();
+    let listen = reserve_port();
     let api_ca = dir.path().join("pebble-certs/ca.pem");
-    let directory = format!("https://{listen}/dir");
+    let directory = format!("https://{}/dir", listen.local_addr()?);
     let c = cluster(
         (0..2)
             .map(|i| acme_section(&directory, &api_ca, i, "tls-alpn-01"))
