@@ -470,6 +470,7 @@ mod tests {
 
     use super::*;
     use crate::config::Service;
+    use crate::test_origin::{fill, next_head};
 
     /// An origin that answers every request with its body, then closes the connection.
     async fn echo_origin() -> SocketAddr {
@@ -481,39 +482,22 @@ mod tests {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    let body_at = loop {
-                        let Ok(n) = tcp.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break end + 4;
-                        }
+                    let Some(head) = next_head(&mut tcp, &mut seen).await else {
+                        return;
                     };
-                    let head = String::from_utf8_lossy(&seen[..body_at]).to_ascii_lowercase();
                     let len: usize = head
                         .lines()
                         .find_map(|l| l.strip_prefix("content-length:"))
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
-                    while seen.len() < body_at + len {
-                        let Ok(n) = tcp.read(&mut buf).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
+                    if !fill(&mut tcp, &mut seen, len).await {
+                        return;
                     }
                     let reply = format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
                     );
                     let _ = tcp.write_all(reply.as_bytes()).await;
-                    let _ = tcp.write_all(&seen[body_at..body_at + len]).await;
+                    let _ = tcp.write_all(&seen[..len]).await;
                 });
             }
         });

@@ -14,4 +14,6 @@ pub mod pool;
 pub mod reload;
 pub mod server;
 pub mod stream_metrics;
+#[cfg(test)]
+mod test_origin;
 pub mod wireguard;

@@ -178,11 +178,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
 
     use super::*;
     use crate::config::{Service, ServiceKind};
     use crate::origin::empty_body;
+    use crate::test_origin::next_head;
 
     /// How the test origin ends a connection.
     #[derive(Clone, Copy, PartialEq)]
@@ -208,26 +209,15 @@ mod tests {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
-                    loop {
-                        let Ok(n) = tcp.read(&mut buf).await else {
-                            return;
+                    while next_head(&mut tcp, &mut seen).await.is_some() {
+                        let reply: &[u8] = if closes == Closes::Saying {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                         };
-                        if n == 0 {
+                        if tcp.write_all(reply).await.is_err() || closes != Closes::Never {
                             return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            let reply: &[u8] = if closes == Closes::Saying {
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-                            } else {
-                                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                            };
-                            if tcp.write_all(reply).await.is_err() || closes != Closes::Never {
-                                return;
-                            }
                         }
                     }
                 });

@@ -44,15 +44,14 @@ fn reserve_port() -> std::net::TcpListener {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port for pebble")
 }
 
-/// Starts Pebble on `listen` (released here, just before), validating HTTP-01 on
+/// Starts Pebble on the port `held` (released here, just before), validating HTTP-01 on
 /// `http_port` and TLS-ALPN-01 on `tls_port` of 127.0.0.1.
 fn start_ca(
     dir: &Path,
-    listen: std::net::TcpListener,
+    held: std::net::TcpListener,
     http_port: u16,
     tls_port: u16,
 ) -> anyhow::Result<Ca> {
-    let held = listen;
     let listen = held.local_addr()?;
     let certs = dir.join("pebble-certs");
     let made = Command::new(bin("mesh-node"))
