@@ -164,11 +164,23 @@ async fn pipeline<'e>(
         Err(stop) => return (stopped(stop, ctx, edge), Some(route)),
     };
     let held = (in_flight, pass.flow);
+    // Boxed: hyper copies a request's future into place, and over HTTP/2 into a task of
+    // its own, which is copied again when it ends. The cache's and the tunnel's work is
+    // most of that future: `handle`'s is 5,720 bytes unboxed, 1,608 boxed (rustc 1.95,
+    // `-Zprint-type-sizes`), and the boxed part is copied once.
     let resp = match &edge.cache {
         Some(cache) => {
-            crate::phases::cache::handle(edge.clone(), cache, ctx, route, req, held).await
+            Box::pin(crate::phases::cache::handle(
+                edge.clone(),
+                cache,
+                ctx,
+                route,
+                req,
+                held,
+            ))
+            .await
         }
-        None => upstream::forward(edge.clone(), ctx, route, req, held).await,
+        None => Box::pin(upstream::forward(edge.clone(), ctx, route, req, held)).await,
     };
     (resp, Some(route))
 }
@@ -211,7 +223,11 @@ fn finish(
     ctx: &RequestCtx,
     route: Option<&Routed>,
 ) -> Response<ProxyBody> {
-    if let Ok(v) = HeaderValue::from_str(&ctx.id) {
+    if let Ok(mut v) = HeaderValue::from_str(&ctx.id) {
+        // Never indexed (HPACK, RFC 7541 section 6.2.3): each response's id is new, so
+        // indexing it would only evict fields the client could reuse, and make HTTP/2's
+        // encoder search its table for a value it never finds.
+        v.set_sensitive(true);
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
     let metrics = match route {
@@ -223,4 +239,28 @@ fn finish(
         route.load.record(resp.status().is_server_error());
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_response_carries_its_request_id_never_indexed() {
+        let peer = Peer::direct("127.0.0.1:5000".parse().expect("address"));
+        let ctx = RequestCtx {
+            id: "0123abcd".into(),
+            started: Instant::now(),
+            peer,
+            client: peer.tcp.ip(),
+            scheme: "https",
+            host: "example.com".into(),
+        };
+        let resp = finish(Response::new(empty()), &ctx, None);
+        let id = resp.headers().get(&X_REQUEST_ID).expect("x-request-id");
+        assert_eq!(id, "0123abcd");
+        // HTTP/2's encoder writes a sensitive value as "never indexed" and keeps it out of
+        // its table.
+        assert!(id.is_sensitive());
+    }
 }

@@ -12,7 +12,7 @@
 //! thus limited by its file descriptors and memory, not by a stream limit; a flow that
 //! finds no room within the open timeout is refused with 503 instead of waiting.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,11 @@ pub const EXTRA_IDLE: Duration = Duration::from_secs(60);
 struct Pooled {
     conn: quinn::Connection,
     open: Arc<AtomicUsize>,
+    /// Set once the connection was seen closed. A request checks this flag, not quinn's
+    /// [`quinn::Connection::close_reason`]: that takes the connection's lock, which the
+    /// connection's driver holds while it works, and under load two or three such checks
+    /// per request made threads wait for each other (the edge's futex waits, 2026-12-07).
+    closed: Arc<AtomicBool>,
     /// Consecutive idle checks that found it carrying nothing.
     quiet_checks: u8,
 }
@@ -55,13 +60,32 @@ impl Pooled {
         Self {
             conn,
             open: Arc::new(AtomicUsize::new(0)),
+            closed: Arc::new(AtomicBool::new(false)),
             quiet_checks: 0,
         }
     }
 
+    /// Whether the connection is open, asked of quinn (and remembered when it is not).
+    /// For the pool's own checks; a request uses [`Pooled::not_seen_closed`].
     fn alive(&self) -> bool {
-        self.conn.close_reason().is_none()
+        !closed_now(&self.conn, &self.closed)
     }
+
+    /// Whether the connection was not seen closed yet. A closed one is seen by the
+    /// first stream that fails to open on it, by the task that keeps the first connection
+    /// up, and by the pool's idle check.
+    fn not_seen_closed(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether `conn` is closed, asked of quinn; remembered in `seen` when it is.
+fn closed_now(conn: &quinn::Connection, seen: &AtomicBool) -> bool {
+    let closed = conn.close_reason().is_some();
+    if closed {
+        seen.store(true, Ordering::Relaxed);
+    }
+    closed
 }
 
 /// A flow's stream slot on a pooled connection, given back when the flow ends.
@@ -128,21 +152,32 @@ struct LinkState {
 }
 
 impl ConnectorLink {
-    /// A connection with room for one more flow, with that place taken.
-    fn take_slot(&self) -> Option<(quinn::Connection, StreamSlot)> {
+    /// A connection with room for one more flow, with that place taken, and its closed
+    /// flag (for the caller to set when the stream fails to open because it is closed).
+    fn take_slot(&self) -> Option<(quinn::Connection, StreamSlot, Arc<AtomicBool>)> {
         let s = self.state.read().ok()?;
         let p = s
             .conns
             .iter()
-            .filter(|p| p.alive())
+            .filter(|p| p.not_seen_closed())
             .find(|p| p.open.load(Ordering::Relaxed) < self.per_connection)?;
         p.open.fetch_add(1, Ordering::Relaxed);
-        Some((p.conn.clone(), StreamSlot(p.open.clone())))
+        Some((p.conn.clone(), StreamSlot(p.open.clone()), p.closed.clone()))
     }
 
     fn primary(&self) -> Option<quinn::Connection> {
         let s = self.state.read().ok()?;
         s.conns.iter().find(|p| p.alive()).map(|p| p.conn.clone())
+    }
+
+    /// The first connection not seen closed: the request path's form of
+    /// [`ConnectorLink::primary`], which asks quinn.
+    fn first_not_seen_closed(&self) -> Option<quinn::Connection> {
+        let s = self.state.read().ok()?;
+        s.conns
+            .iter()
+            .find(|p| p.not_seen_closed())
+            .map(|p| p.conn.clone())
     }
 
     fn flows(&self) -> usize {
@@ -492,11 +527,15 @@ impl TunnelPool {
         let preferred = self.control.preferred_destination();
         let now = crate::phases::connection::now_ms();
         let links = self.links.load_full();
+        // The RTT orders connectors; with one there is nothing to order, and asking
+        // quinn for it takes the connection's lock.
+        let several = links.len() + self.wg.len() > 1;
         let quic = links
             .iter()
             .filter(|l| !exclude.contains(&l.member.name))
             .filter_map(|l| {
-                let rtt = l.primary()?.rtt();
+                let conn = l.first_not_seen_closed()?;
+                let rtt = if several { conn.rtt() } else { Duration::ZERO };
                 Some((
                     Candidate::Quic(l.clone()),
                     Some(l.member.id.short()) == preferred,
@@ -612,7 +651,7 @@ impl TunnelPool {
                         }
                     }
                 };
-                let Some((conn, slot)) = link.take_slot() else {
+                let Some((conn, slot, closed)) = link.take_slot() else {
                     link.grow.notify_one();
                     waiting.push(link);
                     continue;
@@ -628,6 +667,7 @@ impl TunnelPool {
                         });
                     }
                     Ok(Err(e)) => {
+                        closed_now(&conn, &closed);
                         tracing::debug!(connector = %link.member.name, error = %e, "stream open failed; trying another tunnel")
                     }
                     Err(_) => return Err(OpenError::Saturated),

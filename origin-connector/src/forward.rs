@@ -77,9 +77,10 @@ pub async fn handle_stream(ctx: Context, peer: Arc<str>, mut send: FlowSend, mut
     let span = tracing::debug_span!("stream", %peer, service = %header.service, request_id = %header.request_id);
     // `.instrument`, not `span.enter()`: a guard held across an await would put this
     // stream's span on whatever else the thread runs meanwhile.
-    serve_stream(ctx, peer, header, send, recv, started)
-        .instrument(span)
-        .await;
+    // Boxed: a task is copied whole when it is spawned and again when it ends, and the
+    // rest of the stream's work is most of its size: 5,744 bytes unboxed, 1,392 boxed
+    // (rustc 1.95, `-Zprint-type-sizes`).
+    Box::pin(serve_stream(ctx, peer, header, send, recv, started).instrument(span)).await;
 }
 
 async fn serve_stream(
