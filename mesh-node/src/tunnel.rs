@@ -40,6 +40,11 @@ pub const STREAMS_PER_CONNECTION: usize = 8_000;
 pub const MAX_CONNECTIONS_PER_CONNECTOR: usize = 32;
 /// An extra connection idle this long is closed.
 pub const EXTRA_IDLE: Duration = Duration::from_secs(60);
+/// How long after a connector's tunnel dropped a flow that finds no tunnel up waits for it
+/// to come back, rather than failing at once (never past the open timeout). A connector
+/// that restarts is back within a second or two, and the edge redials at once; a dead one
+/// costs the flows of these few seconds a wait before their error, and later flows none.
+pub const RECONNECT_HOLD: Duration = Duration::from_secs(3);
 
 /// One QUIC connection of a connector's pool, and the flows it carries.
 #[derive(Clone, Debug)]
@@ -147,6 +152,8 @@ struct LinkState {
     /// The live connections; the first is the one the dial loop keeps up.
     conns: Vec<Pooled>,
     since: Option<Instant>,
+    /// When the tunnel last dropped; cleared when it is up again.
+    dropped_at: Option<Instant>,
     last_error: Option<String>,
     reconnects: u64,
 }
@@ -178,6 +185,17 @@ impl ConnectorLink {
             .iter()
             .find(|p| p.not_seen_closed())
             .map(|p| p.conn.clone())
+    }
+
+    /// The wait left for its tunnel to come back: some while it dropped less than
+    /// [`RECONNECT_HOLD`] ago and no connection is up.
+    fn reconnect_hold_left(&self) -> Option<Duration> {
+        let s = self.state.read().ok()?;
+        if s.conns.iter().any(Pooled::not_seen_closed) {
+            return None;
+        }
+        let left = RECONNECT_HOLD.checked_sub(s.dropped_at?.elapsed())?;
+        (!left.is_zero()).then_some(left)
     }
 
     fn flows(&self) -> usize {
@@ -604,7 +622,8 @@ impl TunnelPool {
     /// Opens a stream on the best tunnel with room (see [`TunnelPool::live`] for the
     /// order), falling back to the others; never to a connector named in `exclude`. When
     /// every connection is full it asks for another one and waits for it, at most
-    /// `timeout`.
+    /// `timeout`. When no tunnel is up but one dropped moments ago, it waits for that one
+    /// to come back, as long as [`RECONNECT_HOLD`] and `timeout` allow.
     pub async fn open_stream(
         &self,
         timeout: Duration,
@@ -624,7 +643,8 @@ impl TunnelPool {
         loop {
             let live = self.live(&failed);
             if live.is_empty() {
-                return Err(OpenError::NoTunnel);
+                self.wait_for_reconnect(&failed, deadline).await?;
+                continue;
             }
             let mut waiting = Vec::new();
             for candidate in &live {
@@ -693,6 +713,38 @@ impl TunnelPool {
                 _ = wait => {}
                 _ = tokio::time::sleep_until(deadline) => return Err(OpenError::Saturated),
             }
+        }
+    }
+
+    /// With no tunnel up: waits until one of the connectors whose tunnel dropped moments
+    /// ago (see [`RECONNECT_HOLD`]), not in `exclude`, may be back; `NoTunnel` when there is
+    /// none, or when none came back within its hold and `deadline`.
+    async fn wait_for_reconnect(
+        &self,
+        exclude: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<(), OpenError> {
+        let links = self.links.load_full();
+        let mut longest = Duration::ZERO;
+        let mut dropped = Vec::new();
+        for link in links.iter().filter(|l| !exclude.contains(&l.member.name)) {
+            if let Some(left) = link.reconnect_hold_left() {
+                longest = longest.max(left);
+                dropped.push(link);
+            }
+        }
+        if dropped.is_empty() {
+            return Err(OpenError::NoTunnel);
+        }
+        let until = deadline.min(tokio::time::Instant::now() + longest);
+        // `grown` is told when a tunnel comes up; the short sleep covers one that came up
+        // before this task was listening.
+        let back =
+            futures_util::future::select_all(dropped.iter().map(|l| Box::pin(l.grown.notified())));
+        tokio::select! {
+            _ = back => Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => Ok(()),
+            _ = tokio::time::sleep_until(until) => Err(OpenError::NoTunnel),
         }
     }
 
@@ -971,6 +1023,7 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
             s.conns.retain(Pooled::alive);
             s.conns.insert(0, Pooled::new(conn.clone()));
             s.since = Some(Instant::now());
+            s.dropped_at = None;
         }
         // A new tunnel is a new connector process: no longer draining.
         link.draining_until_ms.store(0, Ordering::Relaxed);
@@ -998,6 +1051,7 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
         if let Ok(mut s) = link.state.write() {
             s.conns
                 .retain(|p| p.alive() && p.conn.stable_id() != conn.stable_id());
+            s.dropped_at = Some(Instant::now());
         }
         // Reconnect at once the first time; back off if it keeps failing.
         first = true;

@@ -490,6 +490,21 @@ impl Cluster {
     /// Restarts the connector with the same config (same key and port).
     pub fn restart_connector(&mut self) -> anyhow::Result<()> {
         self.connector.kill();
+        self.start_connector()
+    }
+
+    /// Stops the connector as an operator does (SIGTERM, waiting up to 10 s for it to
+    /// exit; then SIGKILL).
+    pub fn stop_connector(&mut self) {
+        self.connector.terminate();
+        if self.connector.wait_exit(Duration::from_secs(10)).is_none() {
+            self.connector.kill();
+        }
+    }
+
+    /// Starts the connector again with the same config (after [`Cluster::stop_connector`]);
+    /// does not wait for it.
+    pub fn start_connector(&mut self) -> anyhow::Result<()> {
         self.connector = Proc::spawn(
             "connector",
             &bin("origin-connector"),

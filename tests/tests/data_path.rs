@@ -254,6 +254,43 @@ async fn connector_restart_is_served_again_within_two_seconds() -> anyhow::Resul
     Ok(())
 }
 
+/// With one connector, a request that arrives while the edge's tunnel is down waits for it
+/// to come back (a restart), instead of being answered 502 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_while_the_only_tunnel_is_down_waits_for_it() -> anyhow::Result<()> {
+    let mut c = Cluster::start(ClusterOptions::default())?;
+    let client = c.client(0)?;
+    assert_eq!(client.get(c.url(0, "/health")).send().await?.status(), 200);
+    c.stop_connector();
+    let admin = c.edges[0].admin;
+    let stopped = Instant::now();
+    while metric(admin, "skylane_tunnel_up", "connector") > 0.0 {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "the edge did not see its tunnel drop\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = Instant::now();
+    let request = tokio::spawn(client.get(c.url(0, "/health")).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.start_connector()?;
+    let resp = request.await??;
+    let waited = sent.elapsed();
+    assert_eq!(resp.status(), 200, "{}", c.logs());
+    // It was answered by the connector that started after it was sent.
+    assert!(
+        waited >= Duration::from_millis(300),
+        "answered in {waited:?}"
+    );
+    eprintln!(
+        "the request waited {} ms for the tunnel",
+        waited.as_millis()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_timeout_is_504_and_unknown_service_is_refused() -> anyhow::Result<()> {
     let c = Cluster::start(ClusterOptions {

@@ -52,7 +52,8 @@ async fn fifty_megabytes_both_ways(w: &Target<'_>) -> anyhow::Result<()> {
     let mut got = 0u64;
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
+        // The nodes' logs with the error: a body cut short is otherwise a bare h2 reset.
+        let chunk = chunk.map_err(|e| anyhow::anyhow!("body: {e:#}\n{}", w.logs()))?;
         got += chunk.len() as u64;
         h.update(&chunk);
     }
@@ -81,7 +82,8 @@ async fn fifty_megabytes_both_ways(w: &Target<'_>) -> anyhow::Result<()> {
     let mut n = 0u64;
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
+        // The nodes' logs with the error: a body cut short is otherwise a bare h2 reset.
+        let chunk = chunk.map_err(|e| anyhow::anyhow!("body: {e:#}\n{}", w.logs()))?;
         n += chunk.len() as u64;
         back.update(&chunk);
     }
