@@ -698,20 +698,8 @@ impl TunnelPool {
             }
             // Every pool is full: wait for one to grow (or a flow to end), not past the
             // deadline.
-            let grown = async {
-                if waiting.is_empty() {
-                    return std::future::pending().await;
-                }
-                futures_util::future::select_all(
-                    waiting.iter().map(|l| Box::pin(l.grown.notified())),
-                )
-                .await;
-            };
-            let wait = tokio::time::sleep(Duration::from_millis(20));
-            tokio::select! {
-                _ = grown => {}
-                _ = wait => {}
-                _ = tokio::time::sleep_until(deadline) => return Err(OpenError::Saturated),
+            if !wait_for_growth(&waiting, deadline).await {
+                return Err(OpenError::Saturated);
             }
         }
     }
@@ -737,14 +725,10 @@ impl TunnelPool {
             return Err(OpenError::NoTunnel);
         }
         let until = deadline.min(tokio::time::Instant::now() + longest);
-        // `grown` is told when a tunnel comes up; the short sleep covers one that came up
-        // before this task was listening.
-        let back =
-            futures_util::future::select_all(dropped.iter().map(|l| Box::pin(l.grown.notified())));
-        tokio::select! {
-            _ = back => Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => Ok(()),
-            _ = tokio::time::sleep_until(until) => Err(OpenError::NoTunnel),
+        if wait_for_growth(&dropped, until).await {
+            Ok(())
+        } else {
+            Err(OpenError::NoTunnel)
         }
     }
 
@@ -1056,6 +1040,23 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
         // Reconnect at once the first time; back off if it keeps failing.
         first = true;
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until one of `links` gains a connection (its `grown` is told), or 20 ms pass (which
+/// also covers a flow that ended, and a connection that came up before this task was
+/// listening); false when `until` came first.
+async fn wait_for_growth(links: &[&Arc<ConnectorLink>], until: tokio::time::Instant) -> bool {
+    let grown = async {
+        if links.is_empty() {
+            return std::future::pending().await;
+        }
+        futures_util::future::select_all(links.iter().map(|l| Box::pin(l.grown.notified()))).await;
+    };
+    tokio::select! {
+        _ = grown => true,
+        _ = tokio::time::sleep(Duration::from_millis(20)) => true,
+        _ = tokio::time::sleep_until(until) => false,
     }
 }
 
