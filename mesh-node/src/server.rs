@@ -14,6 +14,7 @@ use skylane_shared::mesh::MeshSocket;
 use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::mesh::report;
 use skylane_shared::quic;
+use skylane_shared::shards::Shards;
 use skylane_shared::telemetry::{self, AdminRoutes};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -399,6 +400,13 @@ pub async fn serve(
     mut successor: Option<skylane_shared::handover::Successor>,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
+    // The runtime `main` built is shard 0's; this starts the others.
+    let runtime = skylane_shared::cli::Runtime::sharded_for_config(
+        config.worker_threads,
+        skylane_shared::cli::cpus(),
+    );
+    let shards = Shards::start(runtime.threads())
+        .map_err(|e| anyhow::anyhow!("cannot start the edge's shards: {e}"))?;
     // A process that took over another issues connection IDs of the next generation, so
     // the old one's packets can be told apart and passed back to it.
     let generation = successor
@@ -461,6 +469,7 @@ pub async fn serve(
         wg_links,
         direct,
         config.tunnel.clone(),
+        shards.clone(),
         stop_tunnels.clone(),
     );
     // Restart without refusing connections: a successor may take this process's sockets;
@@ -593,6 +602,7 @@ pub async fn serve(
             listener,
             live.clone(),
             admission.clone(),
+            shards.clone(),
             connections.clone(),
             draining.clone(),
         ));
@@ -614,6 +624,7 @@ pub async fn serve(
             service,
             live.clone(),
             admission.clone(),
+            shards.clone(),
             draining.clone(),
         ));
     }
@@ -645,6 +656,7 @@ pub async fn serve(
     stop_tunnels.cancel();
     endpoint.close(0u32.into(), b"edge shutting down");
     let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    shards.stop();
     Ok(())
 }
 
@@ -707,6 +719,7 @@ async fn accept_https(
     listener: TcpListener,
     live: Arc<Live>,
     admission: Arc<Admission>,
+    shards: Arc<Shards>,
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -730,7 +743,10 @@ async fn accept_https(
         let admission = admission.clone();
         let stop = stop.clone();
         let handshakes = handshakes.clone();
-        connections.spawn(async move {
+        // Tracked for the drain from now, though it starts on its shard a moment later.
+        let tracked = connections.token();
+        let placed = shards.spawn_socket(tcp, move |tcp| async move {
+            let _tracked = tracked;
             let edge = &generation.edge;
             let Some((tcp, peer, permit)) = admit(tcp, tcp_peer, edge, &admission, "https").await else {
                 return;
@@ -779,6 +795,9 @@ async fn accept_https(
                 tracing::debug!(%tcp_peer, error = %e, "connection ended with an error");
             }
         });
+        if let Err(e) = placed {
+            tracing::debug!(%tcp_peer, error = %e, "cannot hand the connection to a shard");
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use skylane_shared::pipe::{IdleTimeout, Splice};
+use skylane_shared::shards::Shards;
 use skylane_shared::wire::{self, Reply, StreamHeader, StreamKind, WIRE_VERSION};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +18,7 @@ pub async fn serve(
     service: String,
     live: Arc<Live>,
     admission: Arc<Admission>,
+    shards: Arc<Shards>,
     stop: CancellationToken,
 ) {
     loop {
@@ -29,7 +31,7 @@ pub async fn serve(
         // Each connection runs under the config in force when it arrived.
         let edge = live.edge();
         let admission = admission.clone();
-        tokio::spawn(async move {
+        let placed = shards.spawn_socket(tcp, move |tcp| async move {
             let Some((tcp, peer, _permit)) =
                 crate::server::admit(tcp, tcp_peer, &edge, &admission, "tcp").await
             else {
@@ -90,5 +92,8 @@ pub async fn serve(
                 }
             }
         });
+        if let Err(e) = placed {
+            tracing::debug!(%tcp_peer, error = %e, "cannot hand the connection to a shard");
+        }
     }
 }

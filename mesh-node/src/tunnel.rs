@@ -5,12 +5,20 @@
 //! connect, wait until the connection dies, back off with jitter, repeat. Flows take the live tunnel with the
 //! lowest round-trip time.
 //!
-//! A QUIC connection carries a bounded number of concurrent streams, so each connector
-//! has a *pool* of connections: when every connection holds `[tunnel]
-//! streams_per_connection` flows (default [`STREAMS_PER_CONNECTION`]), another one is opened (up to [`MAX_CONNECTIONS_PER_CONNECTOR`]), and extra
-//! connections that have carried nothing for [`EXTRA_IDLE`] are closed again. An edge is
-//! thus limited by its file descriptors and memory, not by a stream limit; a flow that
-//! finds no room within the open timeout is refused with 503 instead of waiting.
+//! Each connector has a *pool* of connections, for two reasons:
+//!
+//! - Shards ([`skylane_shared::shards`]): a flow takes a connection of its own shard, whose
+//!   driver runs on the same thread. A shard without one asks for it (it is dialled from
+//!   that shard) and meanwhile uses another shard's.
+//! - A QUIC connection carries a bounded number of concurrent streams: when a shard's
+//!   connections hold `[tunnel] streams_per_connection` flows each (default
+//!   [`STREAMS_PER_CONNECTION`]), another one is opened (up to
+//!   [`MAX_CONNECTIONS_PER_CONNECTOR`] in all). An edge is thus limited by its file
+//!   descriptors and memory, not by a stream limit; a flow that finds no room within the
+//!   open timeout is refused with 503 instead of waiting.
+//!
+//! Extra connections (all but the first) that have carried nothing for [`EXTRA_IDLE`] are
+//! closed again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -25,6 +33,7 @@ use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::mesh::{MeshSocket, virtual_addr};
 use skylane_shared::quic::{self, PathStats};
 use skylane_shared::resolve::Resolver;
+use skylane_shared::shards::Shards;
 use skylane_shared::trust::MESH_SERVER_NAME;
 use skylane_shared::wireguard::{TunnelStatus, WgTunnel};
 use tokio::sync::Notify;
@@ -50,6 +59,9 @@ pub const RECONNECT_HOLD: Duration = Duration::from_secs(3);
 #[derive(Clone, Debug)]
 struct Pooled {
     conn: quinn::Connection,
+    /// The shard whose thread drives it ([`skylane_shared::shards`]): that shard's requests use it
+    /// first.
+    shard: usize,
     open: Arc<AtomicUsize>,
     /// Set once the connection was seen closed. A request checks this flag, not quinn's
     /// [`quinn::Connection::close_reason`]: that takes the connection's lock, which the
@@ -61,9 +73,10 @@ struct Pooled {
 }
 
 impl Pooled {
-    fn new(conn: quinn::Connection) -> Self {
+    fn new(conn: quinn::Connection, shard: usize) -> Self {
         Self {
             conn,
+            shard,
             open: Arc::new(AtomicUsize::new(0)),
             closed: Arc::new(AtomicBool::new(false)),
             quiet_checks: 0,
@@ -137,6 +150,9 @@ pub struct ConnectorLink {
     grown: Notify,
     /// Flows per connection before the pool grows.
     per_connection: usize,
+    /// Shards whose requests found no connection of their own with room (bit `i` for
+    /// shard `i`; shards from 64 up have none of their own and use the others').
+    wanted: AtomicU64,
     /// Until when (ms on [`crate::phases::connection::now_ms`]'s clock) the connector said
     /// it is draining: new flows go elsewhere first. Cleared when a new tunnel comes up.
     draining_until_ms: AtomicU64,
@@ -161,13 +177,23 @@ struct LinkState {
 impl ConnectorLink {
     /// A connection with room for one more flow, with that place taken, and its closed
     /// flag (for the caller to set when the stream fails to open because it is closed).
-    fn take_slot(&self) -> Option<(quinn::Connection, StreamSlot, Arc<AtomicBool>)> {
+    /// One of `shard`'s own if it has one with room; if not, another shard's, and the pool
+    /// is asked for one of its own (to open from that shard, see [`grow_pool`]).
+    fn take_slot(&self, shard: usize) -> Option<(quinn::Connection, StreamSlot, Arc<AtomicBool>)> {
         let s = self.state.read().ok()?;
-        let p = s
-            .conns
-            .iter()
-            .filter(|p| p.not_seen_closed())
-            .find(|p| p.open.load(Ordering::Relaxed) < self.per_connection)?;
+        let room = |p: &&Pooled| {
+            p.not_seen_closed() && p.open.load(Ordering::Relaxed) < self.per_connection
+        };
+        let p = match s.conns.iter().filter(room).find(|p| p.shard == shard) {
+            Some(p) => p,
+            None => {
+                if shard < 64 {
+                    self.wanted.fetch_or(1 << shard, Ordering::Relaxed);
+                    self.grow.notify_one();
+                }
+                s.conns.iter().find(room)?
+            }
+        };
         p.open.fetch_add(1, Ordering::Relaxed);
         Some((p.conn.clone(), StreamSlot(p.open.clone()), p.closed.clone()))
     }
@@ -439,6 +465,7 @@ impl TunnelPool {
         wg: Vec<WgLink>,
         direct: Option<Direct>,
         timing: Tunnel,
+        shards: Arc<Shards>,
         stop: CancellationToken,
     ) -> Arc<Self> {
         let streams_per_connection = timing.streams_per_connection;
@@ -449,6 +476,7 @@ impl TunnelPool {
             key,
             timing,
             resolver: Resolver::from_system(),
+            shards,
         });
         let pool = Arc::new(Self {
             links: arc_swap::ArcSwap::from_pointee(Vec::new()),
@@ -473,6 +501,7 @@ impl TunnelPool {
             grow: Notify::new(),
             grown: Notify::new(),
             per_connection: self.streams_per_connection,
+            wanted: AtomicU64::new(0),
             draining_until_ms: AtomicU64::new(0),
             stop: self.stop.child_token(),
         });
@@ -671,7 +700,8 @@ impl TunnelPool {
                         }
                     }
                 };
-                let Some((conn, slot, closed)) = link.take_slot() else {
+                let Some((conn, slot, closed)) = link.take_slot(skylane_shared::shards::current())
+                else {
                     link.grow.notify_one();
                     waiting.push(link);
                     continue;
@@ -839,6 +869,8 @@ struct Dialer {
     key: NodeKey,
     timing: Tunnel,
     resolver: Resolver,
+    /// Each connection is dialled from the shard that will use it.
+    shards: Arc<Shards>,
 }
 
 /// Why a dial failed.
@@ -850,13 +882,19 @@ enum DialError {
 }
 
 impl Dialer {
-    /// Opens one QUIC connection to `member` (its address must be known to the socket).
-    async fn connect(&self, member: &Member) -> Result<quinn::Connection, DialError> {
+    /// Opens one QUIC connection to `member` (its address must be known to the socket),
+    /// driven on `shard`.
+    async fn connect(&self, member: &Member, shard: usize) -> Result<quinn::Connection, DialError> {
         let config = quic::client_config(&self.key, member.id)
             .map_err(|e| DialError::Config(e.to_string()))?;
+        // quinn spawns the connection's driver when the connection is made, on the runtime
+        // of the caller's context.
         let connecting = self
-            .endpoint
-            .connect_with(config, virtual_addr(&member.id), MESH_SERVER_NAME)
+            .shards
+            .within(shard, || {
+                self.endpoint
+                    .connect_with(config, virtual_addr(&member.id), MESH_SERVER_NAME)
+            })
             .map_err(|e| DialError::Failed(e.to_string()))?;
         match tokio::time::timeout(self.timing.connect_timeout, connecting).await {
             Ok(Ok(c)) => {
@@ -869,8 +907,9 @@ impl Dialer {
     }
 }
 
-/// Opens extra connections to a connector when its pool is full, and closes extra ones
-/// that sat idle.
+/// Opens extra connections to a connector for the shards that asked for one: a shard
+/// without a connection of its own, or whose connections are full. Closes extra ones that
+/// sat idle.
 async fn grow_pool(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: CancellationToken) {
     let name = link.member.name.clone();
     loop {
@@ -882,33 +921,39 @@ async fn grow_pool(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancella
                 continue;
             }
         }
-        let (count, full) = match link.state.read() {
-            Ok(s) => {
-                let live: Vec<&Pooled> = s.conns.iter().filter(|p| p.alive()).collect();
-                let full = !live.is_empty()
-                    && live
-                        .iter()
-                        .all(|p| p.open.load(Ordering::Relaxed) >= link.per_connection);
-                (live.len(), full)
-            }
-            Err(_) => continue,
-        };
-        if !full || count >= MAX_CONNECTIONS_PER_CONNECTOR {
-            continue;
-        }
-        match dialer.connect(&link.member).await {
-            Ok(conn) => {
-                tracing::info!(connector = %name, connections = count + 1, "tunnel pool grew");
-                metrics::counter!("skylane_tunnel_pool_grown_total", "connector" => name.clone())
-                    .increment(1);
-                if let Ok(mut s) = link.state.write() {
-                    s.conns.push(Pooled::new(conn));
+        let wanted = link.wanted.swap(0, Ordering::Relaxed);
+        for shard in (0..64).filter(|i| wanted & (1 << i) != 0) {
+            let count = match link.state.read() {
+                Ok(s) => {
+                    let live: Vec<&Pooled> = s.conns.iter().filter(|p| p.alive()).collect();
+                    let has_room = live.iter().any(|p| {
+                        p.shard == shard && p.open.load(Ordering::Relaxed) < link.per_connection
+                    });
+                    // No connection at all: the dial loop brings the first one up.
+                    if live.is_empty() || has_room {
+                        continue;
+                    }
+                    live.len()
                 }
-                link.grown.notify_waiters();
+                Err(_) => continue,
+            };
+            if count >= MAX_CONNECTIONS_PER_CONNECTOR {
+                break;
             }
-            Err(DialError::Config(e) | DialError::Failed(e)) => {
-                tracing::warn!(connector = %name, error = %e, "extra tunnel connection failed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            match dialer.connect(&link.member, shard).await {
+                Ok(conn) => {
+                    tracing::info!(connector = %name, connections = count + 1, shard, "tunnel pool grew");
+                    metrics::counter!("skylane_tunnel_pool_grown_total", "connector" => name.clone())
+                        .increment(1);
+                    if let Ok(mut s) = link.state.write() {
+                        s.conns.push(Pooled::new(conn, shard));
+                    }
+                    link.grown.notify_waiters();
+                }
+                Err(DialError::Config(e) | DialError::Failed(e)) => {
+                    tracing::warn!(connector = %name, error = %e, "extra tunnel connection failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     }
@@ -984,7 +1029,7 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
         }
         let conn = tokio::select! {
             _ = stop.cancelled() => return,
-            r = dialer.connect(&link.member) => match r {
+            r = dialer.connect(&link.member, 0) => match r {
                 Ok(c) => c,
                 Err(DialError::Config(e)) => {
                     tracing::error!(connector = %name, error = %e, "bad tunnel TLS config");
@@ -1005,7 +1050,7 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
                 s.reconnects += 1;
             }
             s.conns.retain(Pooled::alive);
-            s.conns.insert(0, Pooled::new(conn.clone()));
+            s.conns.insert(0, Pooled::new(conn.clone(), 0));
             s.since = Some(Instant::now());
             s.dropped_at = None;
         }

@@ -81,29 +81,28 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         return Ok(());
     }
     let log = config.log.clone();
-    skylane_shared::cli::run(
-        &log,
+    let runtime = skylane_shared::cli::Runtime::sharded_for_config(
         config.worker_threads,
-        |metrics, shutdown| async move {
-            let socket =
-                skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
-            let admin = match config.admin.as_ref().map(|a| a.listen) {
+        skylane_shared::cli::cpus(),
+    );
+    skylane_shared::cli::run(&log, runtime, |metrics, shutdown| async move {
+        let socket = skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
+        let admin =
+            match config.admin.as_ref().map(|a| a.listen) {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}")
                 })?),
                 None => None,
             };
-            let wireguard = match config.wireguard.as_ref().map(|w| w.listen) {
-                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot bind wireguard.listen on {addr} (is the WireGuard interface up?): {e}"
-                    )
-                })?),
-                None => None,
-            };
-            let listeners = origin_connector::server::Listeners { admin, wireguard };
-            origin_connector::server::serve(config, path, socket, listeners, metrics, shutdown)
-                .await
-        },
-    )
+        let wireguard = match config.wireguard.as_ref().map(|w| w.listen) {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind wireguard.listen on {addr} (is the WireGuard interface up?): {e}"
+                )
+            })?),
+            None => None,
+        };
+        let listeners = origin_connector::server::Listeners { admin, wireguard };
+        origin_connector::server::serve(config, path, socket, listeners, metrics, shutdown).await
+    })
 }

@@ -34,6 +34,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct OriginConn {
     sender: SendRequest<OriginBody>,
     addr: SocketAddr,
+    /// The shard whose thread drives it ([`skylane_shared::shards`]): that shard's
+    /// requests take it first.
+    shard: usize,
 }
 
 /// Why a request got no response.
@@ -59,12 +62,22 @@ struct Idle {
 }
 
 impl IdleConns {
-    /// The most recently used idle connection to `addr` (connections to an address the
-    /// server no longer has, and expired ones, are closed on the way).
-    fn take(&self, addr: SocketAddr) -> Option<OriginConn> {
+    /// The most recently used idle connection to `addr` of `shard`'s, else of any shard
+    /// (connections to an address the server no longer has, and expired ones, are closed
+    /// on the way).
+    fn take(&self, addr: SocketAddr, shard: usize) -> Option<OriginConn> {
         let mut closed = Vec::new();
         let found = {
             let mut list = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let own = list.iter().rposition(|i| {
+                i.conn.shard == shard
+                    && i.conn.addr == addr
+                    && i.since.elapsed() < IDLE_TIMEOUT
+                    && !i.conn.sender.is_closed()
+            });
+            if let Some(at) = own {
+                return Some(list.remove(at).conn);
+            }
             loop {
                 match list.pop() {
                     None => break None,
@@ -130,7 +143,8 @@ impl ServicePool {
         addr: SocketAddr,
         mut req: http::Request<OriginBody>,
     ) -> Result<(http::Response<Incoming>, OriginConn), SendError> {
-        while let Some(mut conn) = server.idle.take(addr) {
+        let shard = skylane_shared::shards::current();
+        while let Some(mut conn) = server.idle.take(addr, shard) {
             // Ready at once unless the connection is still finishing its last response or
             // was closed meanwhile; bounded all the same.
             let ready =
@@ -162,7 +176,14 @@ impl ServicePool {
             }
         });
         let response = sender.send_request(req).await.map_err(SendError::Request)?;
-        Ok((response, OriginConn { sender, addr }))
+        Ok((
+            response,
+            OriginConn {
+                sender,
+                addr,
+                shard,
+            },
+        ))
     }
 
     /// Keeps `conn`, whose response was read to the end, for `server`'s next request.
@@ -292,6 +313,31 @@ mod tests {
             }
             assert_eq!(accepted.load(Ordering::SeqCst), 4);
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_takes_an_idle_connection_of_its_own_shard_first() {
+        let (addr, _) = origin(Closes::Never).await;
+        let (pool, server) = pool(addr, 4);
+        let mut held = Vec::new();
+        for shard in [1, 0] {
+            let (response, mut conn) = pool.send(&server, addr, get(addr)).await.expect("response");
+            response.into_body().collect().await.expect("body");
+            conn.shard = shard;
+            held.push(conn);
+        }
+        for conn in held {
+            pool.release(&server, conn);
+        }
+        // Shard 1's is older, and still the one shard 1 gets; shard 0 gets its own.
+        assert_eq!(server.idle.take(addr, 1).map(|c| c.shard), Some(1));
+        assert_eq!(server.idle.take(addr, 0).map(|c| c.shard), Some(0));
+        // With none of its own, a shard takes another's.
+        let (response, conn) = pool.send(&server, addr, get(addr)).await.expect("response");
+        response.into_body().collect().await.expect("body");
+        pool.release(&server, conn);
+        assert!(server.idle.take(addr, 5).is_some());
+        assert!(server.idle.is_empty());
     }
 
     #[tokio::test]

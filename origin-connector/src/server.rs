@@ -12,6 +12,7 @@ use skylane_shared::mesh::MeshSocket;
 use skylane_shared::mesh::control::MeshControl;
 use skylane_shared::mesh::report;
 use skylane_shared::resolve::Resolver;
+use skylane_shared::shards::Shards;
 use skylane_shared::telemetry::{self, AdminRoutes};
 use skylane_shared::{quic, trust};
 use tokio_util::sync::CancellationToken;
@@ -118,6 +119,13 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
+    // The runtime `main` built is shard 0's; this starts the others.
+    let runtime = skylane_shared::cli::Runtime::sharded_for_config(
+        config.worker_threads,
+        skylane_shared::cli::cpus(),
+    );
+    let shards = Shards::start(runtime.threads())
+        .map_err(|e| anyhow::anyhow!("cannot start the connector's shards: {e}"))?;
     let endpoint = quic::endpoint(
         socket.clone(),
         &identity.key,
@@ -251,7 +259,11 @@ pub async fn serve(
         let members = identity.members.clone();
         let stop = shutdown.now.clone();
         let control = control.clone();
-        tracker.spawn(async move {
+        // The tunnel lives on one shard: quinn spawns its driver where it is accepted, and
+        // its streams are spawned there too.
+        let tracked = tracker.token();
+        shards.spawn_connection(async move {
+            let _tracked = tracked;
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
@@ -308,5 +320,6 @@ pub async fn serve(
     stop_checks.cancel();
     endpoint.close(0u32.into(), b"connector shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_millis(500), endpoint.wait_idle()).await;
+    shards.stop();
     Ok(())
 }

@@ -27,22 +27,27 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
     Ok(())
 }
 
+/// The CPUs this process may use (cgroup quotas count); at least 1.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Sets up logging, the runtime, the metrics recorder and signal handling, then runs
 /// `serve` to completion. An error is logged, printed, and becomes exit code 1.
 ///
-/// The runtime is chosen by [`Runtime::for_config`] from `node.worker_threads`.
-pub fn run<F, Fut>(log: &LogSection, worker_threads: Option<usize>, serve: F) -> Result<(), i32>
+/// The binary chooses the runtime from `node.worker_threads` ([`Runtime::for_config`],
+/// [`Runtime::sharded_for_config`]). For [`Runtime::Shards`] this builds the runtime of the
+/// first shard, on the calling thread; the node starts the others.
+pub fn run<F, Fut>(log: &LogSection, runtime: Runtime, serve: F) -> Result<(), i32>
 where
     F: FnOnce(Option<PrometheusHandle>, Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
     raise_open_file_limit();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let runtime = Runtime::for_config(worker_threads, cpus);
-    tracing::info!(cpus, %runtime, "runtime");
+    tracing::info!(cpus = cpus(), %runtime, "runtime");
     let mut builder = match runtime {
-        Runtime::SingleThread => tokio::runtime::Builder::new_current_thread(),
+        Runtime::SingleThread | Runtime::Shards(_) => tokio::runtime::Builder::new_current_thread(),
         Runtime::Workers(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(n);
@@ -74,6 +79,10 @@ pub enum Runtime {
     SingleThread,
     /// The multi-threaded runtime with this many workers.
     Workers(usize),
+    /// This many threads, each with a single-threaded runtime of its own (the first is the
+    /// main thread): the node pins each client connection, and the tunnel connections its
+    /// requests use, to one of them, so a request's tasks never meet on two threads.
+    Shards(usize),
 }
 
 impl Runtime {
@@ -94,6 +103,25 @@ impl Runtime {
             Some(n) => Self::Workers(n),
         }
     }
+
+    /// The edge's runtime for `node.worker_threads` on a machine with `cpus` CPUs: like
+    /// [`Runtime::for_config`], with a shard per thread instead of shared workers (a worker
+    /// per CPU cost the edge about 30 % more CPU per proxied request than one thread,
+    /// `docs/benchmarks.md`, 2026-12-07, late).
+    pub fn sharded_for_config(worker_threads: Option<usize>, cpus: usize) -> Self {
+        match Self::for_config(worker_threads, cpus) {
+            Self::Workers(1) | Self::SingleThread => Self::SingleThread,
+            Self::Workers(n) | Self::Shards(n) => Self::Shards(n),
+        }
+    }
+
+    /// How many threads serve connections.
+    pub fn threads(self) -> usize {
+        match self {
+            Self::SingleThread => 1,
+            Self::Workers(n) | Self::Shards(n) => n,
+        }
+    }
 }
 
 impl std::fmt::Display for Runtime {
@@ -101,6 +129,7 @@ impl std::fmt::Display for Runtime {
         match self {
             Self::SingleThread => f.write_str("single-threaded"),
             Self::Workers(n) => write!(f, "{n} workers"),
+            Self::Shards(n) => write!(f, "{n} shards"),
         }
     }
 }
@@ -342,5 +371,18 @@ mod tests {
         assert_eq!(Runtime::for_config(Some(0), 2), Runtime::Workers(2));
         assert_eq!(Runtime::for_config(Some(0), 0), Runtime::Workers(1));
         assert_eq!(Runtime::for_config(Some(4), 2), Runtime::Workers(4));
+    }
+
+    #[test]
+    fn the_edge_shards_what_would_be_workers() {
+        assert_eq!(Runtime::sharded_for_config(None, 2), Runtime::Shards(2));
+        assert_eq!(Runtime::sharded_for_config(None, 1), Runtime::SingleThread);
+        assert_eq!(
+            Runtime::sharded_for_config(Some(1), 16),
+            Runtime::SingleThread
+        );
+        assert_eq!(Runtime::sharded_for_config(Some(3), 2), Runtime::Shards(3));
+        assert_eq!(Runtime::sharded_for_config(Some(3), 2).threads(), 3);
+        assert_eq!(Runtime::SingleThread.threads(), 1);
     }
 }

@@ -191,10 +191,11 @@ pub struct NodeSection {
     pub listen: SocketAddr,
     /// Region label shown to operators, e.g. `"Sydney"`.
     pub region: Option<String>,
-    /// Threads that run the node's tasks; default (and 0): one per CPU. 1 runs the node on
-    /// a single thread, with no wake-ups handed between threads: about 30 % less CPU per
-    /// proxied request on a small machine (see `docs/benchmarks.md`). The edge's TLS
-    /// handshakes run on threads of their own (one per CPU) either way.
+    /// Threads that serve connections; default (and 0): one per CPU. Each is a shard
+    /// ([`crate::shards`]): a thread with a runtime of its own, to which each connection is
+    /// pinned with its tasks, so a request does not hand work between threads. 1 runs the
+    /// whole node on one thread. The edge's TLS handshakes run on threads of their own (one
+    /// per CPU) either way.
     pub worker_threads: Option<u64>,
 }
 

@@ -18,6 +18,7 @@ pub mod quic;
 pub mod reload;
 pub mod resolve;
 pub mod routing;
+pub mod shards;
 /// SWIM membership liveness (foca), sans-IO: which members are alive, suspect or down.
 pub mod swim;
 pub mod telemetry;

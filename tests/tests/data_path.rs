@@ -437,6 +437,45 @@ async fn websocket_over_http2_extended_connect() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The edge's tunnel connections to the connector, from its `/status`.
+fn tunnel_connections(c: &Cluster) -> u64 {
+    skylane_tests::status(c.edges[0].admin)
+        .map_or(0, |s| s["tunnels"][0]["connections"].as_u64().unwrap_or(0))
+}
+
+/// With a shard per thread (`node.worker_threads = 3` at the edge), client connections go
+/// to each shard in turn, and each shard's requests get a tunnel connection of its own
+/// (dialled from that shard, so its driver runs there too); before it is up they use
+/// another shard's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_of_the_edge_gets_a_tunnel_connection_of_its_own() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        worker_threads: Some(3),
+        ..ClusterOptions::default()
+    })?;
+    assert_eq!(tunnel_connections(&c), 1, "{}", c.logs());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel_connections(&c) < 3 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} tunnel connections\n{}",
+            tunnel_connections(&c),
+            c.logs()
+        );
+        // A new client is a new connection, on the next shard.
+        let body = c.client(0)?.get(c.url(0, "/bytes/100")).send().await?;
+        assert_eq!(body.error_for_status()?.bytes().await?.len(), 100);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every shard has its own now: more requests open no more.
+    for _ in 0..6 {
+        let body = c.client(0)?.get(c.url(0, "/bytes/100")).send().await?;
+        assert_eq!(body.error_for_status()?.bytes().await?.len(), 100);
+    }
+    assert_eq!(tunnel_connections(&c), 3, "{}", c.logs());
+    Ok(())
+}
+
 /// `node.worker_threads = 1` runs each node on a single-threaded runtime: bodies, many
 /// concurrent HTTP/2 streams and a websocket all still flow through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,5 +530,7 @@ async fn single_threaded_nodes_serve_the_whole_data_path() -> anyhow::Result<()>
             .ok_or_else(|| anyhow::anyhow!("websocket closed"))??;
         assert_eq!(back, msg);
     }
+    // One thread, one shard: the edge's first tunnel connection carried everything.
+    assert_eq!(tunnel_connections(&c), 1, "{}", c.logs());
     Ok(())
 }

@@ -201,7 +201,8 @@ pub struct Config {
     pub tunnel: Tunnel,
     /// Drain time on SIGTERM.
     pub shutdown_grace: Duration,
-    /// Runtime worker threads (`node.worker_threads`); `None`: one per CPU (see `skylane_shared::cli::run`).
+    /// Shards (`node.worker_threads`): threads that serve connections; `None`: one per CPU
+    /// (see `skylane_shared::shards`).
     pub worker_threads: Option<usize>,
     /// Path probing, route selection and gossip.
     pub routing: RoutingConfig,
