@@ -401,11 +401,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
     // The runtime `main` built is shard 0's; this starts the others.
-    let runtime = skylane_shared::cli::Runtime::sharded_for_config(
-        config.worker_threads,
-        skylane_shared::cli::cpus(),
-    );
-    let shards = Shards::start(runtime.threads())
+    let shards = Shards::for_config(config.worker_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the edge's shards: {e}"))?;
     // A process that took over another issues connection IDs of the next generation, so
     // the old one's packets can be told apart and passed back to it.
@@ -745,7 +741,7 @@ async fn accept_https(
         let handshakes = handshakes.clone();
         // Tracked for the drain from now, though it starts on its shard a moment later.
         let tracked = connections.token();
-        let placed = shards.spawn_socket(tcp, move |tcp| async move {
+        shards.spawn_socket(tcp, move |tcp| async move {
             let _tracked = tracked;
             let edge = &generation.edge;
             let Some((tcp, peer, permit)) = admit(tcp, tcp_peer, edge, &admission, "https").await else {
@@ -795,9 +791,6 @@ async fn accept_https(
                 tracing::debug!(%tcp_peer, error = %e, "connection ended with an error");
             }
         });
-        if let Err(e) = placed {
-            tracing::debug!(%tcp_peer, error = %e, "cannot hand the connection to a shard");
-        }
     }
 }
 

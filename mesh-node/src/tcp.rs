@@ -31,7 +31,7 @@ pub async fn serve(
         // Each connection runs under the config in force when it arrived.
         let edge = live.edge();
         let admission = admission.clone();
-        let placed = shards.spawn_socket(tcp, move |tcp| async move {
+        shards.spawn_socket(tcp, move |tcp| async move {
             let Some((tcp, peer, _permit)) =
                 crate::server::admit(tcp, tcp_peer, &edge, &admission, "tcp").await
             else {
@@ -92,8 +92,5 @@ pub async fn serve(
                 }
             }
         });
-        if let Err(e) = placed {
-            tracing::debug!(%tcp_peer, error = %e, "cannot hand the connection to a shard");
-        }
     }
 }

@@ -120,11 +120,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
     // The runtime `main` built is shard 0's; this starts the others.
-    let runtime = skylane_shared::cli::Runtime::sharded_for_config(
-        config.worker_threads,
-        skylane_shared::cli::cpus(),
-    );
-    let shards = Shards::start(runtime.threads())
+    let shards = Shards::for_config(config.worker_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the connector's shards: {e}"))?;
     let endpoint = quic::endpoint(
         socket.clone(),

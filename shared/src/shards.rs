@@ -83,9 +83,13 @@ impl Shards {
         }))
     }
 
-    /// How many shards there are.
-    pub fn count(&self) -> usize {
-        self.handles.len()
+    /// The shards of a node with `node.worker_threads = worker_threads`
+    /// ([`crate::cli::Runtime::sharded_for_config`]), from the main thread's runtime, which
+    /// the binary built for the same setting.
+    pub fn for_config(worker_threads: Option<usize>) -> io::Result<Arc<Self>> {
+        Self::start(
+            crate::cli::Runtime::sharded_for_config(worker_threads, crate::cli::cpus()).threads(),
+        )
     }
 
     /// Runs `connection` (the task of a connection just accepted) on the next shard in turn.
@@ -99,20 +103,26 @@ impl Shards {
 
     /// Moves `tcp` to the next shard in turn and runs `serve` with it there: the socket
     /// leaves the calling runtime's reactor and joins the shard's, so its readiness events
-    /// are handled on the thread that serves it.
-    pub fn spawn_socket<F, Fut>(&self, tcp: TcpStream, serve: F) -> io::Result<()>
+    /// are handled on the thread that serves it. A socket that cannot move is closed (and
+    /// logged).
+    pub fn spawn_socket<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let tcp = tcp.into_std()?;
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot hand a connection to a shard");
+                return;
+            }
+        };
         self.spawn_connection(async move {
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => serve(tcp).await,
                 Err(e) => tracing::debug!(error = %e, "cannot register a connection on its shard"),
             }
         });
-        Ok(())
     }
 
     /// Runs `f` in shard `index`'s runtime context: what it spawns (a QUIC connection's
@@ -148,7 +158,6 @@ mod tests {
             .expect("runtime");
         runtime.block_on(async {
             let shards = Shards::start(3).expect("shards");
-            assert_eq!(shards.count(), 3);
             let mut seen = Vec::new();
             for _ in 0..6 {
                 let (tx, rx) = tokio::sync::oneshot::channel();
