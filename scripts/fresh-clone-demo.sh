@@ -3,8 +3,9 @@
 # made in an empty temporary folder: what a new user does first. It fails when the demo
 # needs anything that is not committed, or anything beside the checkout.
 #
-# The build reuses this checkout's target directory (CARGO_TARGET_DIR), so after the first
-# release build it costs little. Usage: scripts/fresh-clone-demo.sh
+# The build reuses this checkout's target directory (CARGO_TARGET_DIR). The demo command
+# builds with the same profile and features as `cargo test --workspace`, so after the tests
+# it costs nothing to build. Usage: scripts/fresh-clone-demo.sh
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
