@@ -161,6 +161,13 @@ pub trait SpliceHooks: Unpin {
         let _ = cx;
         Poll::Ready(None)
     }
+    /// The tunnel side failed (its stream was reset, or its connection lost) while `io` was
+    /// still open: bytes to give `io` before it is closed (a websocket close frame that
+    /// tells the client to reconnect), or `None` to just close it. They are written only if
+    /// nothing else is waiting to go down, in one try that never waits.
+    fn tunnel_failed(&mut self) -> Option<Bytes> {
+        None
+    }
 }
 
 /// Hooks that do nothing.
@@ -207,6 +214,14 @@ impl SpliceHooks for IdleTimeout {
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// Which side of a splice an error came from.
+enum Failed {
+    /// `io`, the client's side at an edge.
+    Io(io::Error),
+    /// The tunnel stream.
+    Tunnel(io::Error),
 }
 
 /// Bytes read from `io` that the tunnel did not take yet, or from the tunnel that `io`
@@ -339,9 +354,29 @@ where
                     self.down_done = true;
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.tunnel_failed(cx, e))),
             }
         }
+    }
+
+    /// The tunnel side failed with `e`: gives `io` what the hooks have to say about it, if
+    /// anything, in one try that never waits (a client that takes nothing gets nothing), and
+    /// returns `e` to end the splice with.
+    fn tunnel_failed(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        if !self.down.is_empty() || self.down_done {
+            return e;
+        }
+        let Some(farewell) = self.hooks.tunnel_failed() else {
+            return e;
+        };
+        let mut io = Pin::new(&mut self.io);
+        if let Poll::Ready(Ok(n)) = io.as_mut().poll_write(cx, &farewell)
+            && n == farewell.len()
+        {
+            // Shutting down pushes out what a TLS stream buffered (and says goodbye).
+            let _ = io.poll_shutdown(cx);
+        }
+        e
     }
 
     /// `io` → tunnel. `Ready(Ok(()))` once the direction is over.
@@ -351,7 +386,12 @@ where
         }
         loop {
             if !self.up.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut self.send).poll_write(cx, self.up.rest()))?;
+                let n = match std::task::ready!(
+                    Pin::new(&mut self.send).poll_write(cx, self.up.rest())
+                ) {
+                    Ok(n) => n,
+                    Err(e) => return Poll::Ready(Err(self.tunnel_failed(cx, e))),
+                };
                 self.up.offset += n;
                 continue;
             }
@@ -365,7 +405,7 @@ where
                 let mut buf = tokio::io::ReadBuf::new(scratch);
                 match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(Failed::Io(e))),
                     Poll::Ready(Ok(())) => {
                         let data = buf.filled();
                         if data.is_empty() {
@@ -374,7 +414,7 @@ where
                         // Hand quinn what it takes now; keep only the rest.
                         let taken = match Pin::new(&mut self.send).poll_write(cx, data) {
                             Poll::Ready(Ok(n)) => n,
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Tunnel(e))),
                             Poll::Pending => 0,
                         };
                         Poll::Ready(Ok(Some((
@@ -384,7 +424,12 @@ where
                     }
                 }
             });
-            match std::task::ready!(read)? {
+            let read = match std::task::ready!(read) {
+                Ok(read) => read,
+                Err(Failed::Io(e)) => return Poll::Ready(Err(e)),
+                Err(Failed::Tunnel(e)) => return Poll::Ready(Err(self.tunnel_failed(cx, e))),
+            };
+            match read {
                 None => {
                     self.up_ending = true;
                 }

@@ -3,7 +3,8 @@
 //! one at once; a killed connector's requests move once routing sees it gone (well within
 //! a second), and the idempotent requests it lost are sent again. Websockets through a
 //! killed connector end as soon as the edge has no path left to it (they cannot move: the
-//! connector held their origin connection), and new ones open through the other.
+//! connector held their origin connection), with a close frame that tells the client to
+//! reconnect, and new ones open through the other.
 
 use std::time::{Duration, Instant};
 
@@ -138,13 +139,16 @@ async fn a_killed_connector_s_websockets_end_at_once_and_new_ones_open_through_t
         }
         tries
     };
-    // The old websocket: how long until it ends (QUIC's idle timeout would be 10 s).
+    // The old websocket: how long until it ends (QUIC's idle timeout would be 10 s), and
+    // how: the edge's close frame, or the connection just dropping.
     let old_end = async {
+        use tokio_tungstenite::tungstenite::Message;
         let ended = tokio::time::timeout(Duration::from_secs(8), async {
             loop {
                 match old.next().await {
+                    Some(Ok(Message::Close(frame))) => return (killed.elapsed(), Some(frame)),
                     Some(Ok(_)) => continue,
-                    _ => return killed.elapsed(),
+                    _ => return (killed.elapsed(), None),
                 }
             }
         })
@@ -153,7 +157,7 @@ async fn a_killed_connector_s_websockets_end_at_once_and_new_ones_open_through_t
     };
     let (tries, ended) = tokio::join!(opener, old_end);
     eprintln!("{victim} killed: the websocket on it ended after {ended:?}; new ones: {tries:?}");
-    let ended = ended.ok_or_else(|| {
+    let (ended, close) = ended.ok_or_else(|| {
         anyhow::anyhow!(
             "the websocket through {victim} was still open 8 s after it died\n{}",
             c.logs()
@@ -162,6 +166,14 @@ async fn a_killed_connector_s_websockets_end_at_once_and_new_ones_open_through_t
     assert!(
         ended < Duration::from_secs(3),
         "the websocket through {victim} ended only after {ended:?}"
+    );
+    // 1012, "service restart": the client is told to reconnect, and does so through the
+    // other connector.
+    let code = close.flatten().map(|f| u16::from(f.code));
+    assert_eq!(
+        code,
+        Some(1012),
+        "the websocket through {victim} did not end with a close frame 1012"
     );
     let first_ok = tries
         .iter()

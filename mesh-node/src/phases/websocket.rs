@@ -20,6 +20,35 @@ use tokio::time::{Instant, Sleep};
 /// An empty ping frame from a server: FIN + opcode 0x9, unmasked, no payload.
 const PING: &[u8] = &[0x89, 0x00];
 
+/// What a client hears when the tunnel under its websocket fails (the connector behind it
+/// died, or the edge lost every path to it): close code 1012, "service restart" (IANA's
+/// WebSocket close code registry), which tells a client to reconnect, and a new websocket
+/// goes through a connector that works. Without it the client would see the connection
+/// drop with no close frame (1006, "abnormal closure").
+const CLOSE_TUNNEL_LOST: &[u8] = &close_frame::<{ 4 + TUNNEL_LOST.len() }>(1012, TUNNEL_LOST);
+const TUNNEL_LOST: &[u8] = b"the tunnel to the origin was lost";
+
+/// A close frame from a server (unmasked): FIN + opcode 0x8, the payload length, the code,
+/// the reason. `N` is 4 + the reason's length, at most 125 + 2 (RFC 6455 §5.5).
+const fn close_frame<const N: usize>(code: u16, reason: &[u8]) -> [u8; N] {
+    assert!(
+        N == 4 + reason.len() && N <= 127,
+        "a control frame's payload is at most 125 bytes"
+    );
+    let mut frame = [0u8; N];
+    frame[0] = 0x88;
+    frame[1] = (N - 2) as u8;
+    let code = code.to_be_bytes();
+    frame[2] = code[0];
+    frame[3] = code[1];
+    let mut i = 0;
+    while i < reason.len() {
+        frame[4 + i] = reason[i];
+        i += 1;
+    }
+    frame
+}
+
 /// How soon to look again when a ping is due but a frame is still being copied.
 const RETRY_AT_BOUNDARY: Duration = Duration::from_millis(50);
 
@@ -132,6 +161,12 @@ impl Keepalive {
 impl SpliceHooks for Keepalive {
     fn sent_down(&mut self, bytes: &[u8]) {
         self.framing.feed(bytes);
+    }
+
+    fn tunnel_failed(&mut self) -> Option<Bytes> {
+        // A close frame may go between any two frames, never inside one.
+        (self.ping_every.is_some() && self.framing.at_boundary())
+            .then(|| Bytes::from_static(CLOSE_TUNNEL_LOST))
     }
 
     fn received_up(&mut self, _n: usize) {
@@ -292,5 +327,24 @@ mod tests {
         let e = std::future::poll_fn(|cx| k.poll_event(cx)).await;
         assert!(e.expect("ping").is_ok());
         assert!(Instant::now() - started < SLACK);
+    }
+
+    #[tokio::test]
+    async fn a_lost_tunnel_gets_a_close_frame_1012_between_frames_only() {
+        let every = Duration::from_secs(30);
+        let mut k = Keepalive::new(every, every * 2);
+        let close = k.tunnel_failed().expect("a close frame at the start");
+        // The frame as a client reads it: close opcode, unmasked, length, code, reason.
+        assert_eq!(close[0], 0x88);
+        assert_eq!(usize::from(close[1]), close.len() - 2);
+        assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1012);
+        assert!(std::str::from_utf8(&close[4..]).is_ok());
+        let big = frame(1000, false);
+        k.sent_down(&big[..500]);
+        assert_eq!(k.tunnel_failed(), None, "not inside a frame");
+        k.sent_down(&big[500..]);
+        assert!(k.tunnel_failed().is_some(), "after the frame's last byte");
+        // An upgraded flow that is not a websocket has no frames to close.
+        assert_eq!(Keepalive::idle_only(every).tunnel_failed(), None);
     }
 }
