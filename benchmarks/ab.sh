@@ -88,7 +88,8 @@ for v in A B; do
 done
 machine_json "wrk=$(wrk -v 2>&1 | head -1 | awk '{print $2}')" \
   "h2load=$(h2load --version 2>&1 | head -1 | awk '{print $2}')" \
-  "A=${SPEC[A]} (bin ${BIN[A]})" "B=${SPEC[B]} (bin ${BIN[B]})" >"$out/raw/machine.json"
+  "A=${SPEC[A]} (bin ${BIN[A]}: $("${BIN[A]}/mesh-node" --version 2>/dev/null))" \
+  "B=${SPEC[B]} (bin ${BIN[B]}: $("${BIN[B]}/mesh-node" --version 2>/dev/null))" >"$out/raw/machine.json"
 
 "$bin/demo-origin" --listen "127.0.0.1:$P_ORIGIN" --name bench >"$run_dir/demo-origin.log" 2>&1 &
 pids+=($!); PID_ORIGIN=$!

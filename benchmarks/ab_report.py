@@ -147,7 +147,7 @@ def main():
     after = load(f"{out}/raw/after.json", {})
     print(f"# {a.title}, one run\n")
     print(f"{m.get('date_utc')}, {m.get('nproc')} × {m.get('cpu_model')}, kernel {m.get('kernel')}, "
-          f"commit {m.get('git_commit')}; load average before {m.get('loadavg_before')}, after "
+          f"checkout {m.get('git_commit')}; load average before {m.get('loadavg_before')}, after "
           f"{after.get('loadavg_after')}.\n")
     print(f"- A, {names['A']}: `{m.get('A')}`")
     print(f"- B, {names['B']}: `{m.get('B')}`\n")

@@ -106,8 +106,10 @@ def main():
         "",
         f"- command: `{a.command}`",
         f"- machine: {machine.get('cpu_model', '?')}, {machine.get('nproc', '?')} cores, "
-        f"{machine.get('kernel', '?')}; {machine.get('date_utc', '?')}; commit "
+        f"{machine.get('kernel', '?')}; {machine.get('date_utc', '?')}; checkout "
         f"{machine.get('git_commit', '?')}",
+        f"- Skylane binaries: `{machine.get('bin_dir', '?')}`, `mesh-node --version`: "
+        f"{machine.get('bin_version', 'not recorded')}",
         f"- versions: nginx {machine.get('nginx', '?')}, Varnish {machine.get('varnish', '?')}, "
         f"{machine.get('hitch', '?')}, wrk {machine.get('wrk', '?')}",
         f"- load: {machine.get('load', '?')}; medians over the rounds. The load generator "

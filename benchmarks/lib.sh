@@ -58,7 +58,8 @@ skylane_bins() {
     log "using prebuilt binaries in $bin"
   else
     log "building binaries (cargo build --profile production)"
-    (cd "$root" && cargo build --profile production --bin mesh-node --bin origin-connector --bin demo-origin)
+    (cd "$root" && SKYLANE_COMMIT="$(checkout_commit)" \
+      cargo build --profile production --bin mesh-node --bin origin-connector --bin demo-origin)
     bin="${CARGO_TARGET_DIR:-$root/target}/production"
   fi
   local b
@@ -117,6 +118,11 @@ frames_json() { # before after -> {"sent": n, "received": n}
   python3 -c 'import json,sys; b=sys.argv[1].split(); a=sys.argv[2].split(); print(json.dumps({"sent": int(a[0])-int(b[0]), "received": int(a[1])-int(b[1])}))' "$1" "$2"
 }
 
+# The checkout's commit, "+dirty" when it has uncommitted changes.
+checkout_commit() {
+  echo "$(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$root" && git diff --quiet HEAD -- 2>/dev/null || echo '+dirty')"
+}
+
 # machine_json KEY=VALUE...: the machine and the commit as JSON, plus the pairs given
 # (tool versions, knobs).
 machine_json() {
@@ -129,7 +135,10 @@ machine_json() {
   echo "  \"mem_total\": \"$(grep MemTotal /proc/meminfo | awk '{print $2 " " $3}')\","
   echo "  \"loadavg_before\": \"$(cut -d' ' -f1-3 /proc/loadavg)\","
   echo "  \"rustc\": \"$(rustc --version 2>/dev/null || echo unknown)\","
-  echo "  \"git_commit\": \"$(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$root" && git diff --quiet HEAD -- 2>/dev/null || echo '+dirty')\","
+  echo "  \"git_commit\": \"$(checkout_commit)\","
+  # What the binaries say they are: prebuilt ones (SKYLANE_BIN_DIR) need not come from
+  # the checkout; a build with SKYLANE_COMMIT set names its commit here.
+  echo "  \"bin_version\": \"$("$bin/mesh-node" --version 2>/dev/null || echo unknown)\","
   for kv in "$@"; do
     echo "  \"${kv%%=*}\": \"${kv#*=}\","
   done

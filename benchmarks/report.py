@@ -268,7 +268,8 @@ def main():
     L.append(f"Command: `{args.command}`\n")
     L.append(f"Machine: {m.get('nproc')} cores ({m.get('cpu_model')}), {m.get('mem_total')}, kernel {m.get('kernel')}; "
              f"load average before {m.get('loadavg_before')}, after {res['after'].get('loadavg_after')}. "
-             f"Build: {m.get('git_commit')}, {m.get('rustc')}. nginx {m.get('nginx')}, wrk {m.get('wrk')}, h2load {m.get('h2load')}.\n")
+             f"Checkout: {m.get('git_commit')}, {m.get('rustc')}; Skylane binaries: `{m.get('bin_dir')}`, "
+             f"`mesh-node --version`: {m.get('bin_version', 'not recorded')}. nginx {m.get('nginx')}, wrk {m.get('wrk')}, h2load {m.get('h2load')}.\n")
     L.append(f"## Request rate and latency (wrk -t1 -c{args.conns} -d{args.duration}s, GET {args.path}, HTTP/1.1, "
              f"median of {len(next(iter(mr.values()))['rounds']) if mr else 0} interleaved rounds)\n")
     L.append("| target | req/s | p50 | p99 | server CPU per request | errors |")

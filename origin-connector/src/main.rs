@@ -16,7 +16,7 @@ use skylane_shared::config::EXIT_CONFIG;
 
 /// The Skylane origin connector: accepts tunnels from edges and forwards to the origin.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = skylane_shared::cli::version(), about)]
 struct Cli {
     /// Config file (TOML).
     #[arg(short, long, value_name = "FILE", global = true)]

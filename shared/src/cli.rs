@@ -27,6 +27,20 @@ pub fn keygen(out: &Path, force: bool) -> Result<(), i32> {
     Ok(())
 }
 
+/// The version `--version` prints and the start-up log shows: the package version, and
+/// the commit when the build set `SKYLANE_COMMIT` (`SKYLANE_COMMIT=$(git rev-parse --short
+/// HEAD) cargo build …`, as docs/deploy.md and the benchmarks do), so a running binary
+/// says which source it came from. Unset, the variable costs no rebuilds.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| match option_env!("SKYLANE_COMMIT") {
+        Some(commit) if !commit.is_empty() => {
+            format!("{} ({commit})", env!("CARGO_PKG_VERSION"))
+        }
+        _ => env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
 /// The CPUs this process may use (cgroup quotas count); at least 1.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -45,7 +59,7 @@ where
 {
     crate::telemetry::init_tracing(log.format, log.level.as_deref());
     raise_open_file_limit();
-    tracing::info!(cpus = cpus(), %runtime, "runtime");
+    tracing::info!(version = version(), cpus = cpus(), %runtime, "runtime");
     let mut builder = match runtime {
         Runtime::SingleThread | Runtime::Shards(_) => tokio::runtime::Builder::new_current_thread(),
         Runtime::Workers(n) => {
