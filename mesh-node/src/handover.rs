@@ -14,10 +14,8 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use skylane_shared::handover::{self, HandoverPoint, Successor};
-use skylane_shared::mesh::handoff::PipeSocket;
-use skylane_shared::mesh::{MeshSocket, virtual_addr};
-use tokio_util::sync::CancellationToken;
+use skylane_shared::handover::Successor;
+use skylane_shared::mesh::MeshSocket;
 
 use crate::server::Listeners;
 use crate::tunnel::TunnelPool;
@@ -48,70 +46,6 @@ pub fn sockets(
         add(format!("tcp/{}", l.local_addr()?), l)?;
     }
     Ok(out)
-}
-
-/// The old process's side: hands `sockets` to each successor that asks at `point`, moves
-/// `endpoint`'s connections onto the pipe, and starts the drain once the successor serves.
-pub async fn serve_successors(
-    point: String,
-    sockets: Vec<(String, OwnedFd)>,
-    socket: Arc<MeshSocket>,
-    endpoint: quinn::Endpoint,
-    generation: u8,
-    drain: CancellationToken,
-) {
-    let sockets = Arc::new(sockets);
-    loop {
-        let listening = match HandoverPoint::listen(&point) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "no hand-over point: a restart will refuse connections");
-                return;
-            }
-        };
-        let stream = tokio::select! {
-            _ = drain.cancelled() => return,
-            s = listening.accept() => s,
-        };
-        // The name is free for the successor's own point from here on.
-        drop(listening);
-        let offered = stream.and_then(|stream| {
-            let borrowed: Vec<(String, std::os::fd::BorrowedFd<'_>)> = sockets
-                .iter()
-                .map(|(l, fd)| (l.clone(), fd.as_fd()))
-                .collect();
-            let pipe = handover::offer(&stream, generation, &borrowed)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            Ok((stream, pipe))
-        });
-        let (stream, pipe) = match offered {
-            Ok(got) => got,
-            Err(e) => {
-                tracing::warn!(error = %e, "hand-over to a successor failed");
-                continue;
-            }
-        };
-        tracing::info!("a successor took the sockets; this process's connections go on through it");
-        let me = virtual_addr(&socket.local_id());
-        let rebound = PipeSocket::new(pipe, me).and_then(|p| endpoint.rebind_abstract(Arc::new(p)));
-        match rebound {
-            // From here the successor reads every datagram.
-            Ok(()) => socket.set_handed_over(true),
-            Err(e) => tracing::warn!(error = %e, "could not move the tunnels onto the pipe"),
-        }
-        let ready = handover::await_ready(stream).await;
-        if ready {
-            tracing::info!("the successor serves: draining");
-            drain.cancel();
-            return;
-        }
-        tracing::warn!("the successor went away before it served; taking the tunnels back");
-        socket.set_handed_over(false);
-        if let Err(e) = endpoint.rebind_abstract(socket.clone()) {
-            tracing::error!(error = %e, "could not take the tunnels back");
-            return;
-        }
-    }
 }
 
 /// The new process's side: once a tunnel is up (or after a while), tells the old process

@@ -275,26 +275,14 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         skylane_shared::cli::cpus(),
     );
     skylane_shared::cli::run(&log, runtime, |metrics, shutdown| async move {
-        let point = skylane_shared::handover::point_name(&config.identity.me.name, config.listen);
-        let mut successor = match cli.take_over {
-            true => Some(
-                skylane_shared::handover::take_over(&point)
-                    .map_err(|e| anyhow::anyhow!("--take-over: {e}"))?,
-            ),
-            false => None,
-        };
-        let socket = match successor.as_mut().and_then(|s| s.take("mesh")) {
-            Some(fd) => {
-                let udp = std::net::UdpSocket::from(fd);
-                udp.set_nonblocking(true)?;
-                skylane_shared::mesh::MeshSocket::from_tokio(
-                    tokio::net::UdpSocket::from_std(udp)?,
-                    &config.identity.key,
-                    config.identity.members.clone(),
-                )?
-            }
-            None => skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?,
-        };
+        let mut successor =
+            skylane_shared::cli::take_over(cli.take_over, &config.identity, config.listen)?;
+        let socket = skylane_shared::cli::take_or_bind_mesh_socket(
+            successor.as_mut(),
+            config.listen,
+            &config.identity,
+        )
+        .await?;
         let listeners =
             mesh_node::server::Listeners::take_or_bind(&config, successor.as_mut()).await?;
         mesh_node::server::serve(

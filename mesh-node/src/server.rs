@@ -64,16 +64,7 @@ impl Listeners {
         mut taken: Option<&mut skylane_shared::handover::Successor>,
     ) -> std::io::Result<Self> {
         let mut listen = async |label: String, addr: SocketAddr| {
-            if let Some(fd) = taken.as_mut().and_then(|s| s.take(&label)) {
-                let l = std::net::TcpListener::from(fd);
-                if l.local_addr().ok() == Some(addr) || addr.port() == 0 {
-                    l.set_nonblocking(true)?;
-                    return TcpListener::from_std(l);
-                }
-            }
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+            skylane_shared::cli::take_or_bind_listener(taken.as_deref_mut(), &label, addr).await
         };
         let mut l = Listeners::default();
         if let Some(h) = &config.https {
@@ -470,7 +461,7 @@ pub async fn serve(
     );
     // Restart without refusing connections: a successor may take this process's sockets;
     // a process that took over another says so once a tunnel is up.
-    let hand_over = crate::handover::serve_successors(
+    let hand_over = skylane_shared::handover::serve_successors(
         handover_point,
         handover_sockets,
         socket.clone(),

@@ -70,6 +70,10 @@ struct Pooled {
     closed: Arc<AtomicBool>,
     /// Consecutive idle checks that found it carrying nothing.
     quiet_checks: u8,
+    /// Set when the connector process behind it hands over to a successor
+    /// ([`TunnelPool::retire`]): it takes no new flows, and the pool dials a new connection,
+    /// which reaches the successor. Its flows in flight go on until the old process ends it.
+    retired: Arc<AtomicBool>,
 }
 
 impl Pooled {
@@ -80,7 +84,13 @@ impl Pooled {
             open: Arc::new(AtomicUsize::new(0)),
             closed: Arc::new(AtomicBool::new(false)),
             quiet_checks: 0,
+            retired: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether new flows may use it: not seen closed, not retired.
+    fn takes_flows(&self) -> bool {
+        self.not_seen_closed() && !self.retired.load(Ordering::Relaxed)
     }
 
     /// Whether the connection is open, asked of quinn (and remembered when it is not).
@@ -127,6 +137,9 @@ pub struct TunnelStream {
     pub recv: FlowRecv,
     /// Its place on the connection: keep it as long as the flow.
     pub slot: StreamSlot,
+    /// Its QUIC connection's retirement mark, for [`TunnelPool::retire`]; `None` for a flow
+    /// that is not on a pooled QUIC connection.
+    pub retired: Option<Arc<AtomicBool>>,
 }
 
 /// Why no stream could be opened.
@@ -179,11 +192,18 @@ impl ConnectorLink {
     /// flag (for the caller to set when the stream fails to open because it is closed).
     /// One of `shard`'s own if it has one with room; if not, another shard's, and the pool
     /// is asked for one of its own (to open from that shard, see [`grow_pool`]).
-    fn take_slot(&self, shard: usize) -> Option<(quinn::Connection, StreamSlot, Arc<AtomicBool>)> {
+    fn take_slot(
+        &self,
+        shard: usize,
+    ) -> Option<(
+        quinn::Connection,
+        StreamSlot,
+        Arc<AtomicBool>,
+        Arc<AtomicBool>,
+    )> {
         let s = self.state.read().ok()?;
-        let room = |p: &&Pooled| {
-            p.not_seen_closed() && p.open.load(Ordering::Relaxed) < self.per_connection
-        };
+        let room =
+            |p: &&Pooled| p.takes_flows() && p.open.load(Ordering::Relaxed) < self.per_connection;
         let p = match s.conns.iter().filter(room).find(|p| p.shard == shard) {
             Some(p) => p,
             None => {
@@ -195,7 +215,12 @@ impl ConnectorLink {
             }
         };
         p.open.fetch_add(1, Ordering::Relaxed);
-        Some((p.conn.clone(), StreamSlot(p.open.clone()), p.closed.clone()))
+        Some((
+            p.conn.clone(),
+            StreamSlot(p.open.clone()),
+            p.closed.clone(),
+            p.retired.clone(),
+        ))
     }
 
     fn primary(&self) -> Option<quinn::Connection> {
@@ -323,6 +348,7 @@ impl Direct {
                 resolver,
                 // The edge drains its own clients; the forwarder never refuses as draining.
                 draining: CancellationToken::new(),
+                restarting: Arc::default(),
                 pipes: tracker,
             },
             services,
@@ -350,6 +376,7 @@ impl Direct {
             send,
             recv,
             slot: StreamSlot(self.flows.clone()),
+            retired: None,
         }
     }
 }
@@ -631,6 +658,17 @@ impl TunnelPool {
         until_routes(&self.control, |c| !c.has_route(&id)).await
     }
 
+    /// `connector`'s process said (on the connection `retired` marks) that it hands over to
+    /// a successor: that connection takes no new flows, and the next flow that finds no
+    /// other connection with room has the pool dial one, which reaches the successor.
+    pub fn retire(&self, connector: &str, retired: &AtomicBool) {
+        if !retired.swap(true, Ordering::Relaxed) {
+            tracing::info!(%connector, "the connector hands over to a successor process; opening a new tunnel connection");
+            metrics::counter!("skylane_tunnel_retired_total", "connector" => connector.to_owned())
+                .increment(1);
+        }
+    }
+
     /// Notes that `connector` refused a flow because it is draining: new flows go to the
     /// other connectors first for a while.
     pub fn mark_draining(&self, connector: &str) {
@@ -690,6 +728,7 @@ impl TunnelPool {
                                     send,
                                     recv,
                                     slot: StreamSlot(link.flows.clone()),
+                                    retired: None,
                                 });
                             }
                             Err(e) => {
@@ -700,7 +739,8 @@ impl TunnelPool {
                         }
                     }
                 };
-                let Some((conn, slot, closed)) = link.take_slot(skylane_shared::shards::current())
+                let Some((conn, slot, closed, retired)) =
+                    link.take_slot(skylane_shared::shards::current())
                 else {
                     link.grow.notify_one();
                     waiting.push(link);
@@ -714,6 +754,7 @@ impl TunnelPool {
                             send,
                             recv,
                             slot,
+                            retired: Some(retired),
                         });
                     }
                     Ok(Err(e)) => {
@@ -927,9 +968,12 @@ async fn grow_pool(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancella
                 Ok(s) => {
                     let live: Vec<&Pooled> = s.conns.iter().filter(|p| p.alive()).collect();
                     let has_room = live.iter().any(|p| {
-                        p.shard == shard && p.open.load(Ordering::Relaxed) < link.per_connection
+                        p.shard == shard
+                            && !p.retired.load(Ordering::Relaxed)
+                            && p.open.load(Ordering::Relaxed) < link.per_connection
                     });
-                    // No connection at all: the dial loop brings the first one up.
+                    // No connection at all: the dial loop brings the first one up. (Only
+                    // retired ones: this dials their successor's.)
                     if live.is_empty() || has_room {
                         continue;
                     }

@@ -26,6 +26,9 @@ pub struct Context {
     pub resolver: Resolver,
     /// Set while draining: new streams are refused so edges use another connector.
     pub draining: tokio_util::sync::CancellationToken,
+    /// Set (before `draining`) when the drain is a hand-over to a successor process: the
+    /// refusal then tells edges to open a new tunnel connection to this same connector.
+    pub restarting: Arc<std::sync::atomic::AtomicBool>,
     /// Where upgraded pipes run once their handshake is done (the tracker the drain waits
     /// for): a pipe gets a small task of its own, and the large state of the request that
     /// opened it is freed, which matters with tens of thousands of idle websockets.
@@ -92,12 +95,15 @@ async fn serve_stream(
     started: Instant,
 ) {
     if ctx.draining.is_cancelled() {
-        refuse(
-            &mut send,
-            RefusalKind::Draining,
-            "connector is draining".into(),
-        )
-        .await;
+        let (kind, message) = if ctx.restarting.load(std::sync::atomic::Ordering::Relaxed) {
+            (
+                RefusalKind::Restarting,
+                "connector process is handing over to its successor",
+            )
+        } else {
+            (RefusalKind::Draining, "connector is draining")
+        };
+        refuse(&mut send, kind, message.into()).await;
         return;
     }
     let Some(pool) = ctx.services.get(&header.service) else {
@@ -529,6 +535,7 @@ mod tests {
             services: Arc::new(services),
             resolver: Resolver::from_system(),
             draining: tokio_util::sync::CancellationToken::new(),
+            restarting: Arc::default(),
             pipes: tokio_util::task::TaskTracker::new(),
         }
     }

@@ -24,6 +24,10 @@ struct Cli {
     /// Validate the config and exit (0 when valid, 64 when not).
     #[arg(long)]
     check: bool,
+    /// Take over the sockets of the running process of this node (same config): edges move
+    /// their new requests to this process while the old one drains and exits.
+    #[arg(long)]
+    take_over: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -86,23 +90,19 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         skylane_shared::cli::cpus(),
     );
     skylane_shared::cli::run(&log, runtime, |metrics, shutdown| async move {
-        let socket = skylane_shared::cli::bind_mesh_socket(config.listen, &config.identity).await?;
-        let admin =
-            match config.admin.as_ref().map(|a| a.listen) {
-                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                    anyhow::anyhow!("cannot bind the admin listener on {addr}: {e}")
-                })?),
-                None => None,
-            };
-        let wireguard = match config.wireguard.as_ref().map(|w| w.listen) {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot bind wireguard.listen on {addr} (is the WireGuard interface up?): {e}"
-                )
-            })?),
-            None => None,
-        };
-        let listeners = origin_connector::server::Listeners { admin, wireguard };
-        origin_connector::server::serve(config, path, socket, listeners, metrics, shutdown).await
+        let mut successor =
+            skylane_shared::cli::take_over(cli.take_over, &config.identity, config.listen)?;
+        let socket = skylane_shared::cli::take_or_bind_mesh_socket(
+            successor.as_mut(),
+            config.listen,
+            &config.identity,
+        )
+        .await?;
+        let listeners =
+            origin_connector::server::Listeners::take_or_bind(&config, successor.as_mut()).await?;
+        origin_connector::server::serve(
+            config, path, socket, listeners, metrics, shutdown, successor,
+        )
+        .await
     })
 }

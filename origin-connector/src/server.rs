@@ -1,11 +1,14 @@
 //! The connector's main loop: accept tunnels from members, serve their streams, drain on
-//! shutdown.
+//! shutdown, or hand the sockets to a successor process (`--take-over`) and drain then.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::json;
+use skylane_shared::handover::Successor;
 use skylane_shared::lifecycle::Shutdown;
 use skylane_shared::membership::Role;
 use skylane_shared::mesh::MeshSocket;
@@ -109,7 +112,44 @@ pub struct Listeners {
     pub wireguard: Option<tokio::net::TcpListener>,
 }
 
+impl Listeners {
+    /// Takes each listener the config names from a process taken over, when it handed one
+    /// over on that address, and binds the others.
+    pub async fn take_or_bind(
+        config: &Config,
+        mut taken: Option<&mut Successor>,
+    ) -> anyhow::Result<Self> {
+        let mut listen = async |label: &str, addr: std::net::SocketAddr, what: &str| {
+            skylane_shared::cli::take_or_bind_listener(taken.as_deref_mut(), label, addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+        };
+        let mut l = Listeners::default();
+        if let Some(a) = &config.admin {
+            l.admin = Some(listen("admin", a.listen, "cannot bind the admin listener").await?);
+        }
+        if let Some(w) = &config.wireguard {
+            let what = "cannot bind wireguard.listen (is the WireGuard interface up?)";
+            l.wireguard = Some(listen("wireguard", w.listen, what).await?);
+        }
+        Ok(l)
+    }
+
+    /// Copies of the descriptors a successor takes, by label, the mesh socket first.
+    fn for_successor(&self, socket: &MeshSocket) -> std::io::Result<Vec<(String, OwnedFd)>> {
+        let mut out = vec![("mesh".to_owned(), socket.as_fd().try_clone_to_owned()?)];
+        for (label, l) in [("admin", &self.admin), ("wireguard", &self.wireguard)] {
+            if let Some(l) = l {
+                out.push((label.to_owned(), l.as_fd().try_clone_to_owned()?));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Runs the connector on an already-bound mesh socket (and TCP listeners) until shutdown.
+/// `successor`: what this process took over from a running one (`--take-over`), which
+/// drains once this one serves.
 pub async fn serve(
     config: Config,
     config_path: std::path::PathBuf,
@@ -117,17 +157,25 @@ pub async fn serve(
     listeners: Listeners,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: Shutdown,
+    mut successor: Option<Successor>,
 ) -> anyhow::Result<()> {
     let identity = config.identity.clone();
     // The runtime `main` built is shard 0's; this starts the others.
     let shards = Shards::for_config(config.worker_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the connector's shards: {e}"))?;
-    let endpoint = quic::endpoint(
-        socket.clone(),
-        &identity.key,
-        true,
-        quic::fresh_generation(),
-    )?;
+    // As at the edge (mesh-node/src/server.rs): the next generation of connection IDs, and
+    // the old process's packets passed back to it before this endpoint reads the socket.
+    let generation = successor
+        .as_ref()
+        .map_or_else(quic::fresh_generation, |s| s.generation.wrapping_add(1));
+    if let Some(s) = successor.as_mut()
+        && let Some(pipe) = s.take_pipe()
+    {
+        socket.set_predecessor(pipe, s.generation)?;
+    }
+    let endpoint = quic::endpoint(socket.clone(), &identity.key, true, generation)?;
+    let handover_point = skylane_shared::handover::point_name(&identity.me.name, config.listen);
+    let handover_sockets = listeners.for_successor(&socket)?;
     let resolver = Resolver::from_system();
     let tracker = TaskTracker::new();
     let stop_checks = CancellationToken::new();
@@ -168,11 +216,13 @@ pub async fn serve(
         });
     }
     let draining = CancellationToken::new();
+    let restarting = Arc::new(AtomicBool::new(false));
     let streams = TaskTracker::new();
     let ctx = Context {
         services: services.clone(),
         resolver,
         draining: draining.clone(),
+        restarting: restarting.clone(),
         pipes: streams.clone(),
     };
     let tunnels = Arc::new(Tunnels::default());
@@ -233,6 +283,46 @@ pub async fn serve(
             admin_token,
             shutdown.now.clone(),
         ));
+    }
+    // Restart without refusing requests: a successor may take this process's sockets.
+    // Once it serves, this one drains, and its refusals tell edges to open a new tunnel
+    // connection, which reaches the successor.
+    let handed_over = shutdown.drain.child_token();
+    let hand_over = skylane_shared::handover::serve_successors(
+        handover_point,
+        handover_sockets,
+        socket.clone(),
+        endpoint.clone(),
+        generation,
+        handed_over.clone(),
+    );
+    {
+        let (restarting, drain) = (restarting.clone(), shutdown.drain.clone());
+        tokio::spawn(async move {
+            handed_over.cancelled().await;
+            if !drain.is_cancelled() {
+                restarting.store(true, Ordering::Relaxed);
+                drain.cancel();
+            }
+        });
+    }
+    match successor {
+        // The endpoint and the services are up: say so, then wait for a successor of
+        // this one's own.
+        Some(s) => {
+            tokio::spawn(async move {
+                match tokio::task::spawn_blocking(move || s.ready()).await {
+                    Ok(Ok(())) => tracing::info!("serving: the process taken over drains"),
+                    _ => {
+                        tracing::warn!("could not tell the process taken over that this one serves")
+                    }
+                }
+                hand_over.await;
+            });
+        }
+        None => {
+            tokio::spawn(hand_over);
+        }
     }
     tracing::info!(
         node = %identity.me.name,
@@ -303,11 +393,16 @@ pub async fn serve(
             metrics::gauge!("skylane_tunnels", "role" => "connector").decrement(1.0);
         });
     }
-    // Drain: refuse new streams (edges fail over to another connector), let in-flight
-    // streams finish within the grace period, then close the tunnels.
+    // Drain: refuse new streams (edges fail over to another connector, or to the successor
+    // of a hand-over), let in-flight streams finish within the grace period, then close the
+    // tunnels.
     draining.cancel();
     streams.close();
-    tracing::info!(grace_ms = shutdown_grace.as_millis() as u64, "draining");
+    tracing::info!(
+        grace_ms = shutdown_grace.as_millis() as u64,
+        handed_over = restarting.load(Ordering::Relaxed),
+        "draining"
+    );
     tokio::select! {
         _ = streams.wait() => tracing::info!("all streams finished"),
         _ = tokio::time::sleep(shutdown_grace) => tracing::warn!("grace period over; closing open streams"),

@@ -183,6 +183,59 @@ pub async fn bind_mesh_socket(
         .map_err(|e| anyhow::anyhow!("cannot bind the mesh socket on {listen}: {e}"))
 }
 
+/// `--take-over`: takes the sockets of the running process of the node whose mesh socket
+/// is at `listen`, when `take_over`; `None` otherwise.
+pub fn take_over(
+    take_over: bool,
+    identity: &Identity,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<Option<crate::handover::Successor>> {
+    if !take_over {
+        return Ok(None);
+    }
+    let point = crate::handover::point_name(&identity.me.name, listen);
+    crate::handover::take_over(&point)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("--take-over: {e}"))
+}
+
+/// The mesh socket a process took over (`successor`), or else a newly bound one.
+pub async fn take_or_bind_mesh_socket(
+    successor: Option<&mut crate::handover::Successor>,
+    listen: std::net::SocketAddr,
+    identity: &Identity,
+) -> anyhow::Result<std::sync::Arc<crate::mesh::MeshSocket>> {
+    let Some(fd) = successor.and_then(|s| s.take("mesh")) else {
+        return bind_mesh_socket(listen, identity).await;
+    };
+    let udp = std::net::UdpSocket::from(fd);
+    udp.set_nonblocking(true)?;
+    Ok(crate::mesh::MeshSocket::from_tokio(
+        tokio::net::UdpSocket::from_std(udp)?,
+        &identity.key,
+        identity.members.clone(),
+    )?)
+}
+
+/// The TCP listener labelled `label` that a process took over (`successor`), when it
+/// listens on `addr` (or `addr` asks for any port); or else a newly bound one.
+pub async fn take_or_bind_listener(
+    successor: Option<&mut crate::handover::Successor>,
+    label: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    if let Some(fd) = successor.and_then(|s| s.take(label)) {
+        let l = std::net::TcpListener::from(fd);
+        if l.local_addr().ok() == Some(addr) || addr.port() == 0 {
+            l.set_nonblocking(true)?;
+            return tokio::net::TcpListener::from_std(l);
+        }
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
 /// Exits the process with the outcome of a `main`: 0, or the code carried by the error.
 pub fn exit(outcome: Result<(), i32>) -> ! {
     std::process::exit(match outcome {

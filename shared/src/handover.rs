@@ -152,6 +152,73 @@ pub async fn await_ready(stream: UnixStream) -> bool {
     )
 }
 
+/// The old process's side, for either binary: hands `sockets` (the mesh socket first, as
+/// `mesh`) to each successor that asks at `point`, moves `endpoint`'s connections onto the
+/// pipe, and cancels `drain` once the successor serves. A successor that goes away before
+/// it serves gives the connections back to the mesh socket, and the next one may ask.
+pub async fn serve_successors(
+    point: String,
+    sockets: Vec<(String, OwnedFd)>,
+    socket: std::sync::Arc<crate::mesh::MeshSocket>,
+    endpoint: quinn::Endpoint,
+    generation: u8,
+    drain: tokio_util::sync::CancellationToken,
+) {
+    let sockets = std::sync::Arc::new(sockets);
+    loop {
+        let listening = match HandoverPoint::listen(&point) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "no hand-over point: a restart will refuse connections");
+                return;
+            }
+        };
+        let stream = tokio::select! {
+            _ = drain.cancelled() => return,
+            s = listening.accept() => s,
+        };
+        // The name is free for the successor's own point from here on.
+        drop(listening);
+        let offered = stream.and_then(|stream| {
+            let borrowed: Vec<(String, std::os::fd::BorrowedFd<'_>)> = sockets
+                .iter()
+                .map(|(l, fd)| (l.clone(), fd.as_fd()))
+                .collect();
+            let pipe = offer(&stream, generation, &borrowed)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok((stream, pipe))
+        });
+        let (stream, pipe) = match offered {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(error = %e, "hand-over to a successor failed");
+                continue;
+            }
+        };
+        tracing::info!("a successor took the sockets; this process's connections go on through it");
+        let me = crate::mesh::virtual_addr(&socket.local_id());
+        let rebound = crate::mesh::handoff::PipeSocket::new(pipe, me)
+            .and_then(|p| endpoint.rebind_abstract(std::sync::Arc::new(p)));
+        match rebound {
+            // From here the successor reads every datagram.
+            Ok(()) => socket.set_handed_over(true),
+            Err(e) => tracing::warn!(error = %e, "could not move the tunnels onto the pipe"),
+        }
+        let ready = await_ready(stream).await;
+        if ready {
+            tracing::info!("the successor serves: draining");
+            drain.cancel();
+            return;
+        }
+        tracing::warn!("the successor went away before it served; taking the tunnels back");
+        socket.set_handed_over(false);
+        if let Err(e) = endpoint.rebind_abstract(socket.clone()) {
+            tracing::error!(error = %e, "could not take the tunnels back");
+            return;
+        }
+    }
+}
+
 /// The new process's end: what it took over.
 #[derive(Debug)]
 pub struct Successor {

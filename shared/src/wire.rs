@@ -110,6 +110,10 @@ pub enum RefusalKind {
     Draining,
     /// The service carries as many flows as it may; the user should retry shortly.
     Overloaded,
+    /// This connector process handed its socket to a successor (a restart with
+    /// `--take-over`) and drains: a new tunnel connection to the same connector reaches the
+    /// successor. Nothing reached the origin. Last, so older edges decode every other kind.
+    Restarting,
 }
 
 impl RefusalKind {
@@ -123,6 +127,7 @@ impl RefusalKind {
             RefusalKind::BadHeader => "bad_header",
             RefusalKind::Draining => "draining",
             RefusalKind::Overloaded => "overloaded",
+            RefusalKind::Restarting => "restarting",
         }
     }
 }
@@ -272,6 +277,26 @@ impl<'de> Deserialize<'de> for WireHeaders {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn refusal_kinds_keep_their_numbers_so_older_edges_read_all_but_the_newest() {
+        // postcard writes a variant's index: a kind added anywhere but last would change
+        // what the kinds after it mean to an edge of the version before.
+        let kinds = [
+            RefusalKind::UnknownService,
+            RefusalKind::NoHealthyOrigin,
+            RefusalKind::OriginUnreachable,
+            RefusalKind::OriginTimeout,
+            RefusalKind::BadHeader,
+            RefusalKind::Draining,
+            RefusalKind::Overloaded,
+            RefusalKind::Restarting,
+        ];
+        for (index, kind) in kinds.into_iter().enumerate() {
+            let bytes = postcard::to_allocvec(&kind).expect("encodes");
+            assert_eq!(bytes, [index as u8], "{kind:?}");
+        }
+    }
 
     fn sample() -> StreamHeader {
         StreamHeader {

@@ -1,7 +1,8 @@
 //! Restart without refusing connections: a new edge process started with `--take-over`
 //! takes the running one's listening sockets and mesh socket, and the old one drains and
-//! exits, while `wrk` opens a new connection for every request. Skipped, with the reason,
-//! where `wrk` is not installed (scripts/setup-test-deps.sh installs it).
+//! exits, while `wrk` opens a new connection for every request; and the same for a lone
+//! connector, while `wrk` sends requests through the edge. Skipped, with the reason, where
+//! `wrk` is not installed (scripts/setup-test-deps.sh installs it).
 
 use std::time::{Duration, Instant};
 
@@ -171,6 +172,110 @@ async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
             "the {name} process lost a tunnel during the hand-over:\n{log}"
         );
     }
+    successor.kill();
+    Ok(())
+}
+
+/// A lone connector restarted with `--take-over` under load: the old process hands its
+/// mesh socket to the new one, refuses new streams as "restarting", and the edge opens a
+/// new tunnel connection for them, which reaches the new process. No request fails, and a
+/// websocket on the old process echoes until its drain ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_connector_restarts_without_a_failed_request() -> anyhow::Result<()> {
+    if !have_wrk() {
+        eprintln!("SKIPPED: the restart test needs wrk (scripts/setup-test-deps.sh installs it)");
+        return Ok(());
+    }
+    let mut c = Cluster::start(ClusterOptions::default())?;
+    let https = c.edges[0].https;
+    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", https.port()), stream)
+            .await?;
+    let wrk = std::process::Command::new("wrk")
+        .args(["-t2", "-c8", "-d8s"])
+        .arg(format!("https://127.0.0.1:{}/api/time", https.port()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let config = c.connector_config.clone();
+    let mut successor = Proc::spawn(
+        "connector-successor",
+        &bin("origin-connector"),
+        &[
+            "--take-over",
+            "--config",
+            config.to_str().unwrap_or_default(),
+        ],
+        c.dir.path(),
+    )?;
+    // The websocket went through the old process: it echoes through the hand-over and the
+    // drain (its QUIC connection carried through the successor), until the old one exits.
+    let mut echoed = 0;
+    while c.connector.wait_exit(Duration::from_millis(100)).is_none() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the old connector did not exit\n{}\n--- successor ---\n{}",
+            c.logs(),
+            successor.log()
+        );
+        let msg = Message::Text(format!("echo {echoed}").into());
+        if ws.send(msg.clone()).await.is_ok()
+            && let Ok(Some(Ok(back))) =
+                tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+            && back == msg
+        {
+            echoed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exited = started.elapsed();
+    let out = tokio::task::spawn_blocking(move || wrk.wait_with_output()).await??;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let counts = parse_wrk(&text);
+    println!(
+        "old connector exited {exited:?} after the successor started; {echoed} websocket echoes meanwhile; wrk: {counts:?}"
+    );
+    anyhow::ensure!(counts.requests > 100, "wrk made few requests:\n{text}");
+    anyhow::ensure!(
+        counts.connect == 0
+            && counts.read == 0
+            && counts.write == 0
+            && counts.timeout == 0
+            && counts.non_2xx == 0,
+        "{}\n--- successor ---\n{}\na request failed across the connector's restart:\n{text}",
+        c.logs(),
+        successor.log()
+    );
+    assert!(
+        echoed >= 5,
+        "the websocket on the old connector echoed only {echoed} times"
+    );
+    assert!(
+        successor
+            .log()
+            .contains("serving: the process taken over drains"),
+        "{}",
+        successor.log()
+    );
+    assert!(
+        c.edges[0]
+            .proc
+            .log()
+            .contains("hands over to a successor process"),
+        "the edge never heard that the old connector handed over\n{}",
+        c.logs()
+    );
+    // The successor serves on its own: requests and a new websocket.
+    let client = c.client(0)?;
+    assert_eq!(
+        client.get(c.url(0, "/api/time")).send().await?.status(),
+        200
+    );
+    let mut fresh = skylane_tests::open_websocket(&c, 0).await?;
+    skylane_tests::websocket_echo(&mut fresh, "after").await?;
     successor.kill();
     Ok(())
 }

@@ -171,6 +171,11 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// How many times one request goes again to a connector whose process said it hands over
+/// to a successor: once is the rule (the next connection reaches the successor); twice
+/// covers a successor that hands over in turn at once.
+const MAX_HAND_OVER_RETRIES: u32 = 2;
+
 /// What the request holds until its response (or pipe) ends: its mark on the connection
 /// and its place in the tunnel.
 pub type Held = (
@@ -224,6 +229,8 @@ where
     // an error.
     let mut tried: Vec<String> = Vec::new();
     let mut on_upgrade = on_upgrade;
+    // Refusals from connector processes that hand over to a successor, so far.
+    let mut handed_over = 0;
     loop {
         let stream = edge
             .tunnels
@@ -244,10 +251,16 @@ where
                 return retry_later(ErrorKind::Overloaded, &ctx.id, 2);
             }
         };
-        let (connector, mut send, mut recv, slot) =
-            (stream.connector, stream.send, stream.recv, stream.slot);
+        let (connector, mut send, mut recv, slot, retired) = (
+            stream.connector,
+            stream.send,
+            stream.recv,
+            stream.slot,
+            stream.retired,
+        );
         let span = tracing::debug_span!("request", request_id = %ctx.id, %connector, service = %route.service());
-        let retry_possible = body.is_none() && tried.len() + 1 < edge.tunnels.connector_count();
+        let body_was_none = body.is_none();
+        let retry_possible = body_was_none && tried.len() + 1 < edge.tunnels.connector_count();
         let attempt = async {
             if wire::write_frame(&mut send, &header).await.is_err() {
                 return Attempt::Failed;
@@ -280,6 +293,21 @@ where
             Attempt::Failed => (None, None),
             Attempt::Replied(reply, send) => (reply, send),
         };
+        // The connector's process hands over to a successor: a new tunnel connection to
+        // the same connector reaches it. Nothing reached the origin; a request whose body
+        // went out with it cannot be sent again.
+        if let Some(Reply::Refused(r)) = &reply
+            && r.kind == RefusalKind::Restarting
+        {
+            if let Some(retired) = &retired {
+                edge.tunnels.retire(&connector, retired);
+            }
+            handed_over += 1;
+            if body_was_none && handed_over <= MAX_HAND_OVER_RETRIES {
+                metrics::counter!("skylane_edge_retries_total").increment(1);
+                continue;
+            }
+        }
         let again = match &reply {
             // Nothing reached the origin: any request may go to another connector.
             Some(Reply::Refused(r)) => match r.kind {
@@ -362,7 +390,9 @@ async fn respond(
         Reply::Refused(r) => {
             tracing::info!(request_id = %id, reason = r.kind.label(), detail = %r.message, "connector refused");
             let kind = match r.kind {
-                RefusalKind::NoHealthyOrigin | RefusalKind::Draining => ErrorKind::NoHealthyOrigin,
+                RefusalKind::NoHealthyOrigin | RefusalKind::Draining | RefusalKind::Restarting => {
+                    ErrorKind::NoHealthyOrigin
+                }
                 RefusalKind::OriginTimeout => ErrorKind::OriginTimeout,
                 RefusalKind::UnknownService => ErrorKind::UnknownService,
                 RefusalKind::OriginUnreachable => ErrorKind::OriginUnreachable,
