@@ -70,6 +70,10 @@ struct Pooled {
     closed: Arc<AtomicBool>,
     /// Consecutive idle checks that found it carrying nothing.
     quiet_checks: u8,
+    /// Its place in the order its connector's connections were dialled (the link's
+    /// `dialled` counter): every connection dialled before one whose connector process
+    /// said it hands over reaches that same old process.
+    dialled: u64,
     /// Set when the connector process behind it hands over to a successor
     /// ([`TunnelPool::retire`]): it takes no new flows, and the pool dials a new connection,
     /// which reaches the successor. Its flows in flight go on until the old process ends it.
@@ -77,20 +81,25 @@ struct Pooled {
 }
 
 impl Pooled {
-    fn new(conn: quinn::Connection, shard: usize) -> Self {
+    fn new(conn: quinn::Connection, shard: usize, dialled: u64) -> Self {
         Self {
             conn,
             shard,
             open: Arc::new(AtomicUsize::new(0)),
             closed: Arc::new(AtomicBool::new(false)),
             quiet_checks: 0,
+            dialled,
             retired: Arc::new(AtomicBool::new(false)),
         }
     }
 
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
     /// Whether new flows may use it: not seen closed, not retired.
     fn takes_flows(&self) -> bool {
-        self.not_seen_closed() && !self.retired.load(Ordering::Relaxed)
+        self.not_seen_closed() && !self.retired()
     }
 
     /// Whether the connection is open, asked of quinn (and remembered when it is not).
@@ -137,9 +146,9 @@ pub struct TunnelStream {
     pub recv: FlowRecv,
     /// Its place on the connection: keep it as long as the flow.
     pub slot: StreamSlot,
-    /// Its QUIC connection's retirement mark, for [`TunnelPool::retire`]; `None` for a flow
-    /// that is not on a pooled QUIC connection.
-    pub retired: Option<Arc<AtomicBool>>,
+    /// Which of its connector's pooled QUIC connections it is on, by the order they were
+    /// dialled, for [`TunnelPool::retire`]; `None` for a flow that is not on one.
+    pub dialled: Option<u64>,
 }
 
 /// Why no stream could be opened.
@@ -169,6 +178,8 @@ pub struct ConnectorLink {
     /// Until when (ms on [`crate::phases::connection::now_ms`]'s clock) the connector said
     /// it is draining: new flows go elsewhere first. Cleared when a new tunnel comes up.
     draining_until_ms: AtomicU64,
+    /// Connections dialled so far: numbers them in order ([`Pooled`]'s `dialled`).
+    dialled: AtomicU64,
     /// Stops its dial and pool tasks when a reload removes the connector.
     stop: CancellationToken,
 }
@@ -195,12 +206,7 @@ impl ConnectorLink {
     fn take_slot(
         &self,
         shard: usize,
-    ) -> Option<(
-        quinn::Connection,
-        StreamSlot,
-        Arc<AtomicBool>,
-        Arc<AtomicBool>,
-    )> {
+    ) -> Option<(quinn::Connection, StreamSlot, Arc<AtomicBool>, u64)> {
         let s = self.state.read().ok()?;
         let room =
             |p: &&Pooled| p.takes_flows() && p.open.load(Ordering::Relaxed) < self.per_connection;
@@ -219,7 +225,7 @@ impl ConnectorLink {
             p.conn.clone(),
             StreamSlot(p.open.clone()),
             p.closed.clone(),
-            p.retired.clone(),
+            p.dialled,
         ))
     }
 
@@ -376,7 +382,7 @@ impl Direct {
             send,
             recv,
             slot: StreamSlot(self.flows.clone()),
-            retired: None,
+            dialled: None,
         }
     }
 }
@@ -530,6 +536,7 @@ impl TunnelPool {
             per_connection: self.streams_per_connection,
             wanted: AtomicU64::new(0),
             draining_until_ms: AtomicU64::new(0),
+            dialled: AtomicU64::new(0),
             stop: self.stop.child_token(),
         });
         tokio::spawn(keep_up(
@@ -658,14 +665,28 @@ impl TunnelPool {
         until_routes(&self.control, |c| !c.has_route(&id)).await
     }
 
-    /// `connector`'s process said (on the connection `retired` marks) that it hands over to
-    /// a successor: that connection takes no new flows, and the next flow that finds no
-    /// other connection with room has the pool dial one, which reaches the successor.
-    pub fn retire(&self, connector: &str, retired: &AtomicBool) {
-        if !retired.swap(true, Ordering::Relaxed) {
-            tracing::info!(%connector, "the connector hands over to a successor process; opening a new tunnel connection");
+    /// `connector`'s process said, on its connection numbered `dialled`, that it hands over
+    /// to a successor. That connection and every one dialled before it reach the same old
+    /// process: they take no new flows, and the next flow that finds no other connection
+    /// with room has the pool dial one, which reaches the successor.
+    pub fn retire(&self, connector: &str, dialled: u64) {
+        let links = self.links.load_full();
+        let Some(link) = links.iter().find(|l| l.member.name == connector) else {
+            return;
+        };
+        let Ok(s) = link.state.read() else {
+            return;
+        };
+        let mut retired = 0u64;
+        for p in s.conns.iter().filter(|p| p.dialled <= dialled) {
+            if !p.retired.swap(true, Ordering::Relaxed) {
+                retired += 1;
+            }
+        }
+        if retired > 0 {
+            tracing::info!(%connector, connections = retired, "the connector hands over to a successor process; opening a new tunnel connection");
             metrics::counter!("skylane_tunnel_retired_total", "connector" => connector.to_owned())
-                .increment(1);
+                .increment(retired);
         }
     }
 
@@ -728,7 +749,7 @@ impl TunnelPool {
                                     send,
                                     recv,
                                     slot: StreamSlot(link.flows.clone()),
-                                    retired: None,
+                                    dialled: None,
                                 });
                             }
                             Err(e) => {
@@ -739,7 +760,7 @@ impl TunnelPool {
                         }
                     }
                 };
-                let Some((conn, slot, closed, retired)) =
+                let Some((conn, slot, closed, dialled)) =
                     link.take_slot(skylane_shared::shards::current())
                 else {
                     link.grow.notify_one();
@@ -754,7 +775,7 @@ impl TunnelPool {
                             send,
                             recv,
                             slot,
-                            retired: Some(retired),
+                            dialled: Some(dialled),
                         });
                     }
                     Ok(Err(e)) => {
@@ -969,15 +990,17 @@ async fn grow_pool(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancella
                     let live: Vec<&Pooled> = s.conns.iter().filter(|p| p.alive()).collect();
                     let has_room = live.iter().any(|p| {
                         p.shard == shard
-                            && !p.retired.load(Ordering::Relaxed)
+                            && !p.retired()
                             && p.open.load(Ordering::Relaxed) < link.per_connection
                     });
                     // No connection at all: the dial loop brings the first one up. (Only
-                    // retired ones: this dials their successor's.)
+                    // retired ones: this dials the successor's.)
                     if live.is_empty() || has_room {
                         continue;
                     }
-                    live.len()
+                    // Retired connections leave with their old process: they do not count
+                    // against the cap, or a full pool could never be replaced.
+                    live.iter().filter(|p| !p.retired()).count()
                 }
                 Err(_) => continue,
             };
@@ -990,7 +1013,8 @@ async fn grow_pool(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancella
                     metrics::counter!("skylane_tunnel_pool_grown_total", "connector" => name.clone())
                         .increment(1);
                     if let Ok(mut s) = link.state.write() {
-                        s.conns.push(Pooled::new(conn, shard));
+                        let dialled = link.dialled.fetch_add(1, Ordering::Relaxed);
+                        s.conns.push(Pooled::new(conn, shard, dialled));
                     }
                     link.grown.notify_waiters();
                 }
@@ -1009,9 +1033,12 @@ fn close_idle_extras(link: &ConnectorLink) {
     let Ok(mut s) = link.state.write() else {
         return;
     };
+    // The first connection is kept however idle; while a retired one (its connector
+    // process hands over) is first, so is the first that is not.
+    let keep = s.conns.iter().position(|p| !p.retired());
     let mut index = 0;
     s.conns.retain_mut(|p| {
-        let first = index == 0;
+        let first = index == 0 || Some(index) == keep;
         index += 1;
         if !p.alive() {
             return false;
@@ -1094,7 +1121,8 @@ async fn keep_up(link: Arc<ConnectorLink>, dialer: Arc<Dialer>, stop: Cancellati
                 s.reconnects += 1;
             }
             s.conns.retain(Pooled::alive);
-            s.conns.insert(0, Pooled::new(conn.clone(), 0));
+            let dialled = link.dialled.fetch_add(1, Ordering::Relaxed);
+            s.conns.insert(0, Pooled::new(conn.clone(), 0, dialled));
             s.since = Some(Instant::now());
             s.dropped_at = None;
         }

@@ -396,6 +396,11 @@ pub async fn serve(
     // Drain: refuse new streams (edges fail over to another connector, or to the successor
     // of a hand-over), let in-flight streams finish within the grace period, then close the
     // tunnels.
+    // A SIGTERM while a successor holds the socket but has not said it serves yet: new
+    // tunnel connections reach the successor all the same, so edges are sent there.
+    if socket.handed_over() {
+        restarting.store(true, Ordering::Relaxed);
+    }
     draining.cancel();
     streams.close();
     tracing::info!(

@@ -251,12 +251,12 @@ where
                 return retry_later(ErrorKind::Overloaded, &ctx.id, 2);
             }
         };
-        let (connector, mut send, mut recv, slot, retired) = (
+        let (connector, mut send, mut recv, slot, dialled) = (
             stream.connector,
             stream.send,
             stream.recv,
             stream.slot,
-            stream.retired,
+            stream.dialled,
         );
         let span = tracing::debug_span!("request", request_id = %ctx.id, %connector, service = %route.service());
         let body_was_none = body.is_none();
@@ -299,8 +299,8 @@ where
         if let Some(Reply::Refused(r)) = &reply
             && r.kind == RefusalKind::Restarting
         {
-            if let Some(retired) = &retired {
-                edge.tunnels.retire(&connector, retired);
+            if let Some(dialled) = dialled {
+                edge.tunnels.retire(&connector, dialled);
             }
             handed_over += 1;
             if body_was_none && handed_over <= MAX_HAND_OVER_RETRIES {
@@ -317,7 +317,8 @@ where
                 }
                 RefusalKind::NoHealthyOrigin
                 | RefusalKind::OriginUnreachable
-                | RefusalKind::Overloaded => true,
+                | RefusalKind::Overloaded
+                | RefusalKind::Restarting => true,
                 _ => false,
             },
             // The stream failed before the response head: the origin may have seen the

@@ -310,6 +310,11 @@ impl MeshSocket {
         self.handed_over.store(handed_over, Ordering::Release);
     }
 
+    /// Whether a successor owns the socket now ([`MeshSocket::set_handed_over`]).
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
+
     /// Sends what the old process sends down the pipe, until it closes.
     async fn carry_predecessor(&self, pipe: Arc<tokio::net::UnixDatagram>) {
         let mut buf = vec![0u8; 65_536];
