@@ -396,17 +396,7 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot start the edge's shards: {e}"))?;
     // A process that took over another issues connection IDs of the next generation, so
     // the old one's packets can be told apart and passed back to it.
-    let generation = successor
-        .as_ref()
-        .map_or_else(quic::fresh_generation, |s| s.generation.wrapping_add(1));
-    // Before the endpoint reads the socket: a packet of the old process's reaching this
-    // endpoint would meet an unknown connection ID, and the stateless reset it would send
-    // is one the peer accepts (the reset key is the node's).
-    if let Some(s) = successor.as_mut()
-        && let Some(pipe) = s.take_pipe()
-    {
-        socket.set_predecessor(pipe, s.generation)?;
-    }
+    let generation = skylane_shared::handover::generation_after(successor.as_mut(), &socket)?;
     let endpoint = quic::endpoint(socket.clone(), &identity.key, false, generation)?;
     let handover_point = skylane_shared::handover::point_name(&identity.me.name, config.listen);
     let handover_sockets = crate::handover::sockets(&listeners, &socket)?;

@@ -90,14 +90,9 @@ fn real_main(cli: Cli) -> Result<(), i32> {
         skylane_shared::cli::cpus(),
     );
     skylane_shared::cli::run(&log, runtime, |metrics, shutdown| async move {
-        let mut successor =
-            skylane_shared::cli::take_over(cli.take_over, &config.identity, config.listen)?;
-        let socket = skylane_shared::cli::take_or_bind_mesh_socket(
-            successor.as_mut(),
-            config.listen,
-            &config.identity,
-        )
-        .await?;
+        let (mut successor, socket) =
+            skylane_shared::cli::take_over_or_bind(cli.take_over, config.listen, &config.identity)
+                .await?;
         let listeners =
             origin_connector::server::Listeners::take_or_bind(&config, successor.as_mut()).await?;
         origin_connector::server::serve(

@@ -163,16 +163,9 @@ pub async fn serve(
     // The runtime `main` built is shard 0's; this starts the others.
     let shards = Shards::for_config(config.worker_threads)
         .map_err(|e| anyhow::anyhow!("cannot start the connector's shards: {e}"))?;
-    // As at the edge (mesh-node/src/server.rs): the next generation of connection IDs, and
-    // the old process's packets passed back to it before this endpoint reads the socket.
-    let generation = successor
-        .as_ref()
-        .map_or_else(quic::fresh_generation, |s| s.generation.wrapping_add(1));
-    if let Some(s) = successor.as_mut()
-        && let Some(pipe) = s.take_pipe()
-    {
-        socket.set_predecessor(pipe, s.generation)?;
-    }
+    // A process that took over another issues connection IDs of the next generation, so
+    // the old one's packets can be told apart and passed back to it.
+    let generation = skylane_shared::handover::generation_after(successor.as_mut(), &socket)?;
     let endpoint = quic::endpoint(socket.clone(), &identity.key, true, generation)?;
     let handover_point = skylane_shared::handover::point_name(&identity.me.name, config.listen);
     let handover_sockets = listeners.for_successor(&socket)?;

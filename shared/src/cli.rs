@@ -183,38 +183,36 @@ pub async fn bind_mesh_socket(
         .map_err(|e| anyhow::anyhow!("cannot bind the mesh socket on {listen}: {e}"))
 }
 
-/// `--take-over`: takes the sockets of the running process of the node whose mesh socket
-/// is at `listen`, when `take_over`; `None` otherwise.
-pub fn take_over(
+/// The node's mesh socket, and what this process took over: with `take_over`
+/// (`--take-over`), the sockets of the running process of the node whose mesh socket is at
+/// `listen`, the mesh socket among them; otherwise nothing, and a newly bound mesh socket.
+pub async fn take_over_or_bind(
     take_over: bool,
-    identity: &Identity,
     listen: std::net::SocketAddr,
-) -> anyhow::Result<Option<crate::handover::Successor>> {
+    identity: &Identity,
+) -> anyhow::Result<(
+    Option<crate::handover::Successor>,
+    std::sync::Arc<crate::mesh::MeshSocket>,
+)> {
     if !take_over {
-        return Ok(None);
+        return Ok((None, bind_mesh_socket(listen, identity).await?));
     }
     let point = crate::handover::point_name(&identity.me.name, listen);
-    crate::handover::take_over(&point)
-        .map(Some)
-        .map_err(|e| anyhow::anyhow!("--take-over: {e}"))
-}
-
-/// The mesh socket a process took over (`successor`), or else a newly bound one.
-pub async fn take_or_bind_mesh_socket(
-    successor: Option<&mut crate::handover::Successor>,
-    listen: std::net::SocketAddr,
-    identity: &Identity,
-) -> anyhow::Result<std::sync::Arc<crate::mesh::MeshSocket>> {
-    let Some(fd) = successor.and_then(|s| s.take("mesh")) else {
-        return bind_mesh_socket(listen, identity).await;
+    let mut successor =
+        crate::handover::take_over(&point).map_err(|e| anyhow::anyhow!("--take-over: {e}"))?;
+    let socket = match successor.take("mesh") {
+        Some(fd) => {
+            let udp = std::net::UdpSocket::from(fd);
+            udp.set_nonblocking(true)?;
+            crate::mesh::MeshSocket::from_tokio(
+                tokio::net::UdpSocket::from_std(udp)?,
+                &identity.key,
+                identity.members.clone(),
+            )?
+        }
+        None => bind_mesh_socket(listen, identity).await?,
     };
-    let udp = std::net::UdpSocket::from(fd);
-    udp.set_nonblocking(true)?;
-    Ok(crate::mesh::MeshSocket::from_tokio(
-        tokio::net::UdpSocket::from_std(udp)?,
-        &identity.key,
-        identity.members.clone(),
-    )?)
+    Ok((Some(successor), socket))
 }
 
 /// The TCP listener labelled `label` that a process took over (`successor`), when it

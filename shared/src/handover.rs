@@ -219,6 +219,25 @@ pub async fn serve_successors(
     }
 }
 
+/// The connection-ID generation of the endpoint a process is about to start on `socket`:
+/// the one after its predecessor's (`successor`: what it took over), whose QUIC packets the
+/// socket passes back to it through the pipe from now on; a fresh one otherwise. Call it
+/// before the endpoint reads the socket: a packet of the old process's reaching the new
+/// endpoint would meet an unknown connection ID, and the stateless reset it would send is
+/// one the peer accepts (the reset key is the node's).
+pub fn generation_after(
+    successor: Option<&mut Successor>,
+    socket: &std::sync::Arc<crate::mesh::MeshSocket>,
+) -> io::Result<u8> {
+    let Some(s) = successor else {
+        return Ok(crate::quic::fresh_generation());
+    };
+    if let Some(pipe) = s.take_pipe() {
+        socket.set_predecessor(pipe, s.generation)?;
+    }
+    Ok(s.generation.wrapping_add(1))
+}
+
 /// The new process's end: what it took over.
 #[derive(Debug)]
 pub struct Successor {

@@ -60,6 +60,134 @@ fn parse_wrk(out: &str) -> WrkCounts {
     c
 }
 
+impl WrkCounts {
+    /// Whether wrk made a fair number of requests and met no error of any kind: no
+    /// connect, read, write or timeout error and no non-2xx answer.
+    fn clean(&self) -> bool {
+        self.requests > 100
+            && self.connect == 0
+            && self.read == 0
+            && self.write == 0
+            && self.timeout == 0
+            && self.non_2xx == 0
+    }
+}
+
+/// Starts wrk with `args` (threads, connections, duration, headers) on `url`.
+fn start_wrk(args: &[&str], url: String) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new("wrk")
+        .args(args)
+        .arg(url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+/// Waits for wrk to end: its counts, and its output.
+async fn finish_wrk(wrk: std::process::Child) -> anyhow::Result<(WrkCounts, String)> {
+    let out = tokio::task::spawn_blocking(move || wrk.wait_with_output()).await??;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok((parse_wrk(&text), text))
+}
+
+/// Starts `binary --take-over --config config` beside the cluster's processes.
+fn start_successor(
+    c: &Cluster,
+    name: &str,
+    binary: &str,
+    config: &std::path::Path,
+) -> anyhow::Result<Proc> {
+    Ok(Proc::spawn(
+        name,
+        &bin(binary),
+        &[
+            "--take-over",
+            "--config",
+            config.to_str().unwrap_or_default(),
+        ],
+        c.dir.path(),
+    )?)
+}
+
+/// Sends one message at a time on `ws` until `old` exits, at most 20 s after `started`:
+/// how many came back.
+async fn echo_until_exit<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    old: &mut Proc,
+    started: Instant,
+) -> anyhow::Result<u32>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut echoed = 0;
+    while old.wait_exit(Duration::from_millis(100)).is_none() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the old process did not exit"
+        );
+        let msg = Message::Text(format!("echo {echoed}").into());
+        if ws.send(msg.clone()).await.is_ok()
+            && let Ok(Some(Ok(back))) =
+                tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+            && back == msg
+        {
+            echoed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(echoed)
+}
+
+/// Runs `restart` (which starts the successor) 2 s into 8 s of wrk with `wrk_args` on
+/// edge 0, with a websocket open through the old process (`old` of the cluster): wrk's
+/// output must show no failed request, and the websocket must echo on until the old
+/// process exits. Returns the successor.
+async fn restart_under_wrk(
+    c: &mut Cluster,
+    wrk_args: &[&str],
+    old: impl Fn(&mut Cluster) -> &mut Proc,
+    restart: impl FnOnce(&Cluster) -> anyhow::Result<Proc>,
+) -> anyhow::Result<Proc> {
+    let mut ws = skylane_tests::open_websocket(c, 0).await?;
+    let url = format!("https://127.0.0.1:{}/api/time", c.edges[0].https.port());
+    let wrk = start_wrk(wrk_args, url)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let successor = restart(&*c)?;
+    // The old process drains once the successor serves; the websocket on it echoes until
+    // then, its QUIC connection carried through the successor.
+    let echoed = echo_until_exit(&mut ws, old(c), started)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("{e}\n{}\n--- successor ---\n{}", c.logs(), successor.log())
+        })?;
+    let lived = started.elapsed();
+    let (counts, text) = finish_wrk(wrk).await?;
+    println!(
+        "the old process exited {lived:?} after the successor started; {echoed} websocket echoes meanwhile; wrk: {counts:?}"
+    );
+    anyhow::ensure!(
+        counts.clean(),
+        "{}\n--- successor ---\n{}\na request failed, or wrk made few, across the restart:\n{text}",
+        c.logs(),
+        successor.log()
+    );
+    // It kept echoing through the hand-over and the drain (the old process exits when the
+    // grace time, 2 s here, is over).
+    assert!(
+        echoed >= 5,
+        "the websocket on the old process echoed only {echoed} times"
+    );
+    assert!(
+        successor
+            .log()
+            .contains("serving: the process taken over drains"),
+        "{}",
+        successor.log()
+    );
+    Ok(successor)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
     if !have_wrk() {
@@ -73,92 +201,19 @@ async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
                 .into(),
         ..ClusterOptions::default()
     })?;
-    let https = c.edges[0].https;
-    // A websocket on the old process: it keeps echoing while the old process drains.
-    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", https.port()), stream)
-            .await?;
-    // wrk, every request on a new connection, for 8 s.
-    let wrk = std::process::Command::new("wrk")
-        .args(["-t2", "-c16", "-d8s", "-H", "Connection: close"])
-        .arg(format!("https://127.0.0.1:{}/api/time", https.port()))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = Instant::now();
-    let config = c.edges[0].config.clone();
-    let mut successor = Proc::spawn(
-        "edge-0-successor",
-        &bin("mesh-node"),
-        &[
-            "--take-over",
-            "--config",
-            config.to_str().unwrap_or_default(),
-        ],
-        c.dir.path(),
-    )?;
-    // The old process drains once the successor serves; the websocket on it echoes until
-    // then, its QUIC connection carried through the successor.
-    let mut echoed = 0;
-    while c.edges[0]
-        .proc
-        .wait_exit(Duration::from_millis(100))
-        .is_none()
-    {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(20),
-            "the old process did not exit\n{}\n--- successor ---\n{}",
-            c.logs(),
-            successor.log()
-        );
-        let msg = Message::Text(format!("echo {echoed}").into());
-        if ws.send(msg.clone()).await.is_ok()
-            && let Ok(Some(Ok(back))) =
-                tokio::time::timeout(Duration::from_secs(2), ws.next()).await
-            && back == msg
-        {
-            echoed += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let exited = started.elapsed();
-    let out = tokio::task::spawn_blocking(move || wrk.wait_with_output()).await??;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let counts = parse_wrk(&text);
-    println!(
-        "old process exited {exited:?} after the successor started; {echoed} websocket echoes meanwhile; wrk: {counts:?}"
-    );
-    anyhow::ensure!(counts.requests > 100, "wrk made few requests:\n{text}");
-    anyhow::ensure!(
-        counts.connect == 0
-            && counts.read == 0
-            && counts.write == 0
-            && counts.timeout == 0
-            && counts.non_2xx == 0,
-        "{}\n--- successor ---\n{}\na connection was refused or failed across the restart:\n{text}",
-        c.logs(),
-        successor.log()
-    );
-    // It kept echoing through the hand-over and the drain (the old process exits when the
-    // grace time, 2 s here, is over).
-    assert!(
-        echoed >= 5,
-        "the websocket on the old process echoed only {echoed} times"
-    );
+    // wrk opens a new connection for every request.
+    let mut successor = restart_under_wrk(
+        &mut c,
+        &["-t2", "-c16", "-d8s", "-H", "Connection: close"],
+        |c| &mut c.edges[0].proc,
+        |c| start_successor(c, "edge-0-successor", "mesh-node", &c.edges[0].config),
+    )
+    .await?;
     // The successor serves on its own.
     let client = c.client(0)?;
     assert_eq!(
         client.get(c.url(0, "/api/time")).send().await?.status(),
         200
-    );
-    assert!(
-        successor
-            .log()
-            .contains("serving: the process taken over drains"),
-        "{}",
-        successor.log()
     );
     // Neither process lost its tunnel: both read the one mesh socket during the hand-over,
     // and a packet read by the process it is not for would be answered with a stateless
@@ -192,79 +247,20 @@ async fn a_lone_connector_restarts_without_a_failed_request() -> anyhow::Result<
         worker_threads: Some(3),
         ..ClusterOptions::default()
     })?;
-    let https = c.edges[0].https;
-    let stream = skylane_tests::tls_to_edge(&c, 0, &[b"http/1.1"]).await?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", https.port()), stream)
-            .await?;
-    let wrk = std::process::Command::new("wrk")
-        .args(["-t2", "-c8", "-d8s"])
-        .arg(format!("https://127.0.0.1:{}/api/time", https.port()))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = Instant::now();
-    let config = c.connector_config.clone();
-    let mut successor = Proc::spawn(
-        "connector-successor",
-        &bin("origin-connector"),
-        &[
-            "--take-over",
-            "--config",
-            config.to_str().unwrap_or_default(),
-        ],
-        c.dir.path(),
-    )?;
-    // The websocket went through the old process: it echoes through the hand-over and the
-    // drain (its QUIC connection carried through the successor), until the old one exits.
-    let mut echoed = 0;
-    while c.connector.wait_exit(Duration::from_millis(100)).is_none() {
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(20),
-            "the old connector did not exit\n{}\n--- successor ---\n{}",
-            c.logs(),
-            successor.log()
-        );
-        let msg = Message::Text(format!("echo {echoed}").into());
-        if ws.send(msg.clone()).await.is_ok()
-            && let Ok(Some(Ok(back))) =
-                tokio::time::timeout(Duration::from_secs(2), ws.next()).await
-            && back == msg
-        {
-            echoed += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let exited = started.elapsed();
-    let out = tokio::task::spawn_blocking(move || wrk.wait_with_output()).await??;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let counts = parse_wrk(&text);
-    println!(
-        "old connector exited {exited:?} after the successor started; {echoed} websocket echoes meanwhile; wrk: {counts:?}"
-    );
-    anyhow::ensure!(counts.requests > 100, "wrk made few requests:\n{text}");
-    anyhow::ensure!(
-        counts.connect == 0
-            && counts.read == 0
-            && counts.write == 0
-            && counts.timeout == 0
-            && counts.non_2xx == 0,
-        "{}\n--- successor ---\n{}\na request failed across the connector's restart:\n{text}",
-        c.logs(),
-        successor.log()
-    );
-    assert!(
-        echoed >= 5,
-        "the websocket on the old connector echoed only {echoed} times"
-    );
-    assert!(
-        successor
-            .log()
-            .contains("serving: the process taken over drains"),
-        "{}",
-        successor.log()
-    );
+    let mut successor = restart_under_wrk(
+        &mut c,
+        &["-t2", "-c8", "-d8s"],
+        |c| &mut c.connector,
+        |c| {
+            start_successor(
+                c,
+                "connector-successor",
+                "origin-connector",
+                &c.connector_config,
+            )
+        },
+    )
+    .await?;
     let edge_log = c.edges[0].proc.log();
     let retired: Vec<&str> = edge_log
         .lines()
