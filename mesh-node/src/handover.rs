@@ -59,9 +59,5 @@ pub async fn announce_ready(
     while !tunnels.any_up() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    match tokio::task::spawn_blocking(move || successor.ready()).await {
-        Ok(Ok(())) => tracing::info!("serving: the process taken over drains"),
-        _ => tracing::warn!("could not tell the process taken over that this one serves"),
-    }
-    then.await;
+    skylane_shared::handover::announce_ready(successor, then).await;
 }

@@ -278,40 +278,21 @@ pub async fn serve(
         ));
     }
     // Restart without refusing requests: a successor may take this process's sockets.
-    // Once it serves, this one drains, and its refusals tell edges to open a new tunnel
-    // connection, which reaches the successor.
-    let handed_over = shutdown.drain.child_token();
+    // Once it serves, this one drains (below), and its refusals tell edges to open a new
+    // tunnel connection, which reaches the successor.
     let hand_over = skylane_shared::handover::serve_successors(
         handover_point,
         handover_sockets,
         socket.clone(),
         endpoint.clone(),
         generation,
-        handed_over.clone(),
+        shutdown.drain.clone(),
     );
-    {
-        let (restarting, drain) = (restarting.clone(), shutdown.drain.clone());
-        tokio::spawn(async move {
-            handed_over.cancelled().await;
-            if !drain.is_cancelled() {
-                restarting.store(true, Ordering::Relaxed);
-                drain.cancel();
-            }
-        });
-    }
     match successor {
         // The endpoint and the services are up: say so, then wait for a successor of
         // this one's own.
         Some(s) => {
-            tokio::spawn(async move {
-                match tokio::task::spawn_blocking(move || s.ready()).await {
-                    Ok(Ok(())) => tracing::info!("serving: the process taken over drains"),
-                    _ => {
-                        tracing::warn!("could not tell the process taken over that this one serves")
-                    }
-                }
-                hand_over.await;
-            });
+            tokio::spawn(skylane_shared::handover::announce_ready(s, hand_over));
         }
         None => {
             tokio::spawn(hand_over);
@@ -389,8 +370,8 @@ pub async fn serve(
     // Drain: refuse new streams (edges fail over to another connector, or to the successor
     // of a hand-over), let in-flight streams finish within the grace period, then close the
     // tunnels.
-    // A SIGTERM while a successor holds the socket but has not said it serves yet: new
-    // tunnel connections reach the successor all the same, so edges are sent there.
+    // A successor holds the socket (it serves, or a SIGTERM came before it said so): new
+    // tunnel connections reach it, so the refusals send edges there.
     if socket.handed_over() {
         restarting.store(true, Ordering::Relaxed);
     }

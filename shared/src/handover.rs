@@ -219,6 +219,16 @@ pub async fn serve_successors(
     }
 }
 
+/// The new process's side, once it serves: tells the old process (which then drains), and
+/// runs `then` (its own [`serve_successors`], so it can be taken over in turn).
+pub async fn announce_ready(successor: Successor, then: impl std::future::Future<Output = ()>) {
+    match tokio::task::spawn_blocking(move || successor.ready()).await {
+        Ok(Ok(())) => tracing::info!("serving: the process taken over drains"),
+        _ => tracing::warn!("could not tell the process taken over that this one serves"),
+    }
+    then.await;
+}
+
 /// The connection-ID generation of the endpoint a process is about to start on `socket`:
 /// the one after its predecessor's (`successor`: what it took over), whose QUIC packets the
 /// socket passes back to it through the pipe from now on; a fresh one otherwise. Call it

@@ -10,12 +10,17 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use skylane_tests::{Cluster, ClusterOptions, Proc, bin};
 use tokio_tungstenite::tungstenite::Message;
 
-fn have_wrk() -> bool {
-    std::process::Command::new("sh")
+/// Whether wrk is missing, so the test is skipped (and says so).
+fn skipped_without_wrk() -> bool {
+    let have = std::process::Command::new("sh")
         .args(["-c", "command -v wrk"])
         .stdout(std::process::Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!("SKIPPED: the restart test needs wrk (scripts/setup-test-deps.sh installs it)");
+    }
+    !have
 }
 
 /// The counts wrk printed: requests, and every kind of error it counts.
@@ -190,8 +195,7 @@ async fn restart_under_wrk(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
-    if !have_wrk() {
-        eprintln!("SKIPPED: the restart test needs wrk (scripts/setup-test-deps.sh installs it)");
+    if skipped_without_wrk() {
         return Ok(());
     }
     // One client address opens every connection here: lift the per-address accept rate.
@@ -237,8 +241,7 @@ async fn a_restart_under_load_refuses_no_connection() -> anyhow::Result<()> {
 /// websocket on the old process echoes until its drain ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_connector_restarts_without_a_failed_request() -> anyhow::Result<()> {
-    if !have_wrk() {
-        eprintln!("SKIPPED: the restart test needs wrk (scripts/setup-test-deps.sh installs it)");
+    if skipped_without_wrk() {
         return Ok(());
     }
     // Three shards: the edge keeps a tunnel connection per shard, all to the old process,
